@@ -1,0 +1,280 @@
+// conv2d on the CPU as im2col + our GEMM (gemm_cpu.cpp). Per image b, with P = OH * OW and
+// K = Cin * kh * kw:
+//   forward          y_b[Cout x P]  = w[Cout x K] * col_b[K x P] (+ bias)
+//   backward-data    gcol[K x P]    = w^T[K x Cout] * gy_b[Cout x P], then col2im adds into gx_b
+//   backward-weight  gw[Cout x K]  += gy_b[Cout x P] * col_b^T[P x K], summed over b
+// A 1x1, stride-1, unpadded conv needs no im2col: x_b already is col_b.
+//
+// Threads (OpenMP): with at least as many images as threads, each thread takes whole images
+// (no synchronisation inside a GEMM); with fewer (batch 1 inference), the images run one by one
+// and each GEMM's columns are split across the threads instead.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "gemm_cpu.h"
+#include "kernels.h"
+
+namespace kernels {
+namespace {
+
+bool is_pointwise(const Conv2dShape& s) {
+  return s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 &&
+         s.pad_h == 0 && s.pad_w == 0;
+}
+
+// Output columns [lo, hi) whose input column ow*stride - pad + offset lies inside [0, in_w).
+void valid_range(int64_t out_len, int64_t in_len, int64_t stride, int64_t start, int64_t* lo,
+                 int64_t* hi) {
+  // start + o * stride >= 0  and  start + o * stride < in_len
+  int64_t first = start >= 0 ? 0 : (-start + stride - 1) / stride;
+  int64_t last = start >= in_len ? 0 : (in_len - 1 - start) / stride + 1;  // exclusive
+  first = std::min(first, out_len);
+  last = std::max(first, std::min(last, out_len));
+  *lo = first;
+  *hi = last;
+}
+
+// col[(c*kh + r)*kw + q][oh*OW + ow] = x[c][oh*sh - ph + r*dh][ow*sw - pw + q*dw], 0 outside.
+template <typename T>
+void im2col(const Conv2dShape& s, const T* x, T* col) {
+  const int64_t P = s.out_plane();
+  for (int64_t c = 0; c < s.in_channels; ++c) {
+    const T* plane = x + c * s.in_plane();
+    for (int64_t r = 0; r < s.kernel_h; ++r) {
+      for (int64_t q = 0; q < s.kernel_w; ++q) {
+        T* row = col + ((c * s.kernel_h + r) * s.kernel_w + q) * P;
+        const int64_t col_start = q * s.dilation_w - s.pad_w;
+        int64_t lo, hi;
+        valid_range(s.out_w, s.in_w, s.stride_w, col_start, &lo, &hi);
+        for (int64_t oh = 0; oh < s.out_h; ++oh) {
+          T* out = row + oh * s.out_w;
+          const int64_t ih = oh * s.stride_h - s.pad_h + r * s.dilation_h;
+          if (ih < 0 || ih >= s.in_h) {
+            std::fill(out, out + s.out_w, T(0));
+            continue;
+          }
+          const T* in = plane + ih * s.in_w + col_start;
+          std::fill(out, out + lo, T(0));
+          if (s.stride_w == 1) {
+            std::memcpy(out + lo, in + lo, sizeof(T) * (hi - lo));
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) out[ow] = in[ow * s.stride_w];
+          }
+          std::fill(out + hi, out + s.out_w, T(0));
+        }
+      }
+    }
+  }
+}
+
+// The adjoint of im2col: gx[c][ih][iw] += gcol[...] for every (r, q, oh, ow) that read it.
+// gx must be zeroed by the caller.
+template <typename T>
+void col2im_add(const Conv2dShape& s, const T* col, T* gx) {
+  const int64_t P = s.out_plane();
+  for (int64_t c = 0; c < s.in_channels; ++c) {
+    T* plane = gx + c * s.in_plane();
+    for (int64_t r = 0; r < s.kernel_h; ++r) {
+      for (int64_t q = 0; q < s.kernel_w; ++q) {
+        const T* row = col + ((c * s.kernel_h + r) * s.kernel_w + q) * P;
+        const int64_t col_start = q * s.dilation_w - s.pad_w;
+        int64_t lo, hi;
+        valid_range(s.out_w, s.in_w, s.stride_w, col_start, &lo, &hi);
+        for (int64_t oh = 0; oh < s.out_h; ++oh) {
+          const int64_t ih = oh * s.stride_h - s.pad_h + r * s.dilation_h;
+          if (ih < 0 || ih >= s.in_h) continue;
+          const T* in = row + oh * s.out_w;
+          T* out = plane + ih * s.in_w + col_start;
+          for (int64_t ow = lo; ow < hi; ++ow) out[ow * s.stride_w] += in[ow];
+        }
+      }
+    }
+  }
+}
+
+// Runs body(begin, end) over [0, n) split into per-thread chunks aligned to `align`, or inline
+// when already inside a parallel region or n is small.
+template <typename Body>
+void parallel_columns(int64_t n, int64_t align, Body body) {
+  const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+  const int64_t chunks = std::min<int64_t>(threads, (n + align - 1) / align);
+  if (chunks <= 1) {
+    body(int64_t(0), n);
+    return;
+  }
+  const int64_t per_chunk = ((n + chunks - 1) / chunks + align - 1) / align * align;
+#pragma omp parallel for num_threads(static_cast<int>(chunks)) schedule(static, 1)
+  for (int64_t i = 0; i < chunks; ++i) {
+    const int64_t begin = std::min(n, i * per_chunk), end = std::min(n, begin + per_chunk);
+    if (begin < end) body(begin, end);
+  }
+}
+
+// Images go to threads when there are enough of them; see the file comment.
+bool split_by_image(int64_t batch) { return batch >= omp_get_max_threads(); }
+
+constexpr int64_t kColumnAlign = 64;  // a multiple of every micro-kernel's NR
+
+template <typename T>
+void add_bias(const Conv2dShape& s, const T* b, T* y_b) {
+  if (!b) return;
+  const int64_t P = s.out_plane();
+  for (int64_t co = 0; co < s.out_channels; ++co) {
+    T* row = y_b + co * P;
+    const T bias = b[co];
+    for (int64_t p = 0; p < P; ++p) row[p] += bias;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void conv2d_forward_cpu(const Conv2dShape& s, const T* x, const T* w, const T* b, T* y) {
+  const int64_t K = s.patch_size(), P = s.out_plane(), Cout = s.out_channels;
+  const bool pointwise = is_pointwise(s);
+
+  auto one_image = [&](int64_t n, bool split_columns, std::vector<T>& col) {
+    const T* x_b = x + n * s.in_channels * s.in_plane();
+    T* y_b = y + n * Cout * P;
+    const T* cols = x_b;
+    if (!pointwise) {
+      col.resize(K * P);
+      im2col(s, x_b, col.data());
+      cols = col.data();
+    }
+    if (split_columns) {
+      parallel_columns(P, kColumnAlign, [&](int64_t j0, int64_t j1) {
+        cpu::gemm(false, false, Cout, j1 - j0, K, w, K, cols + j0, P, y_b + j0, P, false);
+      });
+    } else {
+      cpu::gemm(false, false, Cout, P, K, w, K, cols, P, y_b, P, false);
+    }
+    add_bias(s, b, y_b);
+  };
+
+  if (split_by_image(s.batch)) {
+#pragma omp parallel
+    {
+      std::vector<T> col;
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < s.batch; ++n) one_image(n, false, col);
+    }
+  } else {
+    std::vector<T> col;
+    for (int64_t n = 0; n < s.batch; ++n) one_image(n, true, col);
+  }
+}
+
+template <typename T>
+void conv2d_backward_data_cpu(const Conv2dShape& s, const T* gy, const T* w, T* gx) {
+  const int64_t K = s.patch_size(), P = s.out_plane(), Cout = s.out_channels;
+  const int64_t in_size = s.in_channels * s.in_plane();
+  const bool pointwise = is_pointwise(s);
+
+  auto one_image = [&](int64_t n, bool split_columns, std::vector<T>& gcol) {
+    const T* gy_b = gy + n * Cout * P;
+    T* gx_b = gx + n * in_size;
+    // Pointwise: gx_b is gcol itself, so the GEMM writes it directly.
+    T* target = gx_b;
+    if (!pointwise) {
+      gcol.resize(K * P);
+      target = gcol.data();
+    }
+    if (split_columns) {
+      parallel_columns(P, kColumnAlign, [&](int64_t j0, int64_t j1) {
+        cpu::gemm(true, false, K, j1 - j0, Cout, w, K, gy_b + j0, P, target + j0, P, false);
+      });
+    } else {
+      cpu::gemm(true, false, K, P, Cout, w, K, gy_b, P, target, P, false);
+    }
+    if (!pointwise) {
+      std::fill(gx_b, gx_b + in_size, T(0));
+      col2im_add(s, gcol.data(), gx_b);
+    }
+  };
+
+  if (split_by_image(s.batch)) {
+#pragma omp parallel
+    {
+      std::vector<T> gcol;
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < s.batch; ++n) one_image(n, false, gcol);
+    }
+  } else {
+    std::vector<T> gcol;
+    for (int64_t n = 0; n < s.batch; ++n) one_image(n, true, gcol);
+  }
+}
+
+template <typename T>
+void conv2d_backward_weight_cpu(const Conv2dShape& s, const T* x, const T* gy, T* gw) {
+  const int64_t K = s.patch_size(), P = s.out_plane(), Cout = s.out_channels;
+  const bool pointwise = is_pointwise(s);
+
+  auto columns_of = [&](int64_t n, std::vector<T>& col) -> const T* {
+    const T* x_b = x + n * s.in_channels * s.in_plane();
+    if (pointwise) return x_b;
+    col.resize(K * P);
+    im2col(s, x_b, col.data());
+    return col.data();
+  };
+
+  if (split_by_image(s.batch)) {
+    // Each thread sums its images into a private gw; the partial sums are added in thread order
+    // afterwards, so the result does not depend on scheduling.
+    const int threads = omp_get_max_threads();
+    std::vector<std::vector<T>> partial(threads);
+#pragma omp parallel
+    {
+      const int tid = omp_get_thread_num();
+      std::vector<T>& mine = partial[tid];
+      mine.assign(Cout * K, T(0));
+      std::vector<T> col;
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < s.batch; ++n) {
+        const T* cols = columns_of(n, col);
+        cpu::gemm(false, true, Cout, K, P, gy + n * Cout * P, P, cols, P, mine.data(), K, true);
+      }
+    }
+    std::fill(gw, gw + Cout * K, T(0));
+    for (const auto& part : partial)
+      if (!part.empty())
+        for (int64_t i = 0; i < Cout * K; ++i) gw[i] += part[i];
+  } else {
+    std::vector<T> col;
+    for (int64_t n = 0; n < s.batch; ++n) {
+      const T* cols = columns_of(n, col);
+      const T* gy_b = gy + n * Cout * P;
+      parallel_columns(K, kColumnAlign, [&](int64_t j0, int64_t j1) {
+        cpu::gemm(false, true, Cout, j1 - j0, P, gy_b, P, cols + j0 * P, P, gw + j0, K, n > 0);
+      });
+    }
+  }
+}
+
+template <typename T>
+void conv2d_backward_bias_cpu(const Conv2dShape& s, const T* gy, T* gb) {
+  const int64_t P = s.out_plane();
+  for (int64_t co = 0; co < s.out_channels; ++co) {
+    double sum = 0;  // double: sums of up to B*OH*OW float terms
+    for (int64_t n = 0; n < s.batch; ++n) {
+      const T* row = gy + (n * s.out_channels + co) * P;
+      for (int64_t p = 0; p < P; ++p) sum += row[p];
+    }
+    gb[co] = static_cast<T>(sum);
+  }
+}
+
+#define INSTANTIATE(T)                                                                     \
+  template void conv2d_forward_cpu<T>(const Conv2dShape&, const T*, const T*, const T*, T*); \
+  template void conv2d_backward_data_cpu<T>(const Conv2dShape&, const T*, const T*, T*);    \
+  template void conv2d_backward_weight_cpu<T>(const Conv2dShape&, const T*, const T*, T*);  \
+  template void conv2d_backward_bias_cpu<T>(const Conv2dShape&, const T*, T*);
+INSTANTIATE(float)
+INSTANTIATE(double)
+#undef INSTANTIATE
+
+}  // namespace kernels

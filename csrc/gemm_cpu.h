@@ -1,0 +1,19 @@
+// Our own blocked, vectorised single-threaded GEMM for the CPU conv (no BLAS: hand-written is
+// the point). Row-major; callers choose the parallel split (see conv2d_cpu.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace kernels {
+namespace cpu {
+
+// C[M x N] = (accumulate ? C : 0) + op(A)[M x K] * op(B)[K x N], all row-major, with
+// op(A)(m, k) = trans_a ? A[k * lda + m] : A[m * lda + k] and likewise for B.
+// C may be a sub-block of a larger matrix (ldc >= N). K == 0 leaves C (or zeroes it).
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
+          int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const double* A,
+          int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate);
+
+}  // namespace cpu
+}  // namespace kernels

@@ -1,0 +1,167 @@
+"""The one door from Python to the hand-written kernels in ``ops._C``.
+
+Every array argument is anything that exports DLPack (``__dlpack__``: NumPy, PyTorch, CuPy,
+TensorFlow and MXNet arrays) or a DLPack capsule. Nothing here allocates: outputs are arrays the
+caller made (of the right shape and dtype, C-contiguous, on the inputs' device), so each framework
+adapter uses its own allocator. All arrays of one call share one dtype (float32 or float64) and
+one device. GPU work is enqueued on ``stream`` (a ``cudaStream_t`` as an int; None or 0 is the
+legacy default stream) and never synchronised with the host.
+
+Bad arguments raise one exception naming the function, the argument, what was expected and what
+came: TypeError (not an array, wrong dtype), ValueError (shape, layout, device, parameter values,
+aliasing), NotImplementedError (groups > 1), RuntimeError (GPU arrays without a usable GPU).
+
+This module must stay thin: argument normalisation here, checks and math in ``ops._C``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence, Tuple, Union
+
+from . import _C
+
+IntOrPair = Union[int, Sequence[int]]
+
+#: loss = S / C: the masked mean; equals ``F.mse_loss(x, t)`` when there is no mask.
+MSE_COUNT_FACTOR = 1.0
+#: loss = S / (C / 2): the DeepPose normalisation (per visible joint, two coordinates each).
+DEEPPOSE_COUNT_FACTOR = 0.5
+
+
+# ---- masked squared-error loss ------------------------------------------------------------------
+
+def sq_error_loss_forward(x, t, v, loss_out, count_out, *, count_factor: float,
+                          stream: Optional[int] = None) -> None:
+    """Masked squared-error loss, forward, in one pass.
+
+    Computes S = sum(((x - t) * v)**2) and C = sum(v) (numel(x) when ``v`` is None) and writes
+    ``loss_out = S / (C * count_factor)`` (0 when C == 0) and ``count_out = C``; both outputs are
+    one-element arrays of x's dtype on x's device. Keep ``count_out`` for the backward pass.
+
+    ``v`` is a visibility mask of x's shape and dtype (0/1; fractional weights also work) or
+    None. ``count_factor`` is :data:`MSE_COUNT_FACTOR` or :data:`DEEPPOSE_COUNT_FACTOR`.
+    """
+    _C.sq_error_loss_forward(x, t, v, loss_out, count_out, float(count_factor), _stream(stream))
+
+
+def sq_error_loss_backward(x, t, v, count, grad_loss, gx_out, gt_out=None, *,
+                           count_factor: float, stream: Optional[int] = None) -> None:
+    """Masked squared-error loss, backward.
+
+    Writes ``gx_out = grad_loss * 2 * (x - t) * v**2 / (count * count_factor)`` (v**2 == v for a
+    0/1 mask) and, when ``gt_out`` is given, ``gt_out = -gx_out``. ``count`` is the forward
+    pass's ``count_out`` and ``grad_loss`` the upstream gradient, both one-element arrays on x's
+    device (read there: nothing comes back to the host). count == 0 gives zero gradients.
+    """
+    _C.sq_error_loss_backward(x, t, v, count, grad_loss, gx_out, gt_out, float(count_factor),
+                              _stream(stream))
+
+
+# ---- conv2d -------------------------------------------------------------------------------------
+
+def conv2d_output_shape(x_shape: Sequence[int], w_shape: Sequence[int], *,
+                        stride: IntOrPair = 1, padding: IntOrPair = 0,
+                        dilation: IntOrPair = 1, groups: int = 1) -> Tuple[int, int, int, int]:
+    """(B, Cout, OH, OW) of ``conv2d_forward`` for an NCHW input and a (Cout, Cin, kh, kw) weight.
+
+    Raises the same errors the kernels would for shapes that cannot be convolved, so adapters
+    can call it before allocating the output.
+    """
+    stride, padding, dilation = _conv_params(stride, padding, dilation, groups)
+    x_shape, w_shape = _shape("x", x_shape, 4), _shape("w", w_shape, 4)
+    if w_shape[1] != x_shape[1]:
+        raise ValueError(f"conv2d: w: expected shape (Cout, {x_shape[1]}, kh, kw) to match the "
+                         f"{x_shape[1]} input channels of x, got {w_shape}")
+    out = []
+    for axis, i in (("height", 2), ("width", 3)):
+        extent = dilation[i - 2] * (w_shape[i] - 1) + 1
+        padded = x_shape[i] + 2 * padding[i - 2]
+        if extent > padded:
+            raise ValueError(f"conv2d: w: kernel {axis} extent {extent} (size {w_shape[i]}, "
+                             f"dilation {dilation[i - 2]}) is larger than the padded input "
+                             f"{axis} {padded} ({x_shape[i]} + 2*{padding[i - 2]})")
+        out.append((padded - extent) // stride[i - 2] + 1)
+    return (x_shape[0], w_shape[0], out[0], out[1])
+
+
+def conv2d_forward(x, w, b, y_out, *, stride: IntOrPair = 1, padding: IntOrPair = 0,
+                   dilation: IntOrPair = 1, groups: int = 1,
+                   stream: Optional[int] = None) -> None:
+    """y_out = conv2d(x, w) + b: x (B, Cin, H, W), w (Cout, Cin, kh, kw), b (Cout,) or None,
+    y_out of :func:`conv2d_output_shape`. Cross-correlation, as in every DL framework."""
+    s, p, d = _conv_params(stride, padding, dilation, groups)
+    _C.conv2d_forward(x, w, b, y_out, s, p, d, _stream(stream))
+
+
+def conv2d_backward_data(gy, w, gx_out, *, stride: IntOrPair = 1, padding: IntOrPair = 0,
+                         dilation: IntOrPair = 1, groups: int = 1,
+                         stream: Optional[int] = None) -> None:
+    """gx_out = dL/dx from gy = dL/dy. gx_out has x's shape, which fixes the geometry (several
+    input sizes can give one output size when stride > 1)."""
+    s, p, d = _conv_params(stride, padding, dilation, groups)
+    _C.conv2d_backward_data(gy, w, gx_out, s, p, d, _stream(stream))
+
+
+def conv2d_backward_weight(x, gy, gw_out, *, stride: IntOrPair = 1, padding: IntOrPair = 0,
+                           dilation: IntOrPair = 1, groups: int = 1,
+                           stream: Optional[int] = None) -> None:
+    """gw_out = dL/dw (Cout, Cin, kh, kw), summed over the batch; overwrites gw_out."""
+    s, p, d = _conv_params(stride, padding, dilation, groups)
+    _C.conv2d_backward_weight(x, gy, gw_out, s, p, d, _stream(stream))
+
+
+def conv2d_backward_bias(gy, gb_out, *, stream: Optional[int] = None) -> None:
+    """gb_out = dL/db (Cout,): gy summed over batch and pixels; overwrites gb_out."""
+    _C.conv2d_backward_bias(gy, gb_out, _stream(stream))
+
+
+# ---- argument normalisation ---------------------------------------------------------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _pair(name: str, value: IntOrPair) -> Tuple[int, int]:
+    if _is_int(value):
+        return (int(value), int(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise TypeError(f"conv2d: {name}: expected an int or a pair of ints (height, width), "
+                    f"got {value!r}")
+
+
+def _conv_params(stride, padding, dilation, groups):
+    if not _is_int(groups):
+        raise TypeError(f"conv2d: groups: expected an int, got {groups!r}")
+    if groups != 1:
+        raise NotImplementedError(f"conv2d: groups: only groups=1 is implemented, got {groups}")
+    s, p, d = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
+    if min(s) < 1:
+        raise ValueError(f"conv2d: stride: expected values >= 1, got {s}")
+    if min(p) < 0:
+        raise ValueError(f"conv2d: padding: expected values >= 0, got {p}")
+    if min(d) < 1:
+        raise ValueError(f"conv2d: dilation: expected values >= 1, got {d}")
+    return s, p, d
+
+
+def _shape(name: str, shape: Sequence[int], rank: int) -> Tuple[int, ...]:
+    try:
+        dims = tuple(int(v) for v in shape)
+    except TypeError:
+        raise TypeError(f"conv2d: {name}: expected a shape (sequence of ints), "
+                        f"got {shape!r}") from None
+    if len(dims) != rank or min(dims) < 1:
+        raise ValueError(f"conv2d: {name}: expected a {rank}-d shape of positive sizes, "
+                         f"got {dims}")
+    return dims
+
+
+def _stream(stream: Optional[int]) -> Optional[int]:
+    if stream is None:
+        return None
+    if not _is_int(stream) or stream < 0:
+        raise ValueError(f"stream: expected None or a cudaStream_t handle as an int >= 0, "
+                         f"got {stream!r}")
+    return int(stream)
