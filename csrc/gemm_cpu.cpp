@@ -38,7 +38,9 @@ struct Tiling<double> {
 };
 
 // Packs op(A)[m0 : m0+mc, k0 : k0+kc] into MR-row strips laid out [strip][k][MR], zero-padding the
-// last strip so the micro-kernel never branches on the edge.
+// last strip so the micro-kernel never branches on the edge. Reads go along memory rows: walking
+// k across MR rows at once would touch MR lines a row-stride apart, and a power-of-two stride
+// (P = 1024 floats in a 32x32 conv) maps them all to one L1 set.
 template <typename T>
 ALWAYS_INLINE void pack_a(bool trans_a, const T* A, int64_t lda, int64_t m0, int64_t mc,
                           int64_t k0, int64_t kc, T* packed) {
@@ -46,20 +48,25 @@ ALWAYS_INLINE void pack_a(bool trans_a, const T* A, int64_t lda, int64_t m0, int
   for (int64_t i0 = 0; i0 < mc; i0 += MR) {
     const int rows = static_cast<int>(std::min<int64_t>(MR, mc - i0));
     T* strip = packed + i0 * kc;
-    for (int64_t k = 0; k < kc; ++k) {
-      for (int i = 0; i < MR; ++i) {
-        T value = 0;
-        if (i < rows) {
-          const int64_t m = m0 + i0 + i, kk = k0 + k;
-          value = trans_a ? A[kk * lda + m] : A[m * lda + kk];
-        }
-        strip[k * MR + i] = value;
+    if (trans_a) {  // op(A)(m, k) = A[k * lda + m]: the MR values of one k are adjacent
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* src = A + (k0 + k) * lda + m0 + i0;
+        for (int i = 0; i < rows; ++i) strip[k * MR + i] = src[i];
+        for (int i = rows; i < MR; ++i) strip[k * MR + i] = 0;
       }
+    } else {
+      for (int i = 0; i < rows; ++i) {
+        const T* src = A + (m0 + i0 + i) * lda + k0;
+        for (int64_t k = 0; k < kc; ++k) strip[k * MR + i] = src[k];
+      }
+      for (int i = rows; i < MR; ++i)
+        for (int64_t k = 0; k < kc; ++k) strip[k * MR + i] = 0;
     }
   }
 }
 
-// Packs op(B)[k0 : k0+kc, n0 : n0+nc] into NR-column strips laid out [strip][k][NR].
+// Packs op(B)[k0 : k0+kc, n0 : n0+nc] into NR-column strips laid out [strip][k][NR]; like pack_a,
+// it reads along memory rows.
 template <typename T>
 ALWAYS_INLINE void pack_b(bool trans_b, const T* B, int64_t ldb, int64_t k0, int64_t kc,
                           int64_t n0, int64_t nc, T* packed) {
@@ -67,16 +74,20 @@ ALWAYS_INLINE void pack_b(bool trans_b, const T* B, int64_t ldb, int64_t k0, int
   for (int64_t j0 = 0; j0 < nc; j0 += NR) {
     const int cols = static_cast<int>(std::min<int64_t>(NR, nc - j0));
     T* strip = packed + j0 * kc;
-    for (int64_t k = 0; k < kc; ++k) {
-      T* dst = strip + k * NR;
-      const int64_t kk = k0 + k;
-      if (!trans_b) {
-        const T* src = B + kk * ldb + n0 + j0;
+    if (!trans_b) {  // op(B)(k, n) = B[k * ldb + n]: the NR values of one k are adjacent
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* src = B + (k0 + k) * ldb + n0 + j0;
+        T* dst = strip + k * NR;
         for (int j = 0; j < cols; ++j) dst[j] = src[j];
-      } else {
-        for (int j = 0; j < cols; ++j) dst[j] = B[(n0 + j0 + j) * ldb + kk];
+        for (int j = cols; j < NR; ++j) dst[j] = 0;
       }
-      for (int j = cols; j < NR; ++j) dst[j] = 0;
+    } else {
+      for (int j = 0; j < cols; ++j) {
+        const T* src = B + (n0 + j0 + j) * ldb + k0;
+        for (int64_t k = 0; k < kc; ++k) strip[k * NR + j] = src[k];
+      }
+      for (int j = cols; j < NR; ++j)
+        for (int64_t k = 0; k < kc; ++k) strip[k * NR + j] = 0;
     }
   }
 }
