@@ -1,0 +1,39 @@
+"""Test helpers: call the kernels through ops.core on NumPy arrays, allocating outputs the way an
+adapter would, and return NumPy results."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ops import core
+
+
+def conv2d_all(x, w, b=None, gy=None, *, stride=1, padding=0, dilation=1):
+    """(y, gx, gw, gb) from our kernels; the gradients are None when gy is None."""
+    y = np.empty(core.conv2d_output_shape(x.shape, w.shape, stride=stride, padding=padding,
+                                          dilation=dilation), x.dtype)
+    params = dict(stride=stride, padding=padding, dilation=dilation)
+    core.conv2d_forward(x, w, b, y, **params)
+    if gy is None:
+        return y, None, None, None
+    gx, gw = np.empty_like(x), np.empty_like(w)
+    core.conv2d_backward_data(gy, w, gx, **params)
+    core.conv2d_backward_weight(x, gy, gw, **params)
+    gb = np.empty((w.shape[0],), x.dtype)
+    core.conv2d_backward_bias(gy, gb)
+    return y, gx, gw, gb
+
+
+def sq_error_loss_all(x, t, v=None, *, count_factor, grad_loss=1.0, with_gt=True):
+    """(loss, count, gx, gt) from our kernels as float64 scalars / NumPy arrays."""
+    loss, count = np.empty((), x.dtype), np.empty((), x.dtype)
+    core.sq_error_loss_forward(x, t, v, loss, count, count_factor=count_factor)
+    gx = np.empty_like(x)
+    gt = np.empty_like(x) if with_gt else None
+    g = np.array(grad_loss, x.dtype)
+    core.sq_error_loss_backward(x, t, v, count, g, gx, gt, count_factor=count_factor)
+    return float(loss), float(count), gx, gt
+
+
+def pair(value):
+    return value if isinstance(value, tuple) else (value, value)
