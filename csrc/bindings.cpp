@@ -58,6 +58,21 @@ std::string dtype_str(const dlpack_abi::DataType& t) {
   return name;
 }
 
+std::string type_name(py::handle obj) {
+  return std::string(py::str(py::type::of(obj).attr("__name__")));
+}
+
+// The dtype name of a NumPy/PyTorch/CuPy-like array ("float32", "bool"), "" when it has none.
+std::string dtype_of(py::handle obj) {
+  if (!py::hasattr(obj, "dtype")) return "";
+  py::object dtype = obj.attr("dtype");
+  std::string name = py::hasattr(dtype, "name") ? std::string(py::str(dtype.attr("name")))
+                                                 : std::string(py::str(dtype));
+  const std::string torch_prefix = "torch.";
+  if (name.rfind(torch_prefix, 0) == 0) name = name.substr(torch_prefix.size());
+  return name;
+}
+
 const char* dtype_name(DType d) { return d == DType::kFloat32 ? "float32" : "float64"; }
 
 // The context of one call: its name (for messages), the stream, and the device every array must
@@ -117,22 +132,38 @@ py::object export_capsule(py::handle obj, const std::string& name, const Call& c
   if (!py::hasattr(obj, "__dlpack__")) {
     call.type_error(name,
                     "expected an array that exports __dlpack__ (NumPy, PyTorch, CuPy, ...) or a "
-                    "DLPack capsule, got " +
-                        std::string(py::str(py::type::of(obj).attr("__name__"))));
+                    "DLPack capsule, got " + type_name(obj));
   }
+  py::object capsule;
   try {
     bool on_cuda = false;
     if (py::hasattr(obj, "__dlpack_device__")) {
-      py::tuple device = obj.attr("__dlpack_device__")();
-      on_cuda = device.size() >= 1 && device[0].cast<int>() == dlpack_abi::kCUDA;
+      py::object device = obj.attr("__dlpack_device__")();
+      if (!py::isinstance<py::tuple>(device) || py::len(device) != 2 ||
+          !py::isinstance<py::int_>(device[py::int_(0)]) ||
+          !py::isinstance<py::int_>(device[py::int_(1)]))
+        call.value_error(name, "could not export it through DLPack: __dlpack_device__() "
+                               "returned " + std::string(py::repr(device)) +
+                               ", expected a (device_type, device_id) pair of ints");
+      on_cuda = device[py::int_(0)].cast<int64_t>() == dlpack_abi::kCUDA;
     }
-    if (on_cuda) return obj.attr("__dlpack__")(py::arg("stream") = call.dlpack_stream());
-    return obj.attr("__dlpack__")();
+    capsule = on_cuda ? obj.attr("__dlpack__")(py::arg("stream") = call.dlpack_stream())
+                      : obj.attr("__dlpack__")();
   } catch (py::error_already_set& e) {
-    call.value_error(name, "could not export it through DLPack: " +
-                               std::string(py::str(py::type::of(e.value()).attr("__name__"))) +
-                               ": " + std::string(py::str(e.value())));
+    // When the array's dtype is not one we take, that is the news (NumPy refuses to export
+    // bool at all); otherwise the exporter objects to the array's state (read-only, requires
+    // grad, byte order) and its own message says which.
+    std::string msg = "could not export it through DLPack: " + type_name(e.value()) + ": " +
+                      std::string(py::str(e.value()));
+    const std::string dtype = dtype_of(obj);
+    if (!dtype.empty() && dtype != "float32" && dtype != "float64")
+      call.type_error(name, msg + " (expected float32 or float64, got " + dtype + ")");
+    call.value_error(name, msg);
   }
+  if (!PyCapsule_CheckExact(capsule.ptr()))
+    call.type_error(name, "expected its __dlpack__() to return a DLPack capsule, got " +
+                              type_name(capsule));
+  return capsule;
 }
 
 Array borrow(py::handle obj, const std::string& name, Call& call, bool is_output) {
@@ -176,7 +207,9 @@ Array borrow(py::handle obj, const std::string& name, Call& call, bool is_output
   a.numel = 1;
   for (int64_t d : a.shape) {
     if (d < 0) call.value_error(name, "malformed DLPack tensor (negative dimension)");
-    a.numel *= d;
+    if (__builtin_mul_overflow(a.numel, d, &a.numel))
+      call.value_error(name, "malformed DLPack tensor (shape " + shape_str(a.shape) +
+                                 " has more elements than fit in 64 bits)");
   }
   if (a.numel == 0)
     call.value_error(name, "expected a non-empty array, got shape " + shape_str(a.shape));
@@ -200,7 +233,12 @@ Array borrow(py::handle obj, const std::string& name, Call& call, bool is_output
   switch (t.device.device_type) {
     case dlpack_abi::kCPU:
     case dlpack_abi::kCUDAHost: a.place = Place{false, 0}; break;
-    case dlpack_abi::kCUDA: a.place = Place{true, t.device.device_id}; break;
+    case dlpack_abi::kCUDA:
+      if (t.device.device_id < 0)
+        call.value_error(name, "malformed DLPack tensor (CUDA device id " +
+                                   std::to_string(t.device.device_id) + ")");
+      a.place = Place{true, t.device.device_id};
+      break;
     default:
       call.value_error(name, "unsupported device type " + std::to_string(t.device.device_type) +
                                  " (expected CPU or CUDA memory)");
@@ -274,8 +312,12 @@ class DeviceGuard {
     if (call.place->device_id >= count)
       call.runtime_error("got arrays on " + call.place->str() + " but " +
                          std::to_string(count) + " CUDA device(s) are usable here");
-    previous_ = kernels::cuda_get_device();
-    if (previous_ != call.place->device_id) kernels::cuda_set_device(call.place->device_id);
+    try {
+      previous_ = kernels::cuda_get_device();
+      if (previous_ != call.place->device_id) kernels::cuda_set_device(call.place->device_id);
+    } catch (const std::exception& e) {
+      call.runtime_error(std::string("could not select ") + call.place->str() + ": " + e.what());
+    }
     active_ = true;
   }
   ~DeviceGuard() {
@@ -301,6 +343,16 @@ void expect_int32_sized(const Call& call, const std::vector<const Array*>& array
     if (a && a->numel >= (int64_t(1) << 31))
       call.value_error(a->name, "has " + std::to_string(a->numel) +
                                     " elements; the CUDA conv kernels take fewer than 2^31");
+}
+
+// ... and padded input sizes below 2^31 (the GPU computes ih + pad in 32 bits).
+void expect_int32_geometry(const Call& call, const kernels::Conv2dShape& s) {
+  if (!call.place || !call.place->cuda) return;
+  const int64_t limit = int64_t(1) << 31;
+  if (s.in_h + 2 * s.pad_h >= limit || s.in_w + 2 * s.pad_w >= limit)
+    call.value_error("padding", "the padded input (" + std::to_string(s.in_h + 2 * s.pad_h) +
+                                    " x " + std::to_string(s.in_w + 2 * s.pad_w) +
+                                    ") must stay below 2^31 per axis on the CUDA path");
 }
 
 template <typename Fn>
@@ -336,8 +388,8 @@ void sq_error_loss_forward(py::handle x_obj, py::handle t_obj, py::handle v_obj,
   Array x = borrow(x_obj, "x", call, false);
   Array t = borrow(t_obj, "t", call, false);
   std::optional<Array> v = borrow_optional(v_obj, "v", call, false);
-  Array loss = borrow(loss_obj, "loss", call, true);
-  Array count = borrow(count_obj, "count", call, true);
+  Array loss = borrow(loss_obj, "loss_out", call, true);
+  Array count = borrow(count_obj, "count_out", call, true);
   for (const Array* a : {&t, &loss, &count}) expect_dtype(call, *a, x);
   expect_shape(call, t, x.shape, "same as x");
   if (v) {
@@ -378,8 +430,8 @@ void sq_error_loss_backward(py::handle x_obj, py::handle t_obj, py::handle v_obj
   std::optional<Array> v = borrow_optional(v_obj, "v", call, false);
   Array count = borrow(count_obj, "count", call, false);
   Array grad_loss = borrow(grad_loss_obj, "grad_loss", call, false);
-  Array gx = borrow(gx_obj, "gx", call, true);
-  std::optional<Array> gt = borrow_optional(gt_obj, "gt", call, true);
+  Array gx = borrow(gx_obj, "gx_out", call, true);
+  std::optional<Array> gt = borrow_optional(gt_obj, "gt_out", call, true);
   for (const Array* a : {&t, &count, &grad_loss, &gx}) expect_dtype(call, *a, x);
   expect_shape(call, t, x.shape, "same as x");
   expect_shape(call, gx, x.shape, "same as x");
@@ -422,6 +474,12 @@ void sq_error_loss_backward(py::handle x_obj, py::handle t_obj, py::handle v_obj
 
 using Pair = std::pair<int64_t, int64_t>;
 
+std::string int128_str(__int128 value) {
+  if (value >= std::numeric_limits<int64_t>::min() && value <= std::numeric_limits<int64_t>::max())
+    return std::to_string(static_cast<int64_t>(value));
+  return value < 0 ? "< -2**63" : "> 2**63";
+}
+
 struct ConvParams {
   Pair stride, padding, dilation;
 };
@@ -430,12 +488,18 @@ void check_conv_params(const Call& call, const ConvParams& p) {
   auto pair_str = [](Pair v) {
     return "(" + std::to_string(v.first) + ", " + std::to_string(v.second) + ")";
   };
-  if (p.stride.first < 1 || p.stride.second < 1)
-    call.value_error("stride", "expected values >= 1, got " + pair_str(p.stride));
-  if (p.padding.first < 0 || p.padding.second < 0)
-    call.value_error("padding", "expected values >= 0, got " + pair_str(p.padding));
-  if (p.dilation.first < 1 || p.dilation.second < 1)
-    call.value_error("dilation", "expected values >= 1, got " + pair_str(p.dilation));
+  // Bounded to 32 bits so no geometry arithmetic below (or in 32-bit GPU indexing) overflows.
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  auto within = [](Pair v, int64_t lo) {
+    return v.first >= lo && v.second >= lo && v.first <= kMax && v.second <= kMax;
+  };
+  if (!within(p.stride, 1))
+    call.value_error("stride", "expected values in [1, 2**31 - 1], got " + pair_str(p.stride));
+  if (!within(p.padding, 0))
+    call.value_error("padding", "expected values in [0, 2**31 - 1], got " + pair_str(p.padding));
+  if (!within(p.dilation, 1))
+    call.value_error("dilation",
+                     "expected values in [1, 2**31 - 1], got " + pair_str(p.dilation));
 }
 
 // The geometry from an input-shaped array (B, Cin, H, W) and a weight-shaped array
@@ -467,15 +531,21 @@ kernels::Conv2dShape conv_geometry(const Call& call, const Array& input, const A
   s.dilation_w = p.dilation.second;
   auto out_size = [&](const char* axis, int64_t in, int64_t k, int64_t stride, int64_t pad,
                       int64_t dil) {
-    const int64_t extent = dil * (k - 1) + 1, padded = in + 2 * pad;
+    // 128-bit: a DLPack shape can claim sizes whose products overflow 64 bits.
+    const __int128 extent = static_cast<__int128>(dil) * (k - 1) + 1;
+    const __int128 padded = static_cast<__int128>(in) + 2 * static_cast<__int128>(pad);
     if (extent > padded)
       call.value_error(weight.name,
-                       std::string("kernel ") + axis + " extent " + std::to_string(extent) +
+                       std::string("kernel ") + axis + " extent " + int128_str(extent) +
                            " (size " + std::to_string(k) + ", dilation " + std::to_string(dil) +
                            ") is larger than the padded input " + axis + " " +
-                           std::to_string(padded) + " (" + std::to_string(in) + " + 2*" +
+                           int128_str(padded) + " (" + std::to_string(in) + " + 2*" +
                            std::to_string(pad) + ")");
-    return (padded - extent) / stride + 1;
+    const __int128 out = (padded - extent) / stride + 1;
+    if (out > std::numeric_limits<int32_t>::max() * static_cast<__int128>(1 << 30))
+      call.value_error(input.name, std::string("output ") + axis + " " + int128_str(out) +
+                                       " is too large");
+    return static_cast<int64_t>(out);
   };
   s.out_h = out_size("height", s.in_h, s.kernel_h, s.stride_h, s.pad_h, s.dilation_h);
   s.out_w = out_size("width", s.in_w, s.kernel_w, s.stride_w, s.pad_w, s.dilation_w);
@@ -494,7 +564,7 @@ void conv2d_forward(py::handle x_obj, py::handle w_obj, py::handle b_obj, py::ha
   Array x = borrow(x_obj, "x", call, false);
   Array w = borrow(w_obj, "w", call, false);
   std::optional<Array> b = borrow_optional(b_obj, "b", call, false);
-  Array y = borrow(y_obj, "y", call, true);
+  Array y = borrow(y_obj, "y_out", call, true);
   expect_dtype(call, w, x);
   expect_dtype(call, y, x);
   const kernels::Conv2dShape s = conv_geometry(call, x, w, p);
@@ -506,6 +576,7 @@ void conv2d_forward(py::handle x_obj, py::handle w_obj, py::handle b_obj, py::ha
   const Array* bp = b ? &*b : nullptr;
   expect_no_overlap(call, y, {&x, &w, bp});
   expect_int32_sized(call, {&x, &w, &y});
+  expect_int32_geometry(call, s);
 
   DeviceGuard guard(call);
   const bool cuda = call.place->cuda;
@@ -528,13 +599,14 @@ void conv2d_backward_data(py::handle gy_obj, py::handle w_obj, py::handle gx_obj
   check_conv_params(call, p);
   Array gy = borrow(gy_obj, "gy", call, false);
   Array w = borrow(w_obj, "w", call, false);
-  Array gx = borrow(gx_obj, "gx", call, true);
+  Array gx = borrow(gx_obj, "gx_out", call, true);
   expect_dtype(call, w, gy);
   expect_dtype(call, gx, gy);
   const kernels::Conv2dShape s = conv_geometry(call, gx, w, p);
   expect_shape(call, gy, output_shape(s), "B, Cout, OH, OW of the conv that made gx's input");
   expect_no_overlap(call, gx, {&gy, &w});
   expect_int32_sized(call, {&gy, &w, &gx});
+  expect_int32_geometry(call, s);
 
   DeviceGuard guard(call);
   const bool cuda = call.place->cuda;
@@ -556,13 +628,14 @@ void conv2d_backward_weight(py::handle x_obj, py::handle gy_obj, py::handle gw_o
   check_conv_params(call, p);
   Array x = borrow(x_obj, "x", call, false);
   Array gy = borrow(gy_obj, "gy", call, false);
-  Array gw = borrow(gw_obj, "gw", call, true);
+  Array gw = borrow(gw_obj, "gw_out", call, true);
   expect_dtype(call, gy, x);
   expect_dtype(call, gw, x);
   const kernels::Conv2dShape s = conv_geometry(call, x, gw, p);
   expect_shape(call, gy, output_shape(s), "B, Cout, OH, OW");
   expect_no_overlap(call, gw, {&x, &gy});
   expect_int32_sized(call, {&x, &gy, &gw});
+  expect_int32_geometry(call, s);
 
   DeviceGuard guard(call);
   const bool cuda = call.place->cuda;
@@ -580,7 +653,7 @@ void conv2d_backward_weight(py::handle x_obj, py::handle gy_obj, py::handle gw_o
 void conv2d_backward_bias(py::handle gy_obj, py::handle gb_obj, std::optional<int64_t> stream) {
   Call call = make_call("conv2d_backward_bias", stream);
   Array gy = borrow(gy_obj, "gy", call, false);
-  Array gb = borrow(gb_obj, "gb", call, true);
+  Array gb = borrow(gb_obj, "gb_out", call, true);
   expect_dtype(call, gb, gy);
   expect_rank(call, gy, 4, "(B, Cout, OH, OW)");
   expect_shape(call, gb, {gy.dim(1)}, "Cout of gy");
@@ -665,22 +738,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "How this module was built.");
 
   m.def("sq_error_loss_forward", &sq_error_loss_forward, py::arg("x"), py::arg("t"),
-        py::arg("v"), py::arg("loss"), py::arg("count"), py::arg("count_factor"),
+        py::arg("v"), py::arg("loss_out"), py::arg("count_out"), py::arg("count_factor"),
         py::arg("stream") = py::none());
   m.def("sq_error_loss_backward", &sq_error_loss_backward, py::arg("x"), py::arg("t"),
-        py::arg("v"), py::arg("count"), py::arg("grad_loss"), py::arg("gx"), py::arg("gt"),
-        py::arg("count_factor"), py::arg("stream") = py::none());
+        py::arg("v"), py::arg("count"), py::arg("grad_loss"), py::arg("gx_out"),
+        py::arg("gt_out"), py::arg("count_factor"), py::arg("stream") = py::none());
 
   m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("b"),
-        py::arg("y"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("y_out"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         py::arg("stream") = py::none());
   m.def("conv2d_backward_data", &conv2d_backward_data, py::arg("gy"), py::arg("w"),
-        py::arg("gx"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("gx_out"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         py::arg("stream") = py::none());
   m.def("conv2d_backward_weight", &conv2d_backward_weight, py::arg("x"), py::arg("gy"),
-        py::arg("gw"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("gw_out"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         py::arg("stream") = py::none());
-  m.def("conv2d_backward_bias", &conv2d_backward_bias, py::arg("gy"), py::arg("gb"),
+  m.def("conv2d_backward_bias", &conv2d_backward_bias, py::arg("gy"), py::arg("gb_out"),
         py::arg("stream") = py::none());
   m.def("conv2d_cuda_emulated", &conv2d_cuda_emulated, py::arg("which"), py::arg("in0"),
         py::arg("in1"), py::arg("bias"), py::arg("out"), py::arg("stride"), py::arg("padding"),

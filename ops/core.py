@@ -10,12 +10,14 @@ legacy default stream) and never synchronised with the host.
 Bad arguments raise one exception naming the function, the argument, what was expected and what
 came: TypeError (not an array, wrong dtype), ValueError (shape, layout, device, parameter values,
 aliasing), NotImplementedError (groups > 1), RuntimeError (GPU arrays without a usable GPU).
+Output arguments are named ``*_out`` here and in the messages.
 
 This module must stay thin: argument normalisation here, checks and math in ``ops._C``.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Sequence, Tuple, Union
 
@@ -42,7 +44,9 @@ def sq_error_loss_forward(x, t, v, loss_out, count_out, *, count_factor: float,
     ``v`` is a visibility mask of x's shape and dtype (0/1; fractional weights also work) or
     None. ``count_factor`` is :data:`MSE_COUNT_FACTOR` or :data:`DEEPPOSE_COUNT_FACTOR`.
     """
-    _C.sq_error_loss_forward(x, t, v, loss_out, count_out, float(count_factor), _stream(stream))
+    fn = "sq_error_loss_forward"
+    _C.sq_error_loss_forward(x, t, v, loss_out, count_out, _count_factor(fn, count_factor),
+                             _stream(fn, stream))
 
 
 def sq_error_loss_backward(x, t, v, count, grad_loss, gx_out, gt_out=None, *,
@@ -54,8 +58,9 @@ def sq_error_loss_backward(x, t, v, count, grad_loss, gx_out, gt_out=None, *,
     pass's ``count_out`` and ``grad_loss`` the upstream gradient, both one-element arrays on x's
     device (read there: nothing comes back to the host). count == 0 gives zero gradients.
     """
-    _C.sq_error_loss_backward(x, t, v, count, grad_loss, gx_out, gt_out, float(count_factor),
-                              _stream(stream))
+    fn = "sq_error_loss_backward"
+    _C.sq_error_loss_backward(x, t, v, count, grad_loss, gx_out, gt_out,
+                              _count_factor(fn, count_factor), _stream(fn, stream))
 
 
 # ---- conv2d -------------------------------------------------------------------------------------
@@ -68,17 +73,18 @@ def conv2d_output_shape(x_shape: Sequence[int], w_shape: Sequence[int], *,
     Raises the same errors the kernels would for shapes that cannot be convolved, so adapters
     can call it before allocating the output.
     """
-    stride, padding, dilation = _conv_params(stride, padding, dilation, groups)
-    x_shape, w_shape = _shape("x", x_shape, 4), _shape("w", w_shape, 4)
+    fn = "conv2d_output_shape"
+    stride, padding, dilation = _conv_params(fn, stride, padding, dilation, groups)
+    x_shape, w_shape = _shape(fn, "x_shape", x_shape), _shape(fn, "w_shape", w_shape)
     if w_shape[1] != x_shape[1]:
-        raise ValueError(f"conv2d: w: expected shape (Cout, {x_shape[1]}, kh, kw) to match the "
-                         f"{x_shape[1]} input channels of x, got {w_shape}")
+        raise ValueError(f"{fn}: w_shape: expected (Cout, {x_shape[1]}, kh, kw) to match the "
+                         f"{x_shape[1]} input channels of x_shape, got {w_shape}")
     out = []
     for axis, i in (("height", 2), ("width", 3)):
         extent = dilation[i - 2] * (w_shape[i] - 1) + 1
         padded = x_shape[i] + 2 * padding[i - 2]
         if extent > padded:
-            raise ValueError(f"conv2d: w: kernel {axis} extent {extent} (size {w_shape[i]}, "
+            raise ValueError(f"{fn}: w_shape: kernel {axis} extent {extent} (size {w_shape[i]}, "
                              f"dilation {dilation[i - 2]}) is larger than the padded input "
                              f"{axis} {padded} ({x_shape[i]} + 2*{padding[i - 2]})")
         out.append((padded - extent) // stride[i - 2] + 1)
@@ -90,8 +96,8 @@ def conv2d_forward(x, w, b, y_out, *, stride: IntOrPair = 1, padding: IntOrPair 
                    stream: Optional[int] = None) -> None:
     """y_out = conv2d(x, w) + b: x (B, Cin, H, W), w (Cout, Cin, kh, kw), b (Cout,) or None,
     y_out of :func:`conv2d_output_shape`. Cross-correlation, as in every DL framework."""
-    s, p, d = _conv_params(stride, padding, dilation, groups)
-    _C.conv2d_forward(x, w, b, y_out, s, p, d, _stream(stream))
+    s, p, d = _conv_params("conv2d_forward", stride, padding, dilation, groups)
+    _C.conv2d_forward(x, w, b, y_out, s, p, d, _stream("conv2d_forward", stream))
 
 
 def conv2d_backward_data(gy, w, gx_out, *, stride: IntOrPair = 1, padding: IntOrPair = 0,
@@ -99,69 +105,82 @@ def conv2d_backward_data(gy, w, gx_out, *, stride: IntOrPair = 1, padding: IntOr
                          stream: Optional[int] = None) -> None:
     """gx_out = dL/dx from gy = dL/dy. gx_out has x's shape, which fixes the geometry (several
     input sizes can give one output size when stride > 1)."""
-    s, p, d = _conv_params(stride, padding, dilation, groups)
-    _C.conv2d_backward_data(gy, w, gx_out, s, p, d, _stream(stream))
+    s, p, d = _conv_params("conv2d_backward_data", stride, padding, dilation, groups)
+    _C.conv2d_backward_data(gy, w, gx_out, s, p, d, _stream("conv2d_backward_data", stream))
 
 
 def conv2d_backward_weight(x, gy, gw_out, *, stride: IntOrPair = 1, padding: IntOrPair = 0,
                            dilation: IntOrPair = 1, groups: int = 1,
                            stream: Optional[int] = None) -> None:
     """gw_out = dL/dw (Cout, Cin, kh, kw), summed over the batch; overwrites gw_out."""
-    s, p, d = _conv_params(stride, padding, dilation, groups)
-    _C.conv2d_backward_weight(x, gy, gw_out, s, p, d, _stream(stream))
+    s, p, d = _conv_params("conv2d_backward_weight", stride, padding, dilation, groups)
+    _C.conv2d_backward_weight(x, gy, gw_out, s, p, d,
+                              _stream("conv2d_backward_weight", stream))
 
 
 def conv2d_backward_bias(gy, gb_out, *, stream: Optional[int] = None) -> None:
     """gb_out = dL/db (Cout,): gy summed over batch and pixels; overwrites gb_out."""
-    _C.conv2d_backward_bias(gy, gb_out, _stream(stream))
+    _C.conv2d_backward_bias(gy, gb_out, _stream("conv2d_backward_bias", stream))
 
 
-# ---- argument normalisation ---------------------------------------------------------------------
+# ---- argument normalisation: each names the public function it serves ---------------------------
+
+_INT32_MAX = 2 ** 31 - 1  # conv parameters stay in 32 bits (the GPU indexes in 32 bits)
+_STREAM_LIMIT = 2 ** 63  # a cudaStream_t travels as a signed 64-bit int
+
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _pair(name: str, value: IntOrPair) -> Tuple[int, int]:
+def _pair(fn: str, name: str, value: IntOrPair, low: int) -> Tuple[int, int]:
     if _is_int(value):
-        return (int(value), int(value))
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
-        return (int(value[0]), int(value[1]))
-    raise TypeError(f"conv2d: {name}: expected an int or a pair of ints (height, width), "
-                    f"got {value!r}")
+        pair = (int(value), int(value))
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_int, value)):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{fn}: {name}: expected an int or a pair of ints (height, width), "
+                        f"got {value!r}")
+    if not all(low <= v <= _INT32_MAX for v in pair):
+        raise ValueError(f"{fn}: {name}: expected values in [{low}, 2**31 - 1], got {pair}")
+    return pair
 
 
-def _conv_params(stride, padding, dilation, groups):
+def _conv_params(fn: str, stride, padding, dilation, groups):
     if not _is_int(groups):
-        raise TypeError(f"conv2d: groups: expected an int, got {groups!r}")
+        raise TypeError(f"{fn}: groups: expected an int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"{fn}: groups: expected an int >= 1, got {groups}")
     if groups != 1:
-        raise NotImplementedError(f"conv2d: groups: only groups=1 is implemented, got {groups}")
-    s, p, d = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
-    if min(s) < 1:
-        raise ValueError(f"conv2d: stride: expected values >= 1, got {s}")
-    if min(p) < 0:
-        raise ValueError(f"conv2d: padding: expected values >= 0, got {p}")
-    if min(d) < 1:
-        raise ValueError(f"conv2d: dilation: expected values >= 1, got {d}")
-    return s, p, d
+        raise NotImplementedError(f"{fn}: groups: only groups=1 is implemented, got {groups}")
+    return (_pair(fn, "stride", stride, 1), _pair(fn, "padding", padding, 0),
+            _pair(fn, "dilation", dilation, 1))
 
 
-def _shape(name: str, shape: Sequence[int], rank: int) -> Tuple[int, ...]:
-    try:
-        dims = tuple(int(v) for v in shape)
-    except TypeError:
-        raise TypeError(f"conv2d: {name}: expected a shape (sequence of ints), "
-                        f"got {shape!r}") from None
-    if len(dims) != rank or min(dims) < 1:
-        raise ValueError(f"conv2d: {name}: expected a {rank}-d shape of positive sizes, "
-                         f"got {dims}")
-    return dims
+def _shape(fn: str, name: str, shape) -> Tuple[int, ...]:
+    if not isinstance(shape, (tuple, list)) or not all(map(_is_int, shape)):
+        raise TypeError(f"{fn}: {name}: expected a shape (a tuple or list of ints), "
+                        f"got {shape!r}")
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"{fn}: {name}: expected 4 positive sizes, got {tuple(shape)}")
+    return tuple(int(v) for v in shape)
 
 
-def _stream(stream: Optional[int]) -> Optional[int]:
+def _stream(fn: str, stream: Optional[int]) -> Optional[int]:
     if stream is None:
         return None
-    if not _is_int(stream) or stream < 0:
-        raise ValueError(f"stream: expected None or a cudaStream_t handle as an int >= 0, "
-                         f"got {stream!r}")
+    if not _is_int(stream):
+        raise TypeError(f"{fn}: stream: expected None or a cudaStream_t handle as an int, "
+                        f"got {stream!r}")
+    if not 0 <= stream < _STREAM_LIMIT:
+        raise ValueError(f"{fn}: stream: expected None or a cudaStream_t handle as an int in "
+                         f"[0, 2**63), got {stream!r}")
     return int(stream)
+
+
+def _count_factor(fn: str, value) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{fn}: count_factor: expected a number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{fn}: count_factor: expected a finite number > 0, got {value!r}")
+    return float(value)
