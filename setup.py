@@ -68,7 +68,8 @@ class CMakeBuild(build_ext):
             import pybind11
             args.append(f"-Dpybind11_DIR={pybind11.get_cmake_dir()}")
         except ImportError:
-            raise SystemExit("pybind11 is not installed: `pip install pybind11` (see requirements/)")
+            raise SystemExit("pybind11 is not installed: `pip install pybind11` "
+                             "(see requirements/)")
         nvcc = _find_nvcc()
         if nvcc and _cuda_switch() != "OFF":
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")

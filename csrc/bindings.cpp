@@ -363,6 +363,17 @@ void dispatch(DType dtype, Fn&& fn) {
     fn(double{});
 }
 
+// Selects the arrays' GPU (if any), releases the GIL and runs body(T{}, on_cuda, stream) with
+// T the arrays' element type. Every Python object the kernel needs was borrowed before this.
+template <typename Body>
+void run_kernel(const Call& call, DType dtype, Body&& body) {
+  DeviceGuard guard(call);
+  const bool on_cuda = call.place->cuda;
+  void* stream = call.cuda_stream();
+  py::gil_scoped_release release;
+  dispatch(dtype, [&](auto tag) { body(tag, on_cuda, stream); });
+}
+
 Call make_call(const char* function, std::optional<int64_t> stream) {
   Call call{function, stream, std::nullopt, ""};
   if (stream && *stream < 0)
@@ -403,11 +414,7 @@ void sq_error_loss_forward(py::handle x_obj, py::handle t_obj, py::handle v_obj,
   expect_no_overlap(call, loss, all);
   expect_no_overlap(call, count, all);
 
-  DeviceGuard guard(call);
-  const bool cuda = call.place->cuda;
-  void* s = call.cuda_stream();
-  py::gil_scoped_release release;
-  dispatch(x.dtype, [&](auto tag) {
+  run_kernel(call, x.dtype, [&](auto tag, bool cuda, void* s) {
     using T = decltype(tag);
     const T* vd = v ? v->data<T>() : nullptr;
     if (cuda)
@@ -451,11 +458,7 @@ void sq_error_loss_backward(py::handle x_obj, py::handle t_obj, py::handle v_obj
   expect_no_overlap(call, gx, all);
   if (gt) expect_no_overlap(call, *gt, all);
 
-  DeviceGuard guard(call);
-  const bool cuda = call.place->cuda;
-  void* s = call.cuda_stream();
-  py::gil_scoped_release release;
-  dispatch(x.dtype, [&](auto tag) {
+  run_kernel(call, x.dtype, [&](auto tag, bool cuda, void* s) {
     using T = decltype(tag);
     const T* vd = v ? v->data<T>() : nullptr;
     T* gtd = gt ? gt->data<T>() : nullptr;
@@ -578,11 +581,7 @@ void conv2d_forward(py::handle x_obj, py::handle w_obj, py::handle b_obj, py::ha
   expect_int32_sized(call, {&x, &w, &y});
   expect_int32_geometry(call, s);
 
-  DeviceGuard guard(call);
-  const bool cuda = call.place->cuda;
-  void* st = call.cuda_stream();
-  py::gil_scoped_release release;
-  dispatch(x.dtype, [&](auto tag) {
+  run_kernel(call, x.dtype, [&](auto tag, bool cuda, void* st) {
     using T = decltype(tag);
     const T* bd = b ? b->data<T>() : nullptr;
     if (cuda)
@@ -608,11 +607,7 @@ void conv2d_backward_data(py::handle gy_obj, py::handle w_obj, py::handle gx_obj
   expect_int32_sized(call, {&gy, &w, &gx});
   expect_int32_geometry(call, s);
 
-  DeviceGuard guard(call);
-  const bool cuda = call.place->cuda;
-  void* st = call.cuda_stream();
-  py::gil_scoped_release release;
-  dispatch(gy.dtype, [&](auto tag) {
+  run_kernel(call, gy.dtype, [&](auto tag, bool cuda, void* st) {
     using T = decltype(tag);
     if (cuda)
       kernels::conv2d_backward_data_cuda<T>(s, gy.data<T>(), w.data<T>(), gx.data<T>(), st);
@@ -637,11 +632,7 @@ void conv2d_backward_weight(py::handle x_obj, py::handle gy_obj, py::handle gw_o
   expect_int32_sized(call, {&x, &gy, &gw});
   expect_int32_geometry(call, s);
 
-  DeviceGuard guard(call);
-  const bool cuda = call.place->cuda;
-  void* st = call.cuda_stream();
-  py::gil_scoped_release release;
-  dispatch(x.dtype, [&](auto tag) {
+  run_kernel(call, x.dtype, [&](auto tag, bool cuda, void* st) {
     using T = decltype(tag);
     if (cuda)
       kernels::conv2d_backward_weight_cuda<T>(s, x.data<T>(), gy.data<T>(), gw.data<T>(), st);
@@ -665,11 +656,7 @@ void conv2d_backward_bias(py::handle gy_obj, py::handle gb_obj, std::optional<in
   s.out_h = gy.dim(2);
   s.out_w = gy.dim(3);
 
-  DeviceGuard guard(call);
-  const bool cuda = call.place->cuda;
-  void* st = call.cuda_stream();
-  py::gil_scoped_release release;
-  dispatch(gy.dtype, [&](auto tag) {
+  run_kernel(call, gy.dtype, [&](auto tag, bool cuda, void* st) {
     using T = decltype(tag);
     if (cuda)
       kernels::conv2d_backward_bias_cuda<T>(s, gy.data<T>(), gb.data<T>(), st);

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ops import core
+from ops import core, reference
 
 
 def conv2d_all(x, w, b=None, gy=None, *, stride=1, padding=0, dilation=1):
@@ -37,3 +37,26 @@ def sq_error_loss_all(x, t, v=None, *, count_factor, grad_loss=1.0, with_gt=True
 
 def pair(value):
     return value if isinstance(value, tuple) else (value, value)
+
+
+def assert_conv2d_matches_reference(ours, x, w, b, gy, params):
+    """ours = (y, gx, gw, gb) from any conv2d implementation (gb may be None), against the
+    float64 reference: rtol 1e-10 for float64 inputs; for float32, within the rounding-error
+    bound of reference.conv2d_error_bound plus one ulp of the final rounding."""
+    y, gx, gw, gb = ours
+    y_ref = reference.conv2d(x, w, b, **params)
+    gx_ref, gw_ref, gb_ref = reference.conv2d_grads(x, w, gy, **params)
+    pairs = (("y", y, y_ref), ("gx", gx, gx_ref), ("gw", gw, gw_ref))
+    if x.dtype == np.float64:
+        for name, got, want in pairs:
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-11, err_msg=name)
+        tolerance = dict(rtol=1e-10, atol=1e-11)
+    else:
+        bounds = reference.conv2d_error_bound(x, w, b, gy, **params)
+        ulp = 2.0 ** -23
+        for (name, got, want), bound in zip(pairs, bounds):
+            excess = np.abs(got - want) - (bound + ulp * np.abs(want))
+            assert np.all(excess <= 0), f"{name}: beyond the rounding bound by {excess.max():.3g}"
+        tolerance = dict(rtol=1e-6, atol=1e-6)
+    if gb is not None:
+        np.testing.assert_allclose(gb, gb_ref, err_msg="gb", **tolerance)

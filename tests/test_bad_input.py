@@ -602,7 +602,8 @@ refused("conv_bwd_weight-gw_out-larger_than_x",
 refused("conv_shape-w-larger_than_x", call("conv_shape", x_shape=(1, 2, 2, 2)), ValueError,
         "conv2d_output_shape: w_shape:", "kernel height extent 3", LARGER, "height 2 (2 + 2*0)")
 refused("conv_shape-w-larger_with_dilation", call("conv_shape", dilation=(1, 3)), ValueError,
-        "conv2d_output_shape: w_shape:", "kernel width extent 7 (size 3, dilation 3)", LARGER, "width 5")
+        "conv2d_output_shape: w_shape:", "kernel width extent 7 (size 3, dilation 3)", LARGER,
+        "width 5")
 # Parameters and sizes whose geometry would overflow 64-bit arithmetic are refused: ops.core
 # bounds the parameters to 32 bits, ops._C does too, and computes the geometry in 128 bits for
 # shapes a DLPack producer may claim.

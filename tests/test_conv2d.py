@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from ops import _C, reference
-from tests.kernel_calls import conv2d_all, pair
+from ops import _C
+from tests.kernel_calls import assert_conv2d_matches_reference, conv2d_all, pair
 
 # (batch, Cin, H, W, Cout, (kh, kw), stride, padding, dilation, bias): the grid of
 # batch 1, odd sizes, non-square kernels 1x1..11x11, stride 1..4, padding 0..3, dilation 1..2.
@@ -30,7 +30,8 @@ CASES = [
 
 def case_id(case):
     b, cin, h, w, cout, k, s, p, d, bias = case
-    return f"b{b}c{cin}x{h}x{w}-o{cout}-k{k[0]}x{k[1]}-s{s}-p{p}-d{d}-{'bias' if bias else 'nobias'}"
+    with_bias = "bias" if bias else "nobias"
+    return f"b{b}c{cin}x{h}x{w}-o{cout}-k{k[0]}x{k[1]}-s{s}-p{p}-d{d}-{with_bias}"
 
 
 def make_inputs(case, dtype, seed=0):
@@ -51,31 +52,11 @@ def _out_shape(x_shape, w_shape, stride, padding, dilation):
     return (x_shape[0], w_shape[0], oh, ow)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_float64_matches_reference(case):
-    x, w, b, gy, params = make_inputs(case, np.float64)
-    y, gx, gw, gb = conv2d_all(x, w, b, gy, **params)
-    y_ref = reference.conv2d(x, w, b, **params)
-    gx_ref, gw_ref, gb_ref = reference.conv2d_grads(x, w, gy, **params)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(gx, gx_ref, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(gw, gw_ref, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(gb, gb_ref, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_float32_within_rounding_bound_of_reference(case):
-    x, w, b, gy, params = make_inputs(case, np.float32)
-    y, gx, gw, gb = conv2d_all(x, w, b, gy, **params)
-    y_ref = reference.conv2d(x, w, b, **params)
-    gx_ref, gw_ref, gb_ref = reference.conv2d_grads(x, w, gy, **params)
-    y_bound, gx_bound, gw_bound = reference.conv2d_error_bound(x, w, b, gy, **params)
-    # The bound covers accumulation; +1 ulp of the result covers the final rounding to float32.
-    ulp = 2.0 ** -23
-    assert np.all(np.abs(y - y_ref) <= y_bound + ulp * np.abs(y_ref))
-    assert np.all(np.abs(gx - gx_ref) <= gx_bound + ulp * np.abs(gx_ref))
-    assert np.all(np.abs(gw - gw_ref) <= gw_bound + ulp * np.abs(gw_ref))
-    np.testing.assert_allclose(gb, gb_ref, rtol=1e-6, atol=1e-6)
+def test_matches_reference(case, dtype):
+    x, w, b, gy, params = make_inputs(case, dtype)
+    assert_conv2d_matches_reference(conv2d_all(x, w, b, gy, **params), x, w, b, gy, params)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -159,10 +140,7 @@ def test_cuda_index_maps_emulated_on_host(case, multiprocessors):
     gx, gw = np.empty_like(x), np.empty_like(w)
     _C.conv2d_cuda_emulated("backward_data", gy, w, None, gx, *args)
     _C.conv2d_cuda_emulated("backward_weight", x, gy, None, gw, *args)
-    gx_ref, gw_ref, _ = reference.conv2d_grads(x, w, gy, **params)
-    np.testing.assert_allclose(y, reference.conv2d(x, w, b, **params), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(gx, gx_ref, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(gw, gw_ref, rtol=1e-10, atol=1e-12)
+    assert_conv2d_matches_reference((y, gx, gw, None), x, w, b, gy, params)
 
 
 @st.composite
@@ -182,9 +160,4 @@ def conv_problems(draw):
 @given(case=conv_problems(), seed=st.integers(0, 2 ** 16))
 def test_shape_sweep_float64(case, seed):
     x, w, b, gy, params = make_inputs(case, np.float64, seed=seed)
-    y, gx, gw, gb = conv2d_all(x, w, b, gy, **params)
-    gx_ref, gw_ref, gb_ref = reference.conv2d_grads(x, w, gy, **params)
-    np.testing.assert_allclose(y, reference.conv2d(x, w, b, **params), rtol=1e-10, atol=1e-11)
-    np.testing.assert_allclose(gx, gx_ref, rtol=1e-10, atol=1e-11)
-    np.testing.assert_allclose(gw, gw_ref, rtol=1e-10, atol=1e-11)
-    np.testing.assert_allclose(gb, gb_ref, rtol=1e-10, atol=1e-11)
+    assert_conv2d_matches_reference(conv2d_all(x, w, b, gy, **params), x, w, b, gy, params)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import ops
 from ops import core, reference
+from tests.kernel_calls import assert_conv2d_matches_reference, conv2d_all
 from tests.test_conv2d import CASES, case_id, make_inputs
 
 pytestmark = [
@@ -43,29 +44,12 @@ def conv2d_all_cuda(x, w, b, gy, params):
     return [t.cpu().numpy() for t in (y, gx, gw, gb)]
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_conv2d_float64_matches_reference(case):
-    x, w, b, gy, params = make_inputs(case, np.float64)
-    y, gx, gw, gb = conv2d_all_cuda(cuda(x), cuda(w), cuda(b), cuda(gy), params)
-    gx_ref, gw_ref, gb_ref = reference.conv2d_grads(x, w, gy, **params)
-    np.testing.assert_allclose(y, reference.conv2d(x, w, b, **params), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(gx, gx_ref, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(gw, gw_ref, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(gb, gb_ref, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_conv2d_float32_within_rounding_bound(case):
-    x, w, b, gy, params = make_inputs(case, np.float32)
-    y, gx, gw, gb = conv2d_all_cuda(cuda(x), cuda(w), cuda(b), cuda(gy), params)
-    gx_ref, gw_ref, gb_ref = reference.conv2d_grads(x, w, gy, **params)
-    y_bound, gx_bound, gw_bound = reference.conv2d_error_bound(x, w, b, gy, **params)
-    y_ref = reference.conv2d(x, w, b, **params)
-    ulp = 2.0 ** -23
-    assert np.all(np.abs(y - y_ref) <= y_bound + ulp * np.abs(y_ref))
-    assert np.all(np.abs(gx - gx_ref) <= gx_bound + ulp * np.abs(gx_ref))
-    assert np.all(np.abs(gw - gw_ref) <= gw_bound + ulp * np.abs(gw_ref))
-    np.testing.assert_allclose(gb, gb_ref, rtol=1e-6, atol=1e-6)
+def test_conv2d_matches_reference(case, dtype):
+    x, w, b, gy, params = make_inputs(case, dtype)
+    ours = conv2d_all_cuda(cuda(x), cuda(w), cuda(b), cuda(gy), params)
+    assert_conv2d_matches_reference(ours, x, w, b, gy, params)
 
 
 def test_conv2d_matches_cudnn_on_resnet_shape():
@@ -198,7 +182,6 @@ def test_cpu_and_gpu_arrays_in_one_call_are_refused():
 def test_cpu_and_gpu_kernels_agree_in_float64():
     case = (3, 5, 17, 15, 6, (3, 3), 2, 1, 1, True)
     x, w, b, gy, params = make_inputs(case, np.float64, seed=9)
-    from tests.kernel_calls import conv2d_all
     cpu = conv2d_all(x, w, b, gy, **params)
     gpu = conv2d_all_cuda(cuda(x), cuda(w), cuda(b), cuda(gy), params)
     for c, g in zip(cpu, gpu):
