@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import _C
 
@@ -73,22 +73,45 @@ def conv2d_output_shape(x_shape: Sequence[int], w_shape: Sequence[int], *,
     Raises the same errors the kernels would for shapes that cannot be convolved, so adapters
     can call it before allocating the output.
     """
-    fn = "conv2d_output_shape"
-    stride, padding, dilation = _conv_params(fn, stride, padding, dilation, groups)
-    x_shape, w_shape = _shape(fn, "x_shape", x_shape), _shape(fn, "w_shape", w_shape)
+    return conv2d_geometry("conv2d_output_shape", x_shape, w_shape, stride=stride,
+                           padding=padding, dilation=dilation, groups=groups,
+                           names=("x_shape", "w_shape")).output_shape
+
+
+class Conv2dGeometry(NamedTuple):
+    """A checked conv: the output shape and the parameters as (height, width) pairs."""
+    output_shape: Tuple[int, int, int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+
+
+def conv2d_geometry(function: str, x_shape: Sequence[int], w_shape: Sequence[int], *,
+                    stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
+                    groups: int = 1, bias_shape: Optional[Sequence[int]] = None,
+                    names: Tuple[str, str] = ("x", "w")) -> Conv2dGeometry:
+    """Every shape and parameter check of a conv2d call, with errors naming ``function`` and
+    the arguments ``names`` (and "b" for ``bias_shape``): what framework adapters call at their
+    boundary, so bad input is refused there in the same words everywhere."""
+    stride, padding, dilation = _conv_params(function, stride, padding, dilation, groups)
+    x_name, w_name = names
+    x_shape, w_shape = _shape(function, x_name, x_shape), _shape(function, w_name, w_shape)
     if w_shape[1] != x_shape[1]:
-        raise ValueError(f"{fn}: w_shape: expected (Cout, {x_shape[1]}, kh, kw) to match the "
-                         f"{x_shape[1]} input channels of x_shape, got {w_shape}")
+        raise ValueError(f"{function}: {w_name}: expected (Cout, {x_shape[1]}, kh, kw) to match "
+                         f"the {x_shape[1]} input channels of {x_name}, got {w_shape}")
+    if bias_shape is not None and tuple(bias_shape) != (w_shape[0],):
+        raise ValueError(f"{function}: b: expected shape ({w_shape[0]},) to match the "
+                         f"{w_shape[0]} output channels of {w_name}, got {tuple(bias_shape)}")
     out = []
     for axis, i in (("height", 2), ("width", 3)):
         extent = dilation[i - 2] * (w_shape[i] - 1) + 1
         padded = x_shape[i] + 2 * padding[i - 2]
         if extent > padded:
-            raise ValueError(f"{fn}: w_shape: kernel {axis} extent {extent} (size {w_shape[i]}, "
-                             f"dilation {dilation[i - 2]}) is larger than the padded input "
-                             f"{axis} {padded} ({x_shape[i]} + 2*{padding[i - 2]})")
+            raise ValueError(f"{function}: {w_name}: kernel {axis} extent {extent} (size "
+                             f"{w_shape[i]}, dilation {dilation[i - 2]}) is larger than the "
+                             f"padded input {axis} {padded} ({x_shape[i]} + 2*{padding[i - 2]})")
         out.append((padded - extent) // stride[i - 2] + 1)
-    return (x_shape[0], w_shape[0], out[0], out[1])
+    return Conv2dGeometry((x_shape[0], w_shape[0], out[0], out[1]), stride, padding, dilation)
 
 
 def conv2d_forward(x, w, b, y_out, *, stride: IntOrPair = 1, padding: IntOrPair = 0,
