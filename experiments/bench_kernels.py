@@ -22,19 +22,18 @@ This is a script, not a test: it never fails on speed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 
 import ops
+from experiments.timing import Timer, interleaved, summarize, write_json
 from ops import core
 
 # ResNet for CIFAR-10 layers: (name, Cin, Cout, H=W, kernel, stride, padding)
@@ -66,54 +65,16 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def iqr(values: List[float]) -> float:
-    q = statistics.quantiles(values, n=4)
-    return q[2] - q[0]
-
-
-class Timer:
-    """Milliseconds of one call of fn, on the host clock or with CUDA events."""
-
-    def __init__(self, device: str):
-        self.device = device
-
-    def __call__(self, fn: Callable[[], None], repeat: int) -> float:
-        if self.device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(repeat):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / repeat
-        began = time.perf_counter()
-        for _ in range(repeat):
-            fn()
-        return (time.perf_counter() - began) * 1e3 / repeat
-
-
-def compare(timer: Timer, ours: Callable, theirs: Callable, rounds: int, warmup: int,
-            repeat: int):
-    """Interleaved rounds; returns (ours_ms list, theirs_ms list, ratio list)."""
-    for _ in range(warmup):
-        ours()
-        theirs()
-    ours_ms, theirs_ms = [], []
-    for r in range(rounds):
-        # Alternate which goes first, so neither always runs on a cache the other warmed.
-        if r % 2 == 0:
-            a, b = timer(ours, repeat), timer(theirs, repeat)
-        else:
-            b, a = timer(theirs, repeat), timer(ours, repeat)
-        ours_ms.append(a)
-        theirs_ms.append(b)
-    return ours_ms, theirs_ms, [a / b for a, b in zip(ours_ms, theirs_ms)]
-
-
-def make_row(group, name, device, ours_ms, theirs_ms, ratios, extra=None) -> Row:
-    return Row(group, name, device, statistics.median(ours_ms), iqr(ours_ms),
-               statistics.median(theirs_ms), iqr(theirs_ms), statistics.median(ratios),
-               iqr(ratios), extra or {})
+def measure(group, name, device, ours, theirs, timer: Timer, args, repeat=None,
+            extra=None) -> Row:
+    """Times ours against theirs in interleaved rounds and makes the row."""
+    samples = interleaved({"ours": ours, "torch": theirs}, timer, args.rounds, args.warmup,
+                          repeat or args.repeat)
+    stats = summarize(samples, baseline="torch")
+    row = Row(group, name, device, stats["ours"]["median_ms"], stats["ours"]["iqr_ms"],
+              stats["torch"]["median_ms"], stats["torch"]["iqr_ms"], stats["ours"]["ratio"],
+              stats["ours"]["ratio_iqr"], extra or {})
+    return row
 
 
 def stream_of(device: str) -> Optional[int]:
@@ -152,11 +113,10 @@ def bench_conv(layer, batch: int, device: str, args, timer: Timer) -> Row:
     theirs()
     check_close(f"conv {name} b{batch}", [y, gx, gw, gb], [out["y"], *out["g"]])
     flops = 2 * 3 * batch * cout * y.shape[2] * y.shape[3] * cin * k * k  # fwd + 2 bwd GEMMs
-    ours_ms, theirs_ms, ratios = compare(timer, ours, theirs, args.rounds, args.warmup,
-                                         args.repeat)
-    return make_row("conv fwd+bwd", f"{name} b{batch}", device, ours_ms, theirs_ms, ratios,
-                    {"ours_gflops": flops / statistics.median(ours_ms) / 1e6,
-                     "torch_gflops": flops / statistics.median(theirs_ms) / 1e6})
+    row = measure("conv fwd+bwd", f"{name} b{batch}", device, ours, theirs, timer, args)
+    row.extra = {"ours_gflops": flops / row.ours_ms / 1e6,
+                 "torch_gflops": flops / row.torch_ms / 1e6}
+    return row
 
 
 def check_close(what: str, ours, theirs, rtol=1e-4):
@@ -203,15 +163,14 @@ def bench_loss(n_rows: int, n_cols: int, device: str, args, timer: Timer,
     theirs()
     check_close(f"loss {n_rows}x{n_cols}", [loss, gx], [out["loss"], xr.grad])
     repeat = args.repeat if n_rows * n_cols >= LOSS_LARGE else args.repeat * 20
-    ours_ms, theirs_ms, ratios = compare(timer, ours, theirs, args.rounds, args.warmup, repeat)
-    extra = {}
+    name = f"{n_rows}x{n_cols}" if n_cols > 1 else f"{n_rows} elements"
+    row = measure("deeppose loss fwd+bwd", name, device, ours, theirs, timer, args, repeat)
     # Bytes our two kernels must move: forward reads x, t, v; backward reads x, t, v, writes gx.
     moved = 7 * x.numel() * x.element_size()
-    extra["ours_gbps"] = moved / statistics.median(ours_ms) / 1e6
+    row.extra["ours_gbps"] = moved / row.ours_ms / 1e6
     if copy_gbps:
-        extra["copy_gbps"] = copy_gbps
-    name = f"{n_rows}x{n_cols}" if n_cols > 1 else f"{n_rows} elements"
-    return make_row("deeppose loss fwd+bwd", name, device, ours_ms, theirs_ms, ratios, extra)
+        row.extra["copy_gbps"] = copy_gbps
+    return row
 
 
 def copy_bandwidth_gbps(device: str, timer: Timer) -> float:
@@ -247,13 +206,6 @@ def environment(devices) -> dict:
     if "cuda" in devices:
         env["gpu"] = torch.cuda.get_device_name()
     return env
-
-
-def write_json(path: Path, payload: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)  # atomic: a crash never leaves half a file
 
 
 def parse_args(argv=None):

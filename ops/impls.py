@@ -7,7 +7,9 @@ loss (``LOSS_IMPLS``)
     ``autograd``  composed from the framework's own primitives, backward by its autodiff
     ``explicit``  the framework's Function class, backward hand-written with its array ops
     ``kernel``    the framework's Function class calling our C++/CUDA kernels (Python glue)
-    ``native``    our kernels registered as the framework's own op (no Python in between)
+    ``native``    our kernels registered as the framework's own op (no Python in between);
+                  in Chainer, which has no op registry below its Python FunctionNode, the
+                  same Function as ``kernel``
 conv (``CONV_IMPLS``)
     ``framework`` the framework's conv (oneDNN / cuDNN / im2col)
     ``kernel``    a Function class calling our kernels
