@@ -19,14 +19,6 @@ chainer = loader.load_chainer()
 _ARRAY_TYPES = (chainer.Variable, *chainer.get_array_types())
 
 
-def _first_order_only(function_name: str) -> None:
-    # Chainer enables backprop inside backward() only for double backprop; our backward works
-    # on raw arrays, so a second-order graph would silently be cut: refuse it instead.
-    if chainer.config.enable_backprop:
-        raise NotImplementedError(f"{function_name}: backward is first-order only (it runs on "
-                                  "raw arrays); enable_double_backprop is not supported")
-
-
 class Conv2DKernel(chainer.FunctionNode):
     """conv2d, forward and backward in our kernels through ``ops.numpy`` / ``ops.cupy``
     (``raw``). Inputs (x, W) or (x, W, b). First-order only."""
@@ -44,7 +36,7 @@ class Conv2DKernel(chainer.FunctionNode):
         return self.raw.conv2d_forward(x, w, b, **self.params),
 
     def backward(self, indexes, grad_outputs):
-        _first_order_only("Conv2DKernel")
+        loader.first_order_only("Conv2DKernel")
         x, w = (var.array for var in self.get_retained_inputs())
         xp = chainer.backend.get_array_module(x)
         gy = xp.ascontiguousarray(grad_outputs[0].array)

@@ -125,6 +125,15 @@ def unavailable_impls(kind: str, device) -> Dict[str, str]:
     return _other_unavailable(device)
 
 
+def first_order_only(function_name: str) -> None:
+    """Called at the top of our Functions' backward: Chainer enables backprop inside backward()
+    only for double backprop, and our backward passes run on raw arrays, so a second-order
+    graph would silently be cut; refuse it instead."""
+    if load_chainer().config.enable_backprop:
+        raise NotImplementedError(f"{function_name}: backward is first-order only (it runs on "
+                                  "raw arrays); enable_double_backprop is not supported")
+
+
 def kernel_ops(array) -> types.ModuleType:
     """``ops.numpy`` or ``ops.cupy`` (imported on first use): our kernels for ``array``, whose
     device :func:`unavailable_impls` has already accepted for a kernel impl."""

@@ -20,14 +20,6 @@ chainer = loader.load_chainer()
 _ARRAY_TYPES = (chainer.Variable, *chainer.get_array_types())
 
 
-def _first_order_only(function_name: str) -> None:
-    # Chainer enables backprop inside backward() only for double backprop; our backward works
-    # on raw arrays, so a second-order graph would silently be cut: refuse it instead.
-    if chainer.config.enable_backprop:
-        raise NotImplementedError(f"{function_name}: backward is first-order only (it runs on "
-                                  "raw arrays); enable_double_backprop is not supported")
-
-
 class SqErrorLossExplicit(chainer.FunctionNode):
     """The loss with a hand-written backward in NumPy/CuPy array ops, as in the classic
     DeepPose Chainer code. First-order only. ``v`` (or None) is a constant raw array."""
@@ -53,7 +45,7 @@ class SqErrorLossExplicit(chainer.FunctionNode):
         return xp.asarray((d * d).sum() * self.inverse, dtype=x.dtype),
 
     def backward(self, indexes, grad_outputs):
-        _first_order_only("SqErrorLossExplicit")
+        loader.first_order_only("SqErrorLossExplicit")
         x, t = (var.array for var in self.get_retained_inputs())
         grad_loss = 1 if grad_outputs[0] is None else grad_outputs[0].array
         d = x - t
@@ -80,7 +72,7 @@ class SqErrorLossKernel(chainer.FunctionNode):
         return loss,
 
     def backward(self, indexes, grad_outputs):
-        _first_order_only("SqErrorLossKernel")
+        loader.first_order_only("SqErrorLossKernel")
         x, t = (var.array for var in self.get_retained_inputs())
         xp = chainer.backend.get_array_module(x)
         grad_loss = None if grad_outputs[0] is None else grad_outputs[0].array
