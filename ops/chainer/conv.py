@@ -11,12 +11,11 @@ inputs and chooses an impl; it calls our kernels only through ``ops.numpy`` / ``
 from __future__ import annotations
 
 from .. import core
-from ..impls import CONV_IMPLS, KERNEL_IMPLS, check_float, check_impl
+from ..impls import CONV_IMPLS, KERNEL_IMPLS, check_impl
 
 from . import loader
 
 chainer = loader.load_chainer()
-_ARRAY_TYPES = (chainer.Variable, *chainer.get_array_types())
 
 
 class Conv2DKernel(chainer.FunctionNode):
@@ -65,12 +64,7 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, impl: str = "framew
     kernels).
     """
     function = "ops.chainer.conv2d"
-    for name, value in (("x", x), ("w", w), ("b", b)):
-        if value is not None and not isinstance(value, _ARRAY_TYPES):
-            raise TypeError(f"{function}: {name}: expected a chainer.Variable or a NumPy/CuPy "
-                            f"array, got {type(value).__name__}")
-    arrays = {name: chainer.as_array(value) for name, value in (("x", x), ("w", w), ("b", b))
-              if value is not None}
+    arrays = loader.check_types(function, {"x": x, "w": w, "b": b})
     x_array = arrays["x"]
     device = chainer.backend.get_device_from_array(x_array)
     check_impl(function, impl, CONV_IMPLS, loader.unavailable_impls("conv", device))
@@ -80,18 +74,7 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, impl: str = "framew
     geometry = core.conv2d_geometry(function, x_array.shape, arrays["w"].shape, stride=stride,
                                     padding=padding, dilation=dilation,
                                     bias_shape=None if b is None else arrays["b"].shape)
-    for name, array in arrays.items():
-        if name != "x" and chainer.backend.get_device_from_array(array) != device:
-            raise ValueError(f"{function}: {name}: is on "
-                             f"{chainer.backend.get_device_from_array(array)} but x is on {device}")
-    for name, array in arrays.items():
-        check_float(function, impl, name, array.dtype.name)
-        if array.dtype.kind != "f":
-            raise TypeError(f"{function}: {name}: expected a floating-point array, "
-                            f"got {array.dtype.name}")
-        if array.dtype != x_array.dtype:
-            raise TypeError(f"{function}: {name}: expected {x_array.dtype.name} like x, "
-                            f"got {array.dtype.name}")
+    loader.check_like_x(function, impl, arrays)
     if impl == "framework":
         return chainer.functions.convolution_2d(x, w, b, stride=geometry.stride,
                                                 pad=geometry.padding, dilate=geometry.dilation)

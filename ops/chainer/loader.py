@@ -42,7 +42,7 @@ import numpy
 
 from .. import cuda_available
 from .. import numpy as ops_numpy
-from ..impls import CONV_IMPLS, KERNEL_IMPLS, LOSS_IMPLS
+from ..impls import CONV_IMPLS, KERNEL_IMPLS, LOSS_IMPLS, check_float
 
 _log = logging.getLogger(__name__)
 
@@ -179,3 +179,34 @@ def _cupy_unavailable(kind: str) -> Dict[str, str]:
         except ImportError as error:
             reason = f"ops.cupy cannot be imported: {error}"
     return {impl: reason for impl in KERNEL_IMPLS}
+
+
+def check_types(function: str, values: Dict[str, object]) -> Dict[str, object]:
+    """Every argument (None where optional and absent) is a chainer.Variable or a NumPy/CuPy
+    array; returns name -> raw array for those present."""
+    chainer = load_chainer()
+    array_types = (chainer.Variable, *chainer.get_array_types())
+    for name, value in values.items():
+        if value is not None and not isinstance(value, array_types):
+            raise TypeError(f"{function}: {name}: expected a chainer.Variable or a NumPy/CuPy "
+                            f"array, got {type(value).__name__}")
+    return {name: chainer.as_array(value) for name, value in values.items() if value is not None}
+
+
+def check_like_x(function: str, impl: str, arrays: Dict[str, object]) -> None:
+    """Every array on x's device with x's dtype, a float one (float32/float64 for our kernels):
+    the same rule for every impl, so impls stay interchangeable."""
+    backend = load_chainer().backend
+    x = arrays["x"]
+    device = backend.get_device_from_array(x)
+    for name, array in arrays.items():
+        where = backend.get_device_from_array(array)
+        if where != device:
+            raise ValueError(f"{function}: {name}: is on {where} but x is on {device}")
+        check_float(function, impl, name, array.dtype.name)
+        if array.dtype.kind != "f":
+            raise TypeError(f"{function}: {name}: expected a floating-point array, "
+                            f"got {array.dtype.name}")
+        if array.dtype != x.dtype:
+            raise TypeError(f"{function}: {name}: expected {x.dtype.name} like x, "
+                            f"got {array.dtype.name}")

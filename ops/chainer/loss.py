@@ -12,12 +12,11 @@ calls them only through ``ops.numpy`` / ``ops.cupy``.
 from __future__ import annotations
 
 from .. import core
-from ..impls import LOSS_IMPLS, check_float, check_impl, check_loss_shapes
+from ..impls import LOSS_IMPLS, check_impl, check_loss_shapes
 
 from . import loader
 
 chainer = loader.load_chainer()
-_ARRAY_TYPES = (chainer.Variable, *chainer.get_array_types())
 
 
 class SqErrorLossExplicit(chainer.FunctionNode):
@@ -99,29 +98,13 @@ def _autograd(x, t, v, count_factor: float):
 
 def sq_error_loss(function: str, x, t, v, count_factor: float, impl: str):
     """The checked entry behind mse_loss and deeppose_loss."""
-    for name, value in (("x", x), ("t", t), ("v", v)):
-        if value is not None and not isinstance(value, _ARRAY_TYPES):
-            raise TypeError(f"{function}: {name}: expected a chainer.Variable or a NumPy/CuPy "
-                            f"array, got {type(value).__name__}")
-    arrays = {name: chainer.as_array(value) for name, value in (("x", x), ("t", t), ("v", v))
-              if value is not None}
-    x_array = arrays["x"]
-    device = chainer.backend.get_device_from_array(x_array)
+    arrays = loader.check_types(function, {"x": x, "t": t, "v": v})
+    device = chainer.backend.get_device_from_array(arrays["x"])
     check_impl(function, impl, LOSS_IMPLS, loader.unavailable_impls("loss", device))
-    check_loss_shapes(function, x_array.shape, arrays["t"].shape,
+    check_loss_shapes(function, arrays["x"].shape, arrays["t"].shape,
                       None if v is None else arrays["v"].shape)
-    for name, array in arrays.items():
-        if name != "x" and chainer.backend.get_device_from_array(array) != device:
-            raise ValueError(f"{function}: {name}: is on "
-                             f"{chainer.backend.get_device_from_array(array)} but x is on {device}")
-    for name, array in arrays.items():
-        check_float(function, impl, name, array.dtype.name)
-        if array.dtype.kind != "f":
-            raise TypeError(f"{function}: {name}: expected a floating-point array, "
-                            f"got {array.dtype.name}")
-        if array.dtype != x_array.dtype:
-            raise TypeError(f"{function}: {name}: expected {x_array.dtype.name} like x, "
-                            f"got {array.dtype.name}")
+    loader.check_like_x(function, impl, arrays)
+    x_array = arrays["x"]
     mask = arrays.get("v")
     if impl == "autograd":
         return _autograd(x, t, mask, count_factor)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import core
-from ..impls import CONV_IMPLS, check_float, check_impl
-from .loader import cuda_stream, native_ops, unavailable_impls
+from ..impls import CONV_IMPLS, check_impl
+from .loader import check_like_x, check_types, cuda_stream, native_ops, unavailable_impls
 
 
 class KernelConv2d(torch.autograd.Function):
@@ -60,26 +60,16 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, *
     backward). Every impl checks its arguments the same way first.
     """
     function = "ops.torch.conv2d"
-    for name, value in (("x", x), ("w", w), ("b", b)):
-        if value is not None and not isinstance(value, torch.Tensor):
-            raise TypeError(f"{function}: {name}: expected a torch.Tensor, "
-                            f"got {type(value).__name__}")
-    check_impl(function, impl, CONV_IMPLS,
-               unavailable_impls("conv", x.device))
+    tensors = {"x": x, "w": w, "b": b}
+    check_types(function, tensors)
+    check_impl(function, impl, CONV_IMPLS, unavailable_impls("conv", x.device))
     if x.dim() != 4:
         raise ValueError(f"{function}: x: expected a 4-d tensor (B, Cin, H, W), "
                          f"got shape {tuple(x.shape)}")
     geometry = core.conv2d_geometry(function, tuple(x.shape), tuple(w.shape), stride=stride,
                                     padding=padding, dilation=dilation,
                                     bias_shape=None if b is None else tuple(b.shape))
-    for name, value in (("w", w), ("b", b)):
-        if value is not None and value.device != x.device:
-            raise ValueError(f"{function}: {name}: is on {value.device} but x is on {x.device}")
-    for name, value in (("x", x), ("w", w), ("b", b)):
-        if value is not None:
-            check_float(function, impl, name, str(value.dtype).replace("torch.", ""))
-        if value is not None and impl != "framework" and value.dtype != x.dtype:
-            raise TypeError(f"{function}: {name}: expected {x.dtype} like x, got {value.dtype}")
+    check_like_x(function, impl, tensors)
     if impl == "framework":
         return F.conv2d(x, w, b, stride=geometry.stride, padding=geometry.padding,
                         dilation=geometry.dilation)

@@ -1,5 +1,6 @@
 """What this PyTorch can run: loads the deepprof:: operator library (impl="native") into
-torch, once, and tells which impls are usable on which device.
+torch, once, tells which impls are usable on which device, and holds the argument checks every
+torch entry point shares.
 
 The library (``ops/libdeepprof_torch.so``) is built by setup.py against the torch that was
 importable at build time; here it is loaded with ``torch.ops.load_library``. Where it was not
@@ -16,7 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .. import cuda_available
-from ..impls import CONV_IMPLS, KERNEL_IMPLS, LOSS_IMPLS, UnsupportedImplError
+from ..impls import CONV_IMPLS, KERNEL_IMPLS, LOSS_IMPLS, UnsupportedImplError, check_float
 
 LIBRARY = Path(__file__).resolve().parent.parent / "libdeepprof_torch.so"
 
@@ -81,3 +82,28 @@ def available_impls(kind: str, device="cpu") -> Tuple[str, ...]:
 def cuda_stream(x: torch.Tensor) -> Optional[int]:
     """PyTorch's current stream on x's GPU, for our kernels; None for CPU tensors."""
     return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else None
+
+
+def check_types(function: str, tensors: Dict[str, Optional[torch.Tensor]]) -> None:
+    """Every argument (None where optional and absent) is a torch.Tensor."""
+    for name, value in tensors.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{function}: {name}: expected a torch.Tensor, "
+                            f"got {type(value).__name__}")
+
+
+def check_like_x(function: str, impl: str, tensors: Dict[str, Optional[torch.Tensor]]) -> None:
+    """Every tensor on x's device with x's dtype, a float one (float32/float64 for our kernels):
+    the same rule for every impl, so impls stay interchangeable."""
+    x = tensors["x"]
+    for name, value in tensors.items():
+        if value is None:
+            continue
+        if value.device != x.device:
+            raise ValueError(f"{function}: {name}: is on {value.device} but x is on {x.device}")
+        dtype = str(value.dtype).replace("torch.", "")
+        check_float(function, impl, name, dtype)
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{function}: {name}: expected a floating-point tensor, got {dtype}")
+        if value.dtype != x.dtype:
+            raise TypeError(f"{function}: {name}: expected {x.dtype} like x, got {value.dtype}")

@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 
 from .. import core
-from ..impls import LOSS_IMPLS, check_float, check_impl, check_loss_shapes
-from .loader import cuda_stream, native_ops, unavailable_impls
+from ..impls import LOSS_IMPLS, check_impl, check_loss_shapes
+from .loader import check_like_x, check_types, cuda_stream, native_ops, unavailable_impls
 
 
 def _safe_denominator(count: torch.Tensor, count_factor: float) -> torch.Tensor:
@@ -86,21 +86,11 @@ class KernelSqErrorLoss(torch.autograd.Function):
 
 def sq_error_loss(function: str, x, t, v, count_factor: float, impl: str) -> torch.Tensor:
     """The checked entry behind mse_loss and deeppose_loss."""
-    for name, value in (("x", x), ("t", t), ("v", v)):
-        if value is not None and not isinstance(value, torch.Tensor):
-            raise TypeError(f"{function}: {name}: expected a torch.Tensor, "
-                            f"got {type(value).__name__}")
-    check_impl(function, impl, LOSS_IMPLS,
-               unavailable_impls("loss", x.device))
+    tensors = {"x": x, "t": t, "v": v}
+    check_types(function, tensors)
+    check_impl(function, impl, LOSS_IMPLS, unavailable_impls("loss", x.device))
     check_loss_shapes(function, x.shape, t.shape, None if v is None else v.shape)
-    for name, value in (("t", t), ("v", v)):
-        if value is not None and value.device != x.device:
-            raise ValueError(f"{function}: {name}: is on {value.device} but x is on {x.device}")
-    for name, value in (("x", x), ("t", t), ("v", v)):
-        if value is not None:
-            check_float(function, impl, name, str(value.dtype).replace("torch.", ""))
-        if value is not None and impl in ("kernel", "native") and value.dtype != x.dtype:
-            raise TypeError(f"{function}: {name}: expected {x.dtype} like x, got {value.dtype}")
+    check_like_x(function, impl, tensors)
     if impl == "autograd":
         return autograd_sq_error_loss(x, t, v, count_factor)
     if impl == "explicit":
