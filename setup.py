@@ -7,11 +7,14 @@ Environment knobs, read at build time:
   OPS_BUILD_JOBS parallel compile jobs (default: CPU count)
   OPS_TORCH      auto (default: build the deepprof:: PyTorch operator library when torch
                  imports at build time), 1/on (required), 0/off
+  OPS_TF         the same for the TensorFlow op library (libdeepprof_tf.so)
+  OPS_MXNET      the same for the MXNet external operator library (libdeepprof_mxnet.so)
 
 Works with build isolation (pyproject.toml names the build requirements) and without it
 (`pip install --no-build-isolation --no-deps -e .`, as on the GPU machine against its own torch).
 """
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,7 +26,8 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-TORCH_LIBRARY = "libdeepprof_torch.so"  # built by CMakeLists.txt when torch is found
+# Framework op libraries CMakeLists.txt builds beside ops._C when the framework is found.
+FRAMEWORK_LIBRARIES = ["libdeepprof_torch.so", "libdeepprof_tf.so", "libdeepprof_mxnet.so"]
 
 
 def _switch(variable):
@@ -51,6 +55,37 @@ def _torch_args():
     return [f"-DOPS_TORCH_INCLUDE_DIRS={';'.join(cpp_extension.include_paths())}",
             f"-DOPS_TORCH_LIBRARY_DIR={cpp_extension.library_paths()[0]}",
             f"-DOPS_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+
+
+def _tensorflow_args():
+    """CMake arguments for the TensorFlow op library, from tf.sysconfig."""
+    if _switch("OPS_TF") == "OFF":
+        return []
+    try:
+        import tensorflow as tf
+    except ImportError:
+        if _switch("OPS_TF") == "ON":
+            raise SystemExit("OPS_TF=1 but tensorflow does not import in this build environment")
+        print("setup.py: tensorflow not importable here; skipping libdeepprof_tf")
+        return []
+    return [f"-DOPS_TF_COMPILE_FLAGS={';'.join(tf.sysconfig.get_compile_flags())}",
+            f"-DOPS_TF_LINK_FLAGS={';'.join(tf.sysconfig.get_link_flags())}",
+            f"-DOPS_TF_CUDA={'ON' if tf.test.is_built_with_cuda() else 'OFF'}"]
+
+
+def _mxnet_args():
+    """CMake arguments for the MXNet operator library: the package folder, found without
+    importing mxnet (its wheel ships include/mxnet/lib_api.h and src/lib_api.cc)."""
+    if _switch("OPS_MXNET") == "OFF":
+        return []
+    spec = importlib.util.find_spec("mxnet")
+    folder = Path(spec.origin).parent if spec and spec.origin else None
+    if folder is None or not (folder / "src" / "lib_api.cc").is_file():
+        if _switch("OPS_MXNET") == "ON":
+            raise SystemExit("OPS_MXNET=1 but no mxnet with src/lib_api.cc is installed")
+        print("setup.py: no mxnet wheel with lib_api.cc here; skipping libdeepprof_mxnet")
+        return []
+    return [f"-DOPS_MXNET_DIR={folder}"]
 
 
 def _find_nvcc():
@@ -92,7 +127,7 @@ class CMakeBuild(build_ext):
             raise SystemExit("pybind11 is not installed: `pip install pybind11` "
                              "(see requirements/)")
         nvcc = _find_nvcc()
-        args += _torch_args()
+        args += _torch_args() + _tensorflow_args() + _mxnet_args()
         if nvcc and _switch("OPS_CUDA") != "OFF":
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
         if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
@@ -100,20 +135,21 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("OPS_BUILD_JOBS", str(os.cpu_count() or 2))
         subprocess.check_call([cmake, "-S", str(ROOT), "-B", str(build_dir), *args])
         subprocess.check_call([cmake, "--build", str(build_dir), "-j", jobs])
-        self._place_torch_library(target.parent)
+        self._place_framework_libraries(target.parent)
 
-    def _place_torch_library(self, built_dir):
+    def _place_framework_libraries(self, built_dir):
         """An editable install copies the outputs setuptools knows about (ops._C) into the
-        source tree; the torch operator library is ours to copy (or to remove when stale)."""
+        source tree; the framework op libraries are ours to copy (or to remove when stale)."""
         if not (self.inplace or getattr(self, "editable_mode", False)):
             return
-        built, in_tree = built_dir / TORCH_LIBRARY, ROOT / "ops" / TORCH_LIBRARY
-        if built.resolve() == in_tree.resolve():
-            return
-        if built.exists():
-            shutil.copy2(built, in_tree)
-        elif in_tree.exists():
-            in_tree.unlink()
+        for name in FRAMEWORK_LIBRARIES:
+            built, in_tree = built_dir / name, ROOT / "ops" / name
+            if built.resolve() == in_tree.resolve():
+                continue
+            if built.exists():
+                shutil.copy2(built, in_tree)
+            elif in_tree.exists():
+                in_tree.unlink()
 
 
 setup(
@@ -126,6 +162,6 @@ setup(
     ext_modules=[CMakeExtension("ops._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
-    package_data={"ops": [TORCH_LIBRARY]},
+    package_data={"ops": FRAMEWORK_LIBRARIES},
     zip_safe=False,
 )

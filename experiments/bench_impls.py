@@ -1,4 +1,4 @@
-"""Benchmark: each loss and conv impl against the framework's own, in PyTorch and Chainer.
+"""Benchmark: each loss and conv impl against the framework's own, in every framework.
 
     python -m experiments.bench_impls                   # CPU (and GPU where there is one)
     python -m experiments.bench_impls --frameworks torch --rounds 20 --out runs/impls.json
@@ -129,7 +129,111 @@ class ChainerCase:
         return self.adapter.impl_support(kind, self.device)
 
 
-FRAMEWORKS = {"torch": TorchCase, "chainer": ChainerCase}
+class TensorFlowCase:
+    name = "tensorflow"
+
+    def __init__(self, device: str):
+        import tensorflow as tf
+        from ops import tensorflow as adapter
+        if device == "cuda" and not tf.config.list_physical_devices("GPU"):
+            raise ImportError("TensorFlow sees no GPU (tensorflow-cpu, or no driver/GPU)")
+        self.tf, self.adapter, self.device = tf, adapter, device
+        # Every tensor and op of a step, its gradient included, on one device: TensorFlow
+        # would otherwise place unscoped ops on the GPU wherever it has one.
+        self.tf_device = "/GPU:0" if device == "cuda" else "/CPU:0"
+
+    def tensor(self, array):
+        with self.tf.device(self.tf_device):
+            return self.tf.constant(array)
+
+    def loss_step(self, impl, x, t, v) -> Callable[[], tuple]:
+        tf = self.tf
+        xt, tt, vt = self.tensor(x), self.tensor(t), self.tensor(v)
+
+        def step():
+            with tf.device(self.tf_device):
+                with tf.GradientTape() as tape:
+                    tape.watch(xt)
+                    loss = self.adapter.deeppose_loss(xt, tt, vt, impl=impl)
+                return loss, tape.gradient(loss, xt)
+        return step
+
+    def conv_step(self, impl, x, w, b, layer) -> Callable[[], tuple]:
+        tf = self.tf
+        xt, wt, bt = self.tensor(x), self.tensor(w), self.tensor(b)
+
+        def step():
+            with tf.device(self.tf_device):
+                with tf.GradientTape() as tape:
+                    tape.watch([xt, wt, bt])
+                    y = self.adapter.conv2d(xt, wt, bt, stride=layer["stride"],
+                                            padding=layer["padding"], impl=impl)
+                gx, _, _ = tape.gradient(y, [xt, wt, bt])  # upstream gradient: ones
+                return y, gx
+        return step
+
+    def to_numpy(self, value):
+        return value.numpy()
+
+    def synchronize(self):
+        if self.device == "cuda":
+            self.tf.test.experimental.sync_devices()
+
+    def impl_support(self, kind):
+        return self.adapter.impl_support(kind, "gpu" if self.device == "cuda" else "cpu")
+
+
+class MXNetCase:
+    name = "mxnet"
+
+    def __init__(self, device: str):
+        import mxnet as mx
+        from ops import mxnet as adapter
+        self.mx, self.adapter, self.device = mx, adapter, device
+        self.context = mx.gpu() if device == "cuda" else mx.cpu()
+
+    def array(self, array, grad=False):
+        out = self.mx.nd.array(array, ctx=self.context, dtype=array.dtype)
+        if grad:
+            out.attach_grad()  # grad_req 'write': each backward overwrites the gradient
+        return out
+
+    def loss_step(self, impl, x, t, v) -> Callable[[], tuple]:
+        xa, ta, va = self.array(x, grad=True), self.array(t), self.array(v)
+
+        def step():
+            with self.mx.autograd.record():
+                loss = self.adapter.deeppose_loss(xa, ta, va, impl=impl)
+            loss.backward()
+            xa.grad.wait_to_read()  # MXNet queues work: the step ends when its result exists
+            return loss, xa.grad
+        return step
+
+    def conv_step(self, impl, x, w, b, layer) -> Callable[[], tuple]:
+        xa, wa, ba = (self.array(a, grad=True) for a in (x, w, b))
+
+        def step():
+            with self.mx.autograd.record():
+                y = self.adapter.conv2d(xa, wa, ba, stride=layer["stride"],
+                                        padding=layer["padding"], impl=impl)
+            y.backward(self.mx.nd.ones_like(y))
+            for array in (xa, wa, ba):
+                array.grad.wait_to_read()
+            return y, xa.grad
+        return step
+
+    def to_numpy(self, value):
+        return value.asnumpy()
+
+    def synchronize(self):
+        self.mx.nd.waitall()
+
+    def impl_support(self, kind):
+        return self.adapter.impl_support(kind, self.device)
+
+
+FRAMEWORKS = {"torch": TorchCase, "chainer": ChainerCase, "tensorflow": TensorFlowCase,
+              "mxnet": MXNetCase}
 
 
 # ---- measuring --------------------------------------------------------------------------------
@@ -199,10 +303,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m experiments.bench_impls",
         description="Time every loss and conv impl against the framework's own (autograd / "
-                    "framework) in PyTorch and Chainer, forward + backward, in interleaved "
+                    "framework) in each framework, forward + backward, in interleaved "
                     "rounds; prints medians and ratios (< 1 is faster than the framework).")
     p.add_argument("--frameworks", nargs="+", choices=sorted(FRAMEWORKS),
-                   default=["torch", "chainer"], help="default: torch chainer")
+                   default=list(FRAMEWORKS), help=f"default: {' '.join(FRAMEWORKS)}")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                    help="'all' = the CPU plus the GPU where one is usable (default)")
     p.add_argument("--loss-batches", type=int, nargs="+", default=LOSS_BATCHES,
