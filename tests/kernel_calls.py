@@ -60,3 +60,46 @@ def assert_conv2d_matches_reference(ours, x, w, b, gy, params):
         tolerance = dict(rtol=1e-6, atol=1e-6)
     if gb is not None:
         np.testing.assert_allclose(gb, gb_ref, err_msg="gb", **tolerance)
+
+
+# (batch, Cin, H, W, Cout, (kh, kw), stride, padding, dilation, bias): the conv cases the
+# adapter tests share, a subset of tests/test_conv2d.py's grid small enough for every impl and
+# dtype of every framework.
+ADAPTER_CONV_CASES = [
+    (1, 1, 5, 5, 1, (1, 1), 1, 0, 1, False),
+    (1, 3, 7, 9, 4, (3, 3), 1, 1, 1, True),
+    (2, 3, 11, 13, 5, (5, 5), 2, 2, 1, True),
+    (3, 4, 9, 8, 6, (3, 5), 3, (1, 2), (2, 1), True),
+    (2, 2, 6, 7, 3, (2, 3), (4, 1), 3, 1, False),
+    (1, 3, 10, 10, 2, (5, 1), (1, 3), (0, 2), (2, 2), True),
+]
+
+
+def conv_case_id(case):
+    b, cin, h, w, cout, k, s, p, d, bias = case
+    with_bias = "bias" if bias else "nobias"
+    return f"b{b}c{cin}x{h}x{w}-o{cout}-k{k[0]}x{k[1]}-s{s}-p{p}-d{d}-{with_bias}"
+
+
+def conv_case_inputs(case, dtype, seed=0):
+    """(x, w, b, gy, params) for a case tuple; params as the case wrote them (int or pair)."""
+    n, cin, h, wd, cout, k, stride, padding, dilation, bias = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, cin, h, wd)).astype(dtype)
+    w = rng.standard_normal((cout, cin, *k)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype) if bias else None
+    params = dict(stride=stride, padding=padding, dilation=dilation)
+    gy = rng.standard_normal(core.conv2d_output_shape(x.shape, w.shape, **params)).astype(dtype)
+    return x, w, b, gy, params
+
+
+def pairs(params):
+    """stride/padding/dilation as (height, width) pairs."""
+    return {name: pair(value) for name, value in params.items()}
+
+
+def loss_reference(x, t, v, count_factor, grad_loss=0.7):
+    """(loss, gx, gt) from the float64 reference."""
+    loss, _ = reference.sq_error_loss(x, t, v, count_factor)
+    gx, gt = reference.sq_error_loss_grad(x, t, v, count_factor, grad_loss)
+    return loss, gx, gt

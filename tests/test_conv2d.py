@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from ops import _C
-from tests.kernel_calls import assert_conv2d_matches_reference, conv2d_all, pair
+from tests.kernel_calls import (assert_conv2d_matches_reference, conv2d_all, conv_case_id,
+                                conv_case_inputs, pairs)
 
 # (batch, Cin, H, W, Cout, (kh, kw), stride, padding, dilation, bias): the issue's grid of
 # batch 1, odd sizes, non-square kernels 1x1..11x11, stride 1..4, padding 0..3, dilation 1..2.
@@ -28,28 +29,13 @@ CASES = [
 ]
 
 
-def case_id(case):
-    b, cin, h, w, cout, k, s, p, d, bias = case
-    with_bias = "bias" if bias else "nobias"
-    return f"b{b}c{cin}x{h}x{w}-o{cout}-k{k[0]}x{k[1]}-s{s}-p{p}-d{d}-{with_bias}"
+case_id = conv_case_id
 
 
 def make_inputs(case, dtype, seed=0):
-    b, cin, h, w, cout, k, stride, padding, dilation, bias = case
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((b, cin, h, w)).astype(dtype)
-    wt = rng.standard_normal((cout, cin, *k)).astype(dtype)
-    bv = rng.standard_normal(cout).astype(dtype) if bias else None
-    params = dict(stride=pair(stride), padding=pair(padding), dilation=pair(dilation))
-    y_shape = _out_shape(x.shape, wt.shape, **params)
-    gy = rng.standard_normal(y_shape).astype(dtype)
-    return x, wt, bv, gy, params
-
-
-def _out_shape(x_shape, w_shape, stride, padding, dilation):
-    oh = (x_shape[2] + 2 * padding[0] - dilation[0] * (w_shape[2] - 1) - 1) // stride[0] + 1
-    ow = (x_shape[3] + 2 * padding[1] - dilation[1] * (w_shape[3] - 1) - 1) // stride[1] + 1
-    return (x_shape[0], w_shape[0], oh, ow)
+    """(x, w, b, gy, params) with params as (height, width) pairs."""
+    x, w, b, gy, params = conv_case_inputs(case, dtype, seed)
+    return x, w, b, gy, pairs(params)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
@@ -115,7 +101,7 @@ def test_output_fully_overwritten():
     case = (3, 3, 9, 7, 5, (3, 3), 2, 1, 1, True)
     x, w, b, gy, params = make_inputs(case, np.float32, seed=4)
     from ops import core
-    y = np.full(_out_shape(x.shape, w.shape, **params), np.nan, np.float32)
+    y = np.full(gy.shape, np.nan, np.float32)
     gx, gw, gb = (np.full_like(a, np.nan) for a in (x, w, b))
     core.conv2d_forward(x, w, b, y, **params)
     core.conv2d_backward_data(gy, w, gx, **params)

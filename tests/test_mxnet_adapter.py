@@ -21,7 +21,9 @@ from ops import core, reference
 from ops import torch as ot
 from ops.impls import CONV_IMPLS, LOSS_IMPLS, UnsupportedImplError, check_impl
 from ops.mxnet import loader
-from tests.kernel_calls import assert_conv2d_matches_reference, pair
+from tests.kernel_calls import (
+    ADAPTER_CONV_CASES as CONV_CASES, conv_case_id as case_id,
+    conv_case_inputs as conv_inputs, loss_reference, pairs, assert_conv2d_matches_reference)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NATIVE = om.impl_support("loss")["native"]
@@ -71,11 +73,6 @@ def run_loss(function, impl, x, t, v, grad_loss=0.7, block=None):
     return loss.asnumpy()[0], xa.grad.asnumpy(), ta.grad.asnumpy()
 
 
-def loss_reference(x, t, v, count_factor, grad_loss=0.7):
-    loss, _ = reference.sq_error_loss(x, t, v, count_factor)
-    gx, gt = reference.sq_error_loss_grad(x, t, v, count_factor, grad_loss)
-    return loss, gx, gt
-
 
 def torch_loss(function, impl, x, t, v, grad_loss=0.7):
     xt, tt = torch.tensor(x, requires_grad=True), torch.tensor(t, requires_grad=True)
@@ -95,37 +92,6 @@ class LossBlock(mx.gluon.HybridBlock):
         return self.function(x, t, v, impl=self.impl)
 
 
-# (batch, Cin, H, W, Cout, (kh, kw), stride, padding, dilation, bias), as in the Chainer tests.
-CONV_CASES = [
-    (1, 1, 5, 5, 1, (1, 1), 1, 0, 1, False),
-    (1, 3, 7, 9, 4, (3, 3), 1, 1, 1, True),
-    (2, 3, 11, 13, 5, (5, 5), 2, 2, 1, True),
-    (3, 4, 9, 8, 6, (3, 5), 3, (1, 2), (2, 1), True),
-    (2, 2, 6, 7, 3, (2, 3), (4, 1), 3, 1, False),
-    (1, 3, 10, 10, 2, (5, 1), (1, 3), (0, 2), (2, 2), True),
-]
-
-
-def case_id(case):
-    b, cin, h, w, cout, k, s, p, d, bias = case
-    return (f"b{b}c{cin}x{h}x{w}-o{cout}-k{k[0]}x{k[1]}-s{s}-p{p}-d{d}-"
-            f"{'bias' if bias else 'nobias'}")
-
-
-def conv_inputs(case, dtype, seed=0):
-    """(x, w, b, gy, params): params as the caller wrote them (int or pair)."""
-    n, cin, h, wd, cout, k, stride, padding, dilation, bias = case
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, cin, h, wd)).astype(dtype)
-    w = rng.standard_normal((cout, cin, *k)).astype(dtype)
-    b = rng.standard_normal(cout).astype(dtype) if bias else None
-    params = dict(stride=stride, padding=padding, dilation=dilation)
-    gy = rng.standard_normal(core.conv2d_output_shape(x.shape, w.shape, **params)).astype(dtype)
-    return x, w, b, gy, params
-
-
-def pairs(params):
-    return {name: pair(value) for name, value in params.items()}
 
 
 def run_conv(impl, x, w, b, gy, params, block=None):
