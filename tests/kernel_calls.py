@@ -103,3 +103,37 @@ def loss_reference(x, t, v, count_factor, grad_loss=0.7):
     loss, _ = reference.sq_error_loss(x, t, v, count_factor)
     gx, gt = reference.sq_error_loss_grad(x, t, v, count_factor, grad_loss)
     return loss, gx, gt
+
+
+MASKS = ["nomask", "binary", "fractional", "allmasked"]
+
+
+def loss_inputs(dtype, mask, seed=0, shape=(4, 17, 2)):
+    """(x, t, v) for a mask kind of MASKS; shape (batch, joints, (x, y)) as in DeepPose."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(dtype)
+    t = rng.standard_normal(shape).astype(dtype)
+    v = {"nomask": None,
+         "binary": (rng.random(shape) > 0.3).astype(dtype),
+         "fractional": rng.random(shape).astype(dtype),
+         "allmasked": np.zeros(shape, dtype)}[mask]
+    return x, t, v
+
+
+def assert_conv_results_agree(a, b, x, w, bias, gy, params):
+    """Two impls' (y, gx, gw, gb) agree: rtol 1e-10 in float64. In float32 an elementwise rtol
+    fails on outputs that are sums of many terms cancelling to near zero, so each difference is
+    held to twice reference.conv2d_error_bound (each impl is within one bound of the exact
+    value) plus an ulp of the magnitude, and the bias gradient to rtol 1e-6."""
+    names = ("y", "gx", "gw", "gb")
+    if x.dtype == np.float64:
+        for name, got, want in zip(names, a, b):
+            if got is not None:
+                np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-11, err_msg=name)
+        return
+    bounds = reference.conv2d_error_bound(x, w, bias, gy, **pairs(params))
+    for name, got, want, bound in zip(names, a, b, bounds):
+        excess = np.abs(got.astype(np.float64) - want) - 2 * (bound + 2.0 ** -23 * np.abs(want))
+        assert np.all(excess <= 0), f"{name}: impls differ beyond the rounding bound"
+    if a[3] is not None:
+        np.testing.assert_allclose(a[3], b[3], rtol=1e-6, atol=1e-6, err_msg="gb")

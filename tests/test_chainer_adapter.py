@@ -12,12 +12,13 @@ import pytest
 
 import ops
 import ops.chainer as oc
-from ops import core, reference
+from ops import core
 from ops.chainer import loader
 from ops.impls import CONV_IMPLS, LOSS_IMPLS, UnsupportedImplError
 from tests.kernel_calls import (
     ADAPTER_CONV_CASES as CONV_CASES, conv_case_id as case_id,
-    conv_case_inputs as conv_inputs, loss_reference, pairs, assert_conv2d_matches_reference)
+    conv_case_inputs as conv_inputs, loss_reference, pairs, MASKS, loss_inputs,
+    assert_conv_results_agree, assert_conv2d_matches_reference)
 
 chainer = loader.load_chainer()
 gradient_check = loader.load_gradient_check()
@@ -28,22 +29,9 @@ DTYPE_IDS = ["f32", "f64"]
 LOSS_TOL = {np.float32: dict(rtol=1e-5, atol=0), np.float64: dict(rtol=1e-10, atol=0)}
 LOSSES = {"mse": (oc.mse_loss, core.MSE_COUNT_FACTOR),
           "deeppose": (oc.deeppose_loss, core.DEEPPOSE_COUNT_FACTOR)}
-MASKS = ["nomask", "binary", "fractional", "allmasked"]
-LOSS_SHAPE = (4, 17, 2)  # DeepPose: batch, joints, (x, y)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-def loss_inputs(dtype, mask, seed=0, shape=LOSS_SHAPE):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape).astype(dtype)
-    t = rng.standard_normal(shape).astype(dtype)
-    v = {"nomask": None,
-         "binary": (rng.random(shape) > 0.3).astype(dtype),
-         "fractional": rng.random(shape).astype(dtype),
-         "allmasked": np.zeros(shape, dtype)}[mask]
-    return x, t, v
-
 
 def run_loss(function, impl, x, t, v, grad_loss=0.7, xp=np):
     """(loss, gx, gt) as NumPy arrays, through Chainer's backward with upstream grad_loss."""
@@ -69,25 +57,6 @@ def run_conv(impl, x, w, b, gy, params, xp=np):
     cpu = chainer.backend.CpuDevice()
     return tuple(None if a is None else cpu.send(a)
                  for a in (y.array, xv.grad, wv.grad, None if bv is None else bv.grad))
-
-
-def assert_conv_results_agree(a, b, x, w, bias, gy, params):
-    """Two impls' (y, gx, gw, gb) agree: rtol 1e-10 in float64. In float32 an elementwise rtol
-    fails on outputs that are sums of many terms cancelling to near zero, so each difference is
-    held to twice reference.conv2d_error_bound (each impl is within one bound of the exact
-    value) plus an ulp of the magnitude, and the bias gradient to rtol 1e-6."""
-    names = ("y", "gx", "gw", "gb")
-    if x.dtype == np.float64:
-        for name, got, want in zip(names, a, b):
-            if got is not None:
-                np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-11, err_msg=name)
-        return
-    bounds = reference.conv2d_error_bound(x, w, bias, gy, **pairs(params))
-    for name, got, want, bound in zip(names, a, b, bounds):
-        excess = np.abs(got.astype(np.float64) - want) - 2 * (bound + 2.0 ** -23 * np.abs(want))
-        assert np.all(excess <= 0), f"{name}: impls differ beyond the rounding bound"
-    if a[3] is not None:
-        np.testing.assert_allclose(a[3], b[3], rtol=1e-6, atol=1e-6, err_msg="gb")
 
 
 # ---- losses: reference, each other, Chainer, gradient check --------------------------------------

@@ -17,14 +17,15 @@ import keras
 import tensorflow as tf
 import torch
 
-from ops import core, reference
+from ops import core
 from ops import tensorflow as otf
 from ops import torch as ot
 from ops.impls import CONV_IMPLS, LOSS_IMPLS, UnsupportedImplError
 from ops.tensorflow import loader
 from tests.kernel_calls import (
     ADAPTER_CONV_CASES as CONV_CASES, conv_case_id as case_id,
-    conv_case_inputs as conv_inputs, loss_reference, pairs, assert_conv2d_matches_reference)
+    conv_case_inputs as conv_inputs, loss_reference, pairs, MASKS, loss_inputs,
+    assert_conv_results_agree, assert_conv2d_matches_reference)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NATIVE = loader.native_unavailable_reason()
@@ -35,22 +36,9 @@ DTYPE_IDS = ["f32", "f64"]
 LOSS_TOL = {np.float32: dict(rtol=1e-5, atol=0), np.float64: dict(rtol=1e-10, atol=0)}
 LOSSES = {"mse": (otf.mse_loss, core.MSE_COUNT_FACTOR),
           "deeppose": (otf.deeppose_loss, core.DEEPPOSE_COUNT_FACTOR)}
-MASKS = ["nomask", "binary", "fractional", "allmasked"]
-LOSS_SHAPE = (4, 17, 2)  # DeepPose: batch, joints, (x, y)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-def loss_inputs(dtype, mask, seed=0, shape=LOSS_SHAPE):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape).astype(dtype)
-    t = rng.standard_normal(shape).astype(dtype)
-    v = {"nomask": None,
-         "binary": (rng.random(shape) > 0.3).astype(dtype),
-         "fractional": rng.random(shape).astype(dtype),
-         "allmasked": np.zeros(shape, dtype)}[mask]
-    return x, t, v
-
 
 def run_loss(function, impl, x, t, v, grad_loss=0.7):
     """(loss, gx, gt) as NumPy arrays, through a GradientTape with upstream grad_loss."""
@@ -90,24 +78,6 @@ def torch_conv(impl, x, w, b, gy, params):
     y.backward(torch.tensor(gy))
     return tuple(a.detach().numpy() for a in [y] + [i.grad for i in inputs]) + (
         (None,) if b is None else ())
-
-
-def assert_conv_results_agree(a, b, x, w, bias, gy, params):
-    """Two impls' (y, gx, gw, gb) agree: rtol 1e-10 in float64; in float32 each difference
-    within twice reference.conv2d_error_bound (each impl is within one bound of the exact
-    value) plus an ulp of the magnitude, and the bias gradient to rtol 1e-6."""
-    names = ("y", "gx", "gw", "gb")
-    if x.dtype == np.float64:
-        for name, got, want in zip(names, a, b):
-            if got is not None:
-                np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-11, err_msg=name)
-        return
-    bounds = reference.conv2d_error_bound(x, w, bias, gy, **pairs(params))
-    for name, got, want, bound in zip(names, a, b, bounds):
-        excess = np.abs(got.astype(np.float64) - want) - 2 * (bound + 2.0 ** -23 * np.abs(want))
-        assert np.all(excess <= 0), f"{name}: impls differ beyond the rounding bound"
-    if a[3] is not None:
-        np.testing.assert_allclose(a[3], b[3], rtol=1e-6, atol=1e-6, err_msg="gb")
 
 
 # ---- losses: reference, each other, PyTorch, gradient check -------------------------------------
