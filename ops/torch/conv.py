@@ -83,12 +83,22 @@ class Conv2d(torch.nn.Conv2d):
     """``torch.nn.Conv2d`` whose convolution is chosen by ``impl`` (see :func:`conv2d`).
 
     Same constructor arguments, parameters and state dict as ``torch.nn.Conv2d``, plus
-    ``impl``. Our kernels ("kernel", "native") need groups=1 and padding_mode="zeros";
-    padding="same" works where it is symmetric (odd dilated kernel extent).
+    ``impl``, which may be reassigned. Our kernels ("kernel", "native") need groups=1 and
+    padding_mode="zeros"; padding="same" works where it is symmetric (odd dilated kernel
+    extent).
     """
 
     def __init__(self, *args, impl: str = "framework", **kwargs):
         super().__init__(*args, **kwargs)
+        self.impl = impl
+
+    @property
+    def impl(self) -> str:
+        """Which conv2d impl ``forward`` runs; checked when set, not on every call."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, impl: str) -> None:
         check_impl("ops.torch.Conv2d", impl, CONV_IMPLS, {})
         if impl != "framework":
             if self.groups != 1:
@@ -97,19 +107,19 @@ class Conv2d(torch.nn.Conv2d):
             if self.padding_mode != "zeros":
                 raise NotImplementedError(f"ops.torch.Conv2d: padding_mode: impl={impl!r} "
                                           f"supports 'zeros' only, got {self.padding_mode!r}")
-        self.impl = impl
-        self._kernel_padding = self._symmetric_padding()
+        self._kernel_padding = self._symmetric_padding(impl)
+        self._impl = impl
 
-    def _symmetric_padding(self):
+    def _symmetric_padding(self, impl: str):
         if not isinstance(self.padding, str):
             return tuple(self.padding)
         if self.padding == "valid":
             return (0, 0)
         extents = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-        if self.impl != "framework" and any(e % 2 for e in extents):
+        if impl != "framework" and any(e % 2 for e in extents):
             raise NotImplementedError(f"ops.torch.Conv2d: padding: 'same' with an even dilated "
                                       f"kernel extent pads asymmetrically, which "
-                                      f"impl={self.impl!r} does not support")
+                                      f"impl={impl!r} does not support")
         return tuple(e // 2 for e in extents)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
