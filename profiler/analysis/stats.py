@@ -1,0 +1,171 @@
+"""Robust statistics for timing samples, and the plan and verdict of an A/B timing comparison.
+
+Timings are skewed to the right (a descheduled thread, a page fault, a GC pause), so the
+summaries are medians and interquartile ranges, and a difference between two variants comes
+with a bootstrap confidence interval rather than a bare ratio. Nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable, Dict, List, Sequence, Tuple, Union
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+Number = Union[int, float]
+
+
+def _as_samples(samples: Sequence[Number], name: str = "samples") -> np.ndarray:
+    arr = np.asarray(samples, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name}: expected a non-empty 1-D sequence of numbers, got shape "
+                         f"{arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: expected finite numbers, got {arr[~np.isfinite(arr)][:3]}")
+    return arr
+
+
+def median(samples: Sequence[Number]) -> float:
+    """The median of a non-empty sequence of numbers."""
+    return float(np.median(_as_samples(samples)))
+
+
+def iqr(samples: Sequence[Number]) -> float:
+    """The interquartile range (75th minus 25th percentile, linear interpolation)."""
+    q25, q75 = np.percentile(_as_samples(samples), [25, 75])
+    return float(q75 - q25)
+
+
+def summarize(samples: Sequence[Number]) -> Dict[str, Number]:
+    """Summary of timing samples given in milliseconds.
+
+    Returns {"median_ms", "iqr_ms", "min_ms", "max_ms", "n"}.
+    """
+    arr = _as_samples(samples)
+    return {"median_ms": median(arr), "iqr_ms": iqr(arr), "min_ms": float(arr.min()),
+            "max_ms": float(arr.max()), "n": int(arr.size)}
+
+
+def interleaved_order(variants: Sequence[str], rounds: int) -> List[List[str]]:
+    """The order in which to run variants: one list per round, every variant once per round.
+
+    Round r starts at variant r % k and goes round in the given order (ABC, BCA, CAB, ...), so
+    slow drift (thermal throttling, a background job) and the cost of going first or following a
+    given variant hit every variant alike instead of biasing one.
+    """
+    variants = list(variants)
+    if not variants:
+        raise ValueError("interleaved_order: variants is empty; expected at least one name")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"interleaved_order: variants {variants} repeat a name; expected "
+                         f"distinct names")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"interleaved_order: rounds must be an int >= 0, got {rounds!r}")
+    k = len(variants)
+    return [[variants[(r + i) % k] for i in range(k)] for r in range(rounds)]
+
+
+# Statistics with a numpy twin that reduces along an axis, so the bootstrap can evaluate all
+# resamples at once instead of calling back into Python thousands of times.
+_VECTORIZED: Dict[Callable, Callable] = {median: np.median, np.median: np.median,
+                                         np.mean: np.mean}
+
+
+def _takes_axis(statistic: Callable) -> bool:
+    try:
+        return "axis" in inspect.signature(statistic).parameters
+    except (TypeError, ValueError):   # builtins and ufuncs without an inspectable signature
+        return False
+
+
+def bootstrap_diff_ci(a: Sequence[Number], b: Sequence[Number], *,
+                      statistic: Callable = median, confidence: float = 0.95,
+                      n_resamples: int = 9999, seed: int = 0) -> Tuple[float, float, float]:
+    """Relative difference of b over a, in percent, with a bootstrap confidence interval.
+
+    The estimate is (statistic(b) / statistic(a) - 1) * 100; returns (estimate_pct, low_pct,
+    high_pct). When len(a) == len(b) the samples are taken to be paired (a[i] and b[i] measured
+    in the same interleaved round) and round indices are resampled jointly, which cancels drift
+    between rounds; otherwise a and b are resampled independently.
+
+    Uses scipy.stats.bootstrap with the percentile method: BCa's acceleration comes from a
+    jackknife, and the jackknife is not a consistent estimator for the median (our default
+    statistic), so BCa's correction would be noise there; BCa also returns NaN on degenerate
+    data. If every resample gives the same value (e.g. both samples constant) the interval is
+    the point estimate with zero width.
+    """
+    a_arr = _as_samples(a, "a")
+    b_arr = _as_samples(b, "b")
+    if a_arr.size < 2 or b_arr.size < 2:
+        raise ValueError(f"bootstrap_diff_ci: a and b need >= 2 samples each, got {a_arr.size} "
+                         f"and {b_arr.size}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"bootstrap_diff_ci: confidence must lie in (0, 1), got {confidence}")
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"bootstrap_diff_ci: n_resamples must be an int >= 1, got "
+                         f"{n_resamples!r}")
+
+    base = float(statistic(a_arr))
+    if base == 0.0 or not math.isfinite(base):
+        raise ValueError(f"bootstrap_diff_ci: statistic(a) is {base}; a relative difference "
+                         f"needs a finite, non-zero baseline")
+    estimate = (float(statistic(b_arr)) / base - 1.0) * 100.0
+
+    # Constant samples have only one possible resample value; skip the bootstrap, whose
+    # interval would be degenerate (and, for other methods, NaN with a warning).
+    if np.ptp(a_arr) == 0.0 and np.ptp(b_arr) == 0.0:
+        return estimate, estimate, estimate
+
+    reduce = _VECTORIZED.get(statistic)
+    if reduce is None and _takes_axis(statistic):
+        reduce = statistic
+    if reduce is not None:
+        def rel_diff(x, y, axis=-1):
+            return (reduce(y, axis=axis) / reduce(x, axis=axis) - 1.0) * 100.0
+        vectorized = True
+    else:
+        def rel_diff(x, y):
+            return (statistic(y) / statistic(x) - 1.0) * 100.0
+        vectorized = False
+
+    result = scipy_stats.bootstrap(
+        (a_arr, b_arr), rel_diff, n_resamples=n_resamples, vectorized=vectorized,
+        paired=a_arr.size == b_arr.size, confidence_level=confidence, method="percentile",
+        random_state=np.random.default_rng(seed))
+    low = float(result.confidence_interval.low)
+    high = float(result.confidence_interval.high)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        # A resample whose baseline statistic is 0 (e.g. mostly-zero samples) divides by zero.
+        raise ValueError(f"bootstrap_diff_ci: the interval is not finite ({low}, {high}); the "
+                         f"baseline statistic is 0 in some resamples of a")
+    # Percentile intervals of a near-constant sample can miss the point estimate by rounding;
+    # widen to include it so "estimate [low, high]" always reads consistently.
+    return estimate, min(low, estimate), max(high, estimate)
+
+
+def _fmt_pct(x: float) -> str:
+    # Adding 0.0 turns a rounded -0.0 into 0.0, so a tiny negative reads "+0.0", not "-0.0".
+    return f"{round(x, 1) + 0.0:+.1f}"
+
+
+def describe_diff(label: str, variant: str, baseline: str, est: float, lo: float,
+                  hi: float) -> str:
+    """One line describing a timing difference of variant against baseline, in percent.
+
+    est, lo, hi are as returned by bootstrap_diff_ci(baseline_samples, variant_samples): the
+    samples are times, so a negative difference means the variant is faster. The verdict is
+    "faster" or "slower" when the interval excludes 0, else "no clear difference". Example:
+    "loss backward, explicit vs autograd: -3.1% [-4.0, -2.2] faster".
+    """
+    if lo > hi:
+        raise ValueError(f"describe_diff: lo ({lo}) is above hi ({hi})")
+    if hi < 0.0:
+        verdict = "faster"
+    elif lo > 0.0:
+        verdict = "slower"
+    else:
+        verdict = "no clear difference"
+    return (f"{label}, {variant} vs {baseline}: {_fmt_pct(est)}% "
+            f"[{_fmt_pct(lo)}, {_fmt_pct(hi)}] {verdict}")

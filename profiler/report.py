@@ -1,0 +1,472 @@
+"""The profiler's report: the ``report.json`` schema, its checks, atomic writing and rich tables.
+
+A report is a plain JSON-able dict; building and checking it (data) is kept apart from
+rendering it (``render_table``, ``render_comparison``). Nothing here measures or reaches back
+into instrumentation; the analyses' outputs come in as arguments.
+
+Layout of a report, schema version 1 (times in milliseconds, means per measured step):
+
+====================  =========================  ================================================
+key                   type                       meaning
+====================  =========================  ================================================
+schema_version        int                        ``SCHEMA_VERSION``; bumped on incompatible change
+tool                  str                        always "deepprof"
+created               str                        ISO 8601 time the report was built (UTC)
+framework             str                        e.g. "chainer", "torch"
+framework_version     str                        the framework's own version string
+python                str                        Python version, e.g. "3.11.9"
+device                {name: str, kind: str}     kind is "cpu" or "cuda"
+model                 str                        the workload's name
+batch_size            int > 0                    samples per step
+impls                 {conv: str, loss: str}     which implementation of each ran (e.g. "ours")
+workers               int >= 0                   data-loader worker processes
+seed                  int                        seed of weights and data
+sync                  bool                       whether ranges synchronized the device
+iters                 int > 0                    measured steps
+warmup                int >= 0                   steps run before measuring, not counted
+step_ms               {samples: [number], mean,  per-step wall time of the measured steps (more
+                      median, iqr: number, ...}  keys, e.g. min, max, n, may follow)
+phases_ms             {phase: {mean, median,     one entry for each of the eight
+                      iqr: number}}              ``timeline.PHASES``; the means add up to
+                                                 step_ms.mean ("other" is the remainder)
+layers                [{name: str, type: str or  per layer in forward order: inclusive and self
+                      null, forward_ms,          (minus sub-layers) times and forward calls per
+                      backward_ms,               step; the host_/device_ keys appear together,
+                      self_forward_ms,           only where a layer was timed on a device, and
+                      self_backward_ms, calls:   then forward_ms etc. are the device numbers
+                      number, host_forward_ms?,
+                      host_backward_ms?,
+                      device_forward_ms?,
+                      device_backward_ms?}]
+instrumentation       {instrumented_step_ms_     step-time medians with and without the
+                      median: number,            profiler's ranges, and the overhead in percent;
+                      uninstrumented_step_ms_    the last two null when not measured
+                      median, overhead_pct:
+                      number or null}
+notes                 [str]                      what the numbers mean (e.g. asynchronous
+                                                 launches: host times are enqueue times)
+errors                [str]                      what went wrong; empty for a clean run
+====================  =========================  ================================================
+
+A report with errors may lack the measured sections (step_ms, phases_ms, layers,
+instrumentation): a failed run still leaves a report saying why. Only the top level is closed:
+nested objects may carry more keys (e.g. per-phase samples).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import tempfile
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from profiler.analysis.stats import summarize
+from profiler.timeline import PHASES
+
+SCHEMA_VERSION = 1
+TOOL = "deepprof"
+
+_REQUIRED = ("schema_version", "tool", "created", "framework", "framework_version", "python",
+             "device", "model", "batch_size", "impls", "workers", "seed", "sync", "iters",
+             "warmup", "notes", "errors")
+_MEASURED = ("step_ms", "phases_ms", "layers", "instrumentation")
+_KEYS = frozenset(_REQUIRED + _MEASURED)
+_LAYER_NUMBERS = ("forward_ms", "backward_ms", "self_forward_ms", "self_backward_ms", "calls")
+_LAYER_SPLIT = ("host_forward_ms", "host_backward_ms", "device_forward_ms",
+                "device_backward_ms")
+# The phases are measured separately from the step; 2% leaves room for rounding in a report
+# assembled by hand while still catching a phase counted twice or left out.
+_PHASE_SUM_TOLERANCE = 0.02
+
+
+# ----------------------------------------------------------------------------- building
+
+def build_report(**fields: Any) -> Dict[str, Any]:
+    """A report dict from the given top-level fields, filling schema_version, tool, created
+    (now, UTC) and python, and notes/errors as empty lists if not given.
+
+    Raises ValueError for a key the schema does not know. Does not check the rest: call
+    validate_report before writing.
+    """
+    unknown = sorted(set(fields) - _KEYS)
+    if unknown:
+        raise ValueError(f"build_report: unknown report keys {unknown}; expected keys from "
+                         f"{sorted(_KEYS)}")
+    doc: Dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "tool": TOOL,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "notes": [], "errors": []}
+    doc.update(fields)
+    return doc
+
+
+def from_phase_breakdown(breakdown: Mapping[str, Any]) -> Dict[str, Any]:
+    """{"step_ms", "phases_ms"} report sections from analysis.phases.phase_breakdown's result."""
+    step = breakdown["step_ms"]
+    step_ms = {"samples": list(step["samples"]), "mean": step["mean"], "median": step["median"],
+               "iqr": step["iqr"]}
+    summary = summarize(step["samples"])
+    step_ms.update(min=summary["min_ms"], max=summary["max_ms"], n=summary["n"])
+    phases_ms = {p: {k: breakdown["phases_ms"][p][k] for k in ("mean", "median", "iqr")}
+                 for p in PHASES}
+    return {"step_ms": step_ms, "phases_ms": phases_ms}
+
+
+def from_layer_breakdown(rows: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """The report's layers list from analysis.phases.layer_breakdown's rows (layer_type -> type)."""
+    out = []
+    for row in rows:
+        entry = {("type" if k == "layer_type" else k): v for k, v in row.items()}
+        out.append(entry)
+    return out
+
+
+# ----------------------------------------------------------------------------- checking
+
+def _fail(path: str, message: str) -> None:
+    raise ValueError(f"report.{path}: {message}")
+
+
+def _join(path: str, key: str) -> str:
+    # path is "" at the top level, so key paths read "report.seed", not "report..seed".
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(x: Any) -> str:
+    return "null" if x is None else type(x).__name__
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _number(doc: Mapping[str, Any], key: str, path: str, *, nullable: bool = False) -> None:
+    if key not in doc:
+        _fail(_join(path, key), "missing")
+    x = doc[key]
+    if x is None and nullable:
+        return
+    if not _is_number(x):
+        _fail(_join(path, key), f"expected a finite number, got {_type_name(x)} {x!r}")
+
+
+def _int(doc: Mapping[str, Any], key: str, path: str, minimum: Optional[int] = None) -> None:
+    if key not in doc:
+        _fail(_join(path, key), "missing")
+    x = doc[key]
+    if isinstance(x, bool) or not isinstance(x, int):
+        _fail(_join(path, key), f"expected an int, got {_type_name(x)} {x!r}")
+    if minimum is not None and x < minimum:
+        _fail(_join(path, key), f"expected an int >= {minimum}, got {x}")
+
+
+def _str(doc: Mapping[str, Any], key: str, path: str, *, nullable: bool = False) -> None:
+    if key not in doc:
+        _fail(_join(path, key), "missing")
+    x = doc[key]
+    if not (isinstance(x, str) or (nullable and x is None)):
+        _fail(_join(path, key), f"expected a string, got {_type_name(x)} {x!r}")
+
+
+def _obj(doc: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
+    if key not in doc:
+        _fail(_join(path, key), "missing")
+    if not isinstance(doc[key], Mapping):
+        _fail(_join(path, key), f"expected an object, got {_type_name(doc[key])}")
+    return doc[key]
+
+
+def _str_list(doc: Mapping[str, Any], key: str) -> None:
+    if key not in doc:
+        _fail(key, "missing")
+    if not isinstance(doc[key], list):
+        _fail(key, f"expected a list of strings, got {_type_name(doc[key])}")
+    for i, x in enumerate(doc[key]):
+        if not isinstance(x, str):
+            _fail(f"{key}[{i}]", f"expected a string, got {_type_name(x)} {x!r}")
+
+
+def _check_measured(doc: Mapping[str, Any]) -> None:
+    step = _obj(doc, "step_ms", "")
+    if not isinstance(step.get("samples"), list):
+        _fail("step_ms.samples", f"expected a list of numbers, got "
+                                 f"{_type_name(step.get('samples'))}")
+    for i, x in enumerate(step["samples"]):
+        if not _is_number(x):
+            _fail(f"step_ms.samples[{i}]", f"expected a finite number, got {x!r}")
+    for key in ("mean", "median", "iqr"):
+        _number(step, key, "step_ms")
+
+    phases = _obj(doc, "phases_ms", "")
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        _fail("phases_ms", f"unknown phases {unknown}; expected {list(PHASES)}")
+    for p in PHASES:
+        entry = _obj(phases, p, "phases_ms")
+        for key in ("mean", "median", "iqr"):
+            _number(entry, key, f"phases_ms.{p}")
+    total = sum(phases[p]["mean"] for p in PHASES)
+    step_mean = step["mean"]
+    if abs(total - step_mean) > _PHASE_SUM_TOLERANCE * abs(step_mean) + 1e-12:
+        _fail("phases_ms", f"the phases' means add up to {total:.6g} ms but step_ms.mean is "
+                           f"{step_mean:.6g} ms; expected them to agree within "
+                           f"{_PHASE_SUM_TOLERANCE:.0%}")
+
+    layers = doc["layers"]
+    if not isinstance(layers, list):
+        _fail("layers", f"expected a list, got {_type_name(layers)}")
+    for i, layer in enumerate(layers):
+        path = f"layers[{i}]"
+        if not isinstance(layer, Mapping):
+            _fail(path, f"expected an object, got {_type_name(layer)}")
+        _str(layer, "name", path)
+        _str(layer, "type", path, nullable=True)
+        for key in _LAYER_NUMBERS:
+            _number(layer, key, path)
+        present = [k for k in _LAYER_SPLIT if k in layer]
+        if present:
+            for key in _LAYER_SPLIT:   # all four or none: half a split cannot be read
+                _number(layer, key, path)
+
+    inst = _obj(doc, "instrumentation", "")
+    _number(inst, "instrumented_step_ms_median", "instrumentation")
+    _number(inst, "uninstrumented_step_ms_median", "instrumentation", nullable=True)
+    _number(inst, "overhead_pct", "instrumentation", nullable=True)
+
+
+def validate_report(doc: Any) -> None:
+    """Raise ValueError naming the key path (e.g. "report.phases_ms.forward.mean") of the first
+    thing in doc that is missing, unknown or of the wrong type, or if the phases' means do not
+    add up to step_ms.mean within 2%.
+    """
+    if not isinstance(doc, Mapping):
+        raise ValueError(f"report: expected an object, got {_type_name(doc)}")
+    unknown = sorted(set(doc) - _KEYS)
+    if unknown:
+        raise ValueError(f"report: unknown keys {unknown}")
+    for key in _REQUIRED:
+        if key not in doc:
+            _fail(key, "missing")
+    if doc["schema_version"] != SCHEMA_VERSION or isinstance(doc["schema_version"], bool):
+        _fail("schema_version", f"expected {SCHEMA_VERSION}, got {doc['schema_version']!r}")
+    if doc["tool"] != TOOL:
+        _fail("tool", f"expected {TOOL!r}, got {doc['tool']!r}")
+    for key in ("created", "framework", "framework_version", "python", "model"):
+        _str(doc, key, "")
+    try:
+        datetime.datetime.fromisoformat(doc["created"])
+    except ValueError:
+        _fail("created", f"expected an ISO 8601 time, got {doc['created']!r}")
+    device = _obj(doc, "device", "")
+    _str(device, "name", "device")
+    if device.get("kind") not in ("cpu", "cuda"):
+        _fail("device.kind", f"expected 'cpu' or 'cuda', got {device.get('kind')!r}")
+    impls = _obj(doc, "impls", "")
+    _str(impls, "conv", "impls")
+    _str(impls, "loss", "impls")
+    _int(doc, "batch_size", "", minimum=1)
+    _int(doc, "workers", "", minimum=0)
+    _int(doc, "seed", "")
+    _int(doc, "iters", "", minimum=1)
+    _int(doc, "warmup", "", minimum=0)
+    if not isinstance(doc["sync"], bool):
+        _fail("sync", f"expected a bool, got {_type_name(doc['sync'])} {doc['sync']!r}")
+    _str_list(doc, "notes")
+    _str_list(doc, "errors")
+
+    missing = [key for key in _MEASURED if key not in doc]
+    if missing and not doc["errors"]:
+        _fail(missing[0], "missing (only a report with errors may lack the measured sections)")
+    if not missing:
+        _check_measured(doc)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _umask() -> int:
+    # os.umask can only be read by setting it, which races with other threads creating files;
+    # Linux publishes it in /proc instead.
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def write_json_atomic(path: Union[str, os.PathLike], doc: Any) -> None:
+    """Write doc as JSON to path so that readers see the old file or the new one, never half.
+
+    Writes a temporary file in the same directory (so the rename cannot cross file systems),
+    flushes it to disk, then os.replace()s it over path. On any error the temporary file is
+    removed, the previous file is left as it was, and the error propagates. NaN and infinity
+    are refused (they are not JSON).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _ms(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else "-"
+
+
+def _header(report: Mapping[str, Any]) -> Text:
+    device = report.get("device", {})
+    impls = report.get("impls", {})
+    line = (f"{report.get('framework')} {report.get('framework_version')} on "
+            f"{device.get('name')} ({device.get('kind')}), model {report.get('model')}, batch "
+            f"{report.get('batch_size')}, conv={impls.get('conv')}, loss={impls.get('loss')}, "
+            f"sync={report.get('sync')}")
+    return Text(line, style="bold")
+
+
+def _labels(reports: Sequence[Mapping[str, Any]]) -> List[str]:
+    """Column labels: the framework, with the device kind and then a number where they repeat."""
+    labels = [str(r.get("framework")) for r in reports]
+    if len(set(labels)) < len(labels):
+        labels = [f"{r.get('framework')} ({r.get('device', {}).get('kind')})" for r in reports]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
+    return labels
+
+
+def _phase_table(report: Mapping[str, Any]) -> Table:
+    step = report["step_ms"]
+    table = Table(title="Phases (ms per step)")
+    table.add_column("phase")
+    for name in ("mean", "median", "IQR", "% of step"):
+        table.add_column(name, justify="right")
+    for p in PHASES:
+        e = report["phases_ms"][p]
+        table.add_row(p, _ms(e["mean"]), _ms(e["median"]), _ms(e["iqr"]),
+                      _pct(e["mean"], step["mean"]))
+    table.add_section()
+    table.add_row(Text("step", style="bold"), _ms(step["mean"]), _ms(step["median"]),
+                  _ms(step["iqr"]), "100.0%")
+    return table
+
+
+def _merged_phase_table(reports: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table(title="Phases, mean ms per step (% of step)")
+    table.add_column("phase")
+    for label in _labels(reports):
+        table.add_column(Text(label), justify="right")
+    for p in PHASES:
+        table.add_row(p, *[f"{_ms(r['phases_ms'][p]['mean'])} "
+                           f"({_pct(r['phases_ms'][p]['mean'], r['step_ms']['mean'])})"
+                           for r in reports])
+    table.add_section()
+    table.add_row(Text("step", style="bold"), *[_ms(r["step_ms"]["mean"]) for r in reports])
+    return table
+
+
+def _layer_table(report: Mapping[str, Any], top_n: int, title: str) -> Table:
+    layers = sorted(report["layers"], key=lambda e: -(e["forward_ms"] + e["backward_ms"]))
+    shown = layers[:top_n]
+    split = any("host_forward_ms" in e for e in shown)
+    left_out = len(layers) - len(shown)
+    caption = (f"{left_out} more layer(s) not shown (top {top_n} of {len(layers)} by "
+               f"forward + backward)" if left_out > 0 else None)
+    table = Table(title=title, caption=caption)
+    table.add_column("layer")
+    table.add_column("type")
+    columns = ["calls", "fwd ms", "bwd ms", "self fwd", "self bwd"]
+    if split:
+        columns += ["host fwd", "host bwd"]
+    for name in columns:
+        table.add_column(name, justify="right")
+    for e in shown:
+        cells = [Text(e["name"]), Text(str(e.get("type") or "")), f"{e['calls']:g}",
+                 _ms(e["forward_ms"]), _ms(e["backward_ms"]), _ms(e["self_forward_ms"]),
+                 _ms(e["self_backward_ms"])]
+        if split:
+            cells += [_ms(e.get("host_forward_ms")), _ms(e.get("host_backward_ms"))]
+        table.add_row(*cells)
+    return table
+
+
+def _print_errors(console: Console, report: Mapping[str, Any]) -> None:
+    for message in report.get("errors", []):
+        console.print(Text(f"error: {message}", style="red"))
+
+
+def render_table(report_or_reports: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]],
+                 console: Optional[Console] = None, *, top_n: int = 20) -> None:
+    """Print one report (or several, e.g. one per framework) as rich tables.
+
+    One report: a header line, a table of phases (mean, median, IQR in ms and % of the mean
+    step) and a table of the top_n layers by forward + backward time, saying how many were left
+    out. Several: one merged phase table with a column per report, then each report's layer
+    table. Errors are printed; a report without measurements prints only its header and errors.
+    """
+    console = console or Console()
+    if isinstance(report_or_reports, Mapping):
+        reports = [report_or_reports]
+    else:
+        reports = list(report_or_reports)
+    if top_n < 1:
+        raise ValueError(f"render_table: top_n must be >= 1, got {top_n}")
+    measured = [r for r in reports if all(k in r for k in _MEASURED)]
+
+    if len(reports) == 1:
+        report = reports[0]
+        console.print(_header(report))
+        _print_errors(console, report)
+        if measured:
+            console.print(_phase_table(report))
+            console.print(_layer_table(report, top_n, "Layers (ms per step)"))
+        return
+
+    for report in reports:
+        console.print(_header(report))
+        _print_errors(console, report)
+    if measured:
+        console.print(_merged_phase_table(measured))
+        for label, report in zip(_labels(measured), measured):
+            console.print(_layer_table(report, top_n, f"Layers, {label} (ms per step)"))
+
+
+def render_comparison(lines: Sequence[str], console: Optional[Console] = None, *,
+                      title: str = "Differences (variant vs baseline, 95% CI)") -> None:
+    """Print describe_diff lines as one table, colouring the verdicts."""
+    console = console or Console()
+    table = Table(title=title, show_header=False)
+    table.add_column("comparison")
+    for line in lines:
+        # Text, not markup: the interval's brackets must not be read as rich style tags.
+        style = ("green" if line.endswith(" faster") else
+                 "red" if line.endswith(" slower") else "")
+        table.add_row(Text(line, style=style))
+    console.print(table)

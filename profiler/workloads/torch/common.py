@@ -1,0 +1,156 @@
+"""What both PyTorch workloads share: device, seeding, the DataLoader over the shared sample
+plan, SGD with momentum and weight decay, and the canonical weight mapping.
+
+Weight mapping: module names are the canonical layer names (spec.py); PyTorch's layouts are
+the canonical ones; batch norm's weight/bias are gamma/beta.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+import ops.torch as ops_torch
+from ops.impls import CONV_IMPLS, check_impl
+from ops.torch.loader import unavailable_impls
+
+from .. import spec
+from ..base import WorkloadBase
+
+_BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "running_mean",
+             "running_var": "running_var"}
+
+
+def batch_norm(channels: int) -> torch.nn.BatchNorm2d:
+    """BatchNorm2d with the shared epsilon and running-average decay."""
+    return torch.nn.BatchNorm2d(channels, eps=spec.BN_EPSILON, momentum=1 - spec.BN_DECAY)
+
+
+class TorchWorkload(WorkloadBase):
+    """The PyTorch half of the workload interface (see profiler.workloads.base); the model
+    file supplies ``build_network()`` and ``loss_forward``."""
+
+    framework = "torch"
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"{type(self).__name__}: device: 'cuda' requested but this "
+                               f"PyTorch ({torch.__version__}) sees no GPU")
+        torch.manual_seed(config.seed)
+        self.device = torch.device(config.device)
+        self.net = self.build_network().to(self.device)
+        self.import_weights(spec.initial_weights(config.model, config.seed))
+        self.set_impls(conv=config.conv_impl, loss=config.loss_impl)
+        decayed = [p for n, p in self._canonical_parameters() if spec.is_decayed(n)]
+        others = [p for n, p in self._canonical_parameters() if not spec.is_decayed(n)]
+        self.optimizer = torch.optim.SGD(
+            [{"params": decayed, "weight_decay": spec.WEIGHT_DECAY},
+             {"params": others, "weight_decay": 0.0}],
+            lr=spec.LEARNING_RATE, momentum=spec.MOMENTUM)
+
+    # -- network ---------------------------------------------------------------------------
+    def build_network(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def named_layers(self) -> List[Tuple[str, torch.nn.Module]]:
+        return [(name, m) for name, m in self.net.named_modules()
+                if name and any(True for _ in m.parameters(recurse=False))]
+
+    def set_impls(self, *, conv=None, loss=None) -> None:
+        """Swaps every convolution to ``conv`` and the DeepPose loss to ``loss`` (None: keep)."""
+        if conv is not None:
+            check_impl(f"{type(self).__name__}.set_impls", conv, CONV_IMPLS,
+                       unavailable_impls("conv", self.device))
+            for module in self.net.modules():
+                if isinstance(module, ops_torch.Conv2d):
+                    module.impl = conv
+            self.conv_impl = conv
+        if loss is not None:
+            self._set_loss_impl(loss)
+
+    def _set_loss_impl(self, loss: str) -> None:
+        if loss != "autograd":
+            raise ValueError(f"{type(self).__name__}.set_impls: loss: {self.model_name} "
+                             f"trains with the framework's softmax cross-entropy; loss impls "
+                             f"apply to deeppose only, got {loss!r}")
+        self.loss_impl = loss
+
+    # -- weights ---------------------------------------------------------------------------
+    def _canonical_tensors(self) -> Dict[str, torch.Tensor]:
+        out = {}
+        for module_name, module in self.net.named_modules():
+            is_bn = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            tensors = list(module.named_parameters(recurse=False)) + [
+                (n, b) for n, b in module.named_buffers(recurse=False)
+                if n != "num_batches_tracked"]
+            for name, tensor in tensors:
+                out[f"{module_name}.{_BN_NAMES[name] if is_bn else name}"] = tensor
+        return out
+
+    def _canonical_parameters(self):
+        return [(n, t) for n, t in self._canonical_tensors().items()
+                if isinstance(t, torch.nn.Parameter)]
+
+    def export_weights(self) -> Dict[str, np.ndarray]:
+        return {n: t.detach().cpu().numpy().copy() for n, t in self._canonical_tensors().items()}
+
+    def import_weights(self, weights) -> None:
+        """Loads canonical weights (and clears the optimizer's momentum, if any)."""
+        spec.check_weights(f"{type(self).__name__}.import_weights", self.model_name, weights)
+        with torch.no_grad():
+            for name, tensor in self._canonical_tensors().items():
+                tensor.copy_(torch.from_numpy(np.ascontiguousarray(weights[name],
+                                                                   dtype=np.float32)))
+        if hasattr(self, "optimizer"):
+            self.optimizer.state.clear()
+
+    # -- data ------------------------------------------------------------------------------
+    def make_loader(self, split: str = "train", *, epochs: int = 1, shuffle=None):
+        """torch.utils.data.DataLoader over the shared plan: ``config.workers`` worker
+        processes, pinned memory on the GPU; batches are tuples of CPU tensors."""
+        stream = self.sample_stream(split, epochs=epochs, shuffle=shuffle)
+        workers = self.config.workers
+        return torch.utils.data.DataLoader(
+            stream, batch_size=self.config.batch_size, shuffle=False, drop_last=True,
+            num_workers=workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False, prefetch_factor=2 if workers else None)
+
+    def to_device(self, batch):
+        if self.device.type == "cpu":
+            return batch
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    # -- the step --------------------------------------------------------------------------
+    def forward(self, batch):
+        return self.net(batch[0])
+
+    def backward(self, loss) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def loss_value(self, loss) -> float:
+        return float(loss.detach())
+
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Eval-mode output for NCHW float32 ``images``."""
+        self.net.eval()
+        try:
+            with torch.no_grad():
+                x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device)
+                return self.net(x).cpu().numpy()
+        finally:
+            self.net.train()
