@@ -6,7 +6,8 @@ training step calls them (the profiler times each):
 
 | method | does |
 | --- | --- |
-| ``make_loader(split, epochs=1)`` | the framework's own loader over the shared sample plan: an iterable of host batches (framework arrays on the host) |
+| ``make_loader(split, epochs=1)`` | the framework's loader over the shared sample plan: host |
+| | batches (tuples of the framework's arrays) |
 | ``to_device(batch)`` | host batch -> device batch (no-op on the CPU) |
 | ``forward(batch)`` | the network's output (training mode) |
 | ``loss_forward(output, batch)`` | the scalar loss |
@@ -19,7 +20,10 @@ and besides: ``predict(images)`` (eval mode, NCHW float32 NumPy in, NumPy out),
 ``parameter_count()``, ``named_layers()`` (canonical name -> the framework's layer object for
 every layer with parameters, forward order), ``set_impls(conv=..., loss=...)``,
 ``set_learning_rate(lr)``, ``synchronize()`` (wait until queued device or engine work is done:
-MXNet and TensorFlow return before their work has run).
+MXNet and TensorFlow return before their work has run), ``batch_to_numpy(batch)`` (a loader's
+batch as NumPy arrays in the canonical layout, images NCHW: what the tests compare) and
+``bn_running_var_unbiased`` (whether batch norm's running variance takes the unbiased batch
+variance, as PyTorch's and Chainer's do, or the biased one).
 """
 
 from __future__ import annotations

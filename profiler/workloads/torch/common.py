@@ -33,6 +33,7 @@ class TorchWorkload(WorkloadBase):
     file supplies ``build_network()`` and ``loss_forward``."""
 
     framework = "torch"
+    bn_running_var_unbiased = True    # PyTorch's running_var takes the unbiased batch variance
 
     def __init__(self, config):
         super().__init__(config)
@@ -122,6 +123,9 @@ class TorchWorkload(WorkloadBase):
         if self.device.type == "cpu":
             return batch
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def batch_to_numpy(self, batch):
+        return tuple(t.cpu().numpy() for t in batch)
 
     # -- the step --------------------------------------------------------------------------
     def forward(self, batch):

@@ -1,0 +1,289 @@
+"""The seed workloads are the same network in every framework: the same parameters, the same
+outputs from the same weights, the same update from the same step, the same batches from the
+same seed. PyTorch is checked against a NumPy float64 forward written here from spec.py; the
+other frameworks against PyTorch."""
+
+import importlib
+
+import numpy as np
+import pytest
+
+from ops import reference
+from profiler.workloads import FRAMEWORKS, build_workload, spec
+
+SMALL = dict(train_size=24, test_size=8, dropout=0.0)
+
+
+def framework_available(framework: str):
+    try:
+        importlib.import_module(f"profiler.workloads.{framework}.common")
+    except ImportError as e:      # a framework package not yet written, or not installed
+        pytest.skip(f"{framework} workloads unavailable: {e}")
+
+
+@pytest.fixture(params=FRAMEWORKS)
+def framework(request):
+    framework_available(request.param)
+    return request.param
+
+
+OTHERS = [f for f in FRAMEWORKS if f != "torch"]
+
+
+def perturbed_weights(model: str, seed: int = 1):
+    """Initial weights with non-trivial batch-norm parameters and statistics, so a mixed-up
+    gamma/beta or mean/var mapping cannot pass."""
+    rng = np.random.default_rng(seed)
+    weights = spec.initial_weights(model, seed)
+    for name, value in weights.items():
+        if name.endswith((".gamma", ".running_var")):
+            weights[name] = rng.uniform(0.5, 1.5, value.shape).astype(np.float32)
+        elif name.endswith((".beta", ".running_mean", ".bias")):
+            weights[name] = rng.normal(0, 0.1, value.shape).astype(np.float32)
+    return weights
+
+
+# --- a float64 NumPy forward (eval mode) from spec.py alone -----------------------------------
+
+def _bn(w, name, h):
+    shape = (1, -1, 1, 1)
+    scale = w[f"{name}.gamma"] / np.sqrt(w[f"{name}.running_var"] + spec.BN_EPSILON)
+    return (h - w[f"{name}.running_mean"].reshape(shape)) * scale.reshape(shape) \
+        + w[f"{name}.beta"].reshape(shape)
+
+
+def _conv(w, name, h, stride, padding):
+    bias = w.get(f"{name}.bias")
+    return reference.conv2d(h, w[f"{name}.weight"], bias, (stride, stride), (padding, padding))
+
+
+def _max_pool(h):
+    n, c, height, width = h.shape
+    oh, ow = (height - 3) // 2 + 1, (width - 3) // 2 + 1
+    out = np.full((n, c, oh, ow), -np.inf)
+    for dy in range(3):
+        for dx in range(3):
+            out = np.maximum(out, h[:, :, dy:dy + 2 * oh - 1:2, dx:dx + 2 * ow - 1:2])
+    return out
+
+
+def reference_predict(model: str, weights, x):
+    w = {k: v.astype(np.float64) for k, v in weights.items()}
+    h = x.astype(np.float64)
+    relu = lambda a: np.maximum(a, 0)   # noqa: E731
+    if model == "deeppose":
+        for name, _, _, stride, pad, pool in spec.ALEXNET_CONVS:
+            h = relu(_conv(w, name, h, stride, pad))
+            h = _max_pool(h) if pool else h
+        h = h.reshape(len(h), -1)
+        for name in ("fc6", "fc7"):
+            h = relu(h @ w[f"{name}.weight"].T + w[f"{name}.bias"])
+        return h @ w["fc8.weight"].T + w["fc8.bias"]
+    h = _conv(w, "conv0", h, 1, 1)
+    for stage, block, cin, cout, stride in spec.resnet_blocks(model):
+        name = spec.block_name(stage, block)
+        pre = relu(_bn(w, f"{name}.bn1", h))
+        skip = _conv(w, f"{name}.shortcut", pre, stride, 0) if f"{name}.shortcut.weight" in w \
+            else h
+        out = _conv(w, f"{name}.conv1", pre, stride, 1)
+        h = _conv(w, f"{name}.conv2", relu(_bn(w, f"{name}.bn2", out)), 1, 1) + skip
+    h = relu(_bn(w, "bn_final", h)).mean(axis=(2, 3))
+    return h @ w["fc.weight"].T + w["fc.bias"]
+
+
+def assert_close(actual, expected, rtol, what):
+    scale = float(np.max(np.abs(expected))) or 1.0
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+# --- the same network --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["resnet20", "resnet32", "deeppose"])
+def test_parameter_count_and_canonical_weights(framework, model):
+    workload = build_workload(framework, model=model, batch_size=2, **SMALL)
+    shapes = spec.parameter_shapes(model)
+    exported = workload.export_weights()
+    assert {k: v.shape for k, v in exported.items()} == dict(shapes)
+    assert all(v.dtype == np.float32 for v in exported.values())
+    assert workload.parameter_count() == spec.parameter_count(model)
+    # Counted by hand from the layer list (spec.parameter_shapes docstring).
+    expected = {"resnet20": 272_282, "resnet32": 466_714, "deeppose": 46_861_724}[model]
+    assert spec.parameter_count(model) == expected
+    # Every layer with parameters is named as in the canonical weights, in forward order.
+    layer_names = [name for name, _ in workload.named_layers()]
+    assert layer_names == list(dict.fromkeys(n.rsplit(".", 1)[0] for n in shapes))
+
+
+@pytest.mark.parametrize("model", ["resnet20", "deeppose"])
+def test_export_import_round_trip(framework, model):
+    workload = build_workload(framework, model=model, batch_size=2, **SMALL)
+    np.testing.assert_equal(workload.export_weights(), spec.initial_weights(model, 0))
+    weights = perturbed_weights(model)
+    workload.import_weights(weights)
+    np.testing.assert_equal(workload.export_weights(), weights)
+
+
+@pytest.mark.parametrize("model", ["resnet20", "deeppose"])
+def test_predict_matches_float64_reference(framework, model):
+    workload = build_workload(framework, model=model, batch_size=2, **SMALL)
+    weights = perturbed_weights(model)
+    workload.import_weights(weights)
+    x = np.random.default_rng(3).random((2, 3) + ((32, 32) if model != "deeppose"
+                                                   else (220, 220)), np.float32)
+    out = workload.predict(x)
+    assert out.dtype == np.float32
+    assert_close(out, reference_predict(model, weights, x), 1e-4, f"{framework} {model}")
+
+
+@pytest.mark.parametrize("model", ["resnet20", "deeppose"])
+@pytest.mark.parametrize("conv", ["kernel", "native"])
+def test_conv_impl_switch_keeps_outputs(framework, model, conv):
+    workload = build_workload(framework, model=model, batch_size=2, **SMALL)
+    x = np.random.default_rng(4).random((2, 3) + ((32, 32) if model != "deeppose"
+                                                   else (220, 220)), np.float32)
+    before = workload.predict(x)
+    workload.set_impls(conv=conv)
+    assert_close(workload.predict(x), before, 1e-4, f"{framework} {model} conv={conv}")
+
+
+# --- the same training step --------------------------------------------------------------------
+
+def run_steps(framework, model, steps, **config):
+    workload = build_workload(framework, model=model, batch_size=4 if model != "deeppose"
+                              else 2, augment=True, **{**SMALL, **config})
+    start = perturbed_weights(model)
+    workload.import_weights(start)
+    losses = []
+    for batch, _ in zip(workload.make_loader(), range(steps)):
+        losses.append(workload.train_step(workload.to_device(batch)))
+    workload.synchronize()
+    return workload, start, losses, workload.export_weights()
+
+
+def batch_norm_count(bn: str, batch_size: int) -> int:
+    """Values per channel a ResNet batch norm averages over: batch x its input's H x W."""
+    if bn == "bn_final":
+        return batch_size * 8 * 8
+    stage, block, which = bn.split(".")
+    stage, block = int(stage[len("stage"):]), int(block[len("block"):])
+    # bn1 of a stage's first block still sees the previous stage's resolution.
+    level = stage - 1 if (which == "bn1" and block == 0 and stage > 1) else stage
+    return batch_size * (32 >> (level - 1)) ** 2
+
+
+def expected_running_var(torch_start, torch_after, unbiased: bool, count: int):
+    """PyTorch's running variance converted to a framework that updates it with the biased
+    batch variance (PyTorch's is corrected by count / (count - 1))."""
+    if unbiased:
+        return torch_after
+    decay = spec.BN_DECAY
+    batch_var = (torch_after - decay * torch_start) / (1 - decay)
+    return decay * torch_start + (1 - decay) * batch_var * (count - 1) / count
+
+
+@pytest.mark.parametrize("framework", OTHERS)
+@pytest.mark.parametrize("model", ["resnet20", "deeppose"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_training_steps_match_torch(framework, model, steps):
+    """From the same state, the same batches: the same losses and the same weights after one
+    and two SGD steps (momentum and weight decay included). Updates (after - before) are
+    compared, not just weights, so a wrong update cannot hide under the weights' size."""
+    framework_available(framework)
+    _, start, torch_losses, torch_after = run_steps("torch", model, steps)
+    workload, _, losses, after = run_steps(framework, model, steps)
+    np.testing.assert_allclose(losses, torch_losses, rtol=1e-4)
+    for name, expected in torch_after.items():
+        if name.endswith(".running_var"):
+            expected = expected_running_var(start[name], expected,
+                                            workload.bn_running_var_unbiased,
+                                            batch_norm_count(name.rsplit(".", 1)[0], 4))
+        assert_close(after[name] - start[name], expected - start[name], 2e-3,
+                     f"{framework} {model} {name} update after {steps} step(s)")
+        np.testing.assert_allclose(after[name], expected, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{framework} {model} {name}")
+
+
+@pytest.mark.parametrize("loss", ["explicit", "kernel", "native"])
+def test_deeppose_loss_impls_train_alike(framework, loss):
+    _, _, base_losses, base_after = run_steps(framework, "deeppose", 1)
+    _, _, losses, after = run_steps(framework, "deeppose", 1, loss_impl=loss)
+    np.testing.assert_allclose(losses, base_losses, rtol=1e-5)
+    for name in ("fc8.weight", "fc8.bias", "conv1.weight"):
+        assert_close(after[name], base_after[name], 1e-5, f"{framework} loss={loss} {name}")
+
+
+# --- the same batches --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["resnet20", "deeppose"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_delivers_the_plan(framework, model, workers):
+    """The framework's own loader, with and without workers, gives exactly the shared plan's
+    batches (augmented, for CIFAR) in order, as float32 images and the plan's targets."""
+    workload = build_workload(framework, model=model, batch_size=4, workers=workers,
+                              train_size=16, test_size=8)
+    stream = workload.sample_stream("train")
+    batches = list(workload.make_loader())
+    assert len(batches) == stream.plan.batches == 4
+    for b, batch in enumerate(batches):
+        expected = stream.batch(b)
+        got = workload.batch_to_numpy(batch)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert g.dtype == e.dtype
+            np.testing.assert_array_equal(g, e)
+
+
+# --- training works ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["resnet20", "deeppose"])
+def test_short_training_lowers_the_loss(framework, model):
+    """A short run on the learnable synthetic task (class templates; drawn joints) lowers the
+    loss clearly: the training loop, loss, gradients and optimizer work end to end."""
+    if model == "deeppose":
+        config = dict(batch_size=8, train_size=32, dropout=0.0)
+        epochs, window, factor = 3, 3, 0.5
+    else:
+        config = dict(batch_size=16, train_size=320, augment=False)
+        epochs, window, factor = 2, 6, 0.9
+    workload = build_workload(framework, model=model, test_size=8, **config)
+    losses = [workload.train_step(workload.to_device(batch))
+              for batch in workload.make_loader(epochs=epochs)]
+    assert all(np.isfinite(losses))
+    first, last = np.mean(losses[:window]), np.mean(losses[-window:])
+    assert last < factor * first, f"{framework} {model}: losses {np.round(losses, 3)}"
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(model="resnet21"), "model: expected one of"),
+    (dict(batch_size=0), "batch_size: expected a positive int"),
+    (dict(device="tpu"), "device: expected one of"),
+    (dict(conv_impl="fast"), "conv_impl: expected one of"),
+    (dict(loss_impl="native"), "loss_impl: resnet20 trains with"),
+    (dict(workers=-1), "workers: expected an int >= 0"),
+    (dict(dropout=1.0), "dropout: expected a float"),
+    (dict(data="/no/such/cifar"), "/no/such/cifar: no such directory"),
+])
+def test_bad_config(fields, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        build_workload("torch", **fields)
+
+
+def test_bad_framework():
+    with pytest.raises(ValueError, match="framework: expected one of"):
+        build_workload("jax")
+
+
+def test_bad_weights(framework):
+    workload = build_workload(framework, model="resnet20", batch_size=2, **SMALL)
+    weights = spec.initial_weights("resnet20")
+    del weights["fc.bias"]
+    with pytest.raises(ValueError, match=r"missing \['fc.bias'\]"):
+        workload.import_weights(weights)
+    weights = spec.initial_weights("resnet20")
+    weights["conv0.weight"] = weights["conv0.weight"][:8]
+    with pytest.raises(ValueError, match=r"weights\['conv0.weight'\]: expected shape"):
+        workload.import_weights(weights)
+    with pytest.raises(ValueError, match="loss: resnet20 trains with"):
+        workload.set_impls(loss="native")
