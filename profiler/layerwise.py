@@ -1,0 +1,498 @@
+"""``python -m profiler.layerwise``: where a training step's time goes, layer by layer, in one
+framework or in all four.
+
+Examples::
+
+    python -m profiler.layerwise --framework chainer
+    python -m profiler.layerwise --framework all --model resnet20
+    python -m profiler.layerwise --framework torch --model deeppose --compare loss=autograd,native
+
+Writes report.json (schema: profiler.report), trace.json (Chrome trace events: Perfetto,
+chrome://tracing), flame.folded and flame.speedscope.json into --out, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from profiler.analysis.flamegraph import folded_stacks, to_speedscope
+from profiler.analysis.nesting import check_nesting
+from profiler.analysis.phases import layer_breakdown, phase_breakdown
+from profiler.analysis.stats import bootstrap_diff_ci, describe_diff, iqr, median
+from profiler.analysis.trace_events import to_chrome_trace
+from profiler.report import (build_report, from_layer_breakdown, from_phase_breakdown,
+                             render_comparison, render_table, validate_report,
+                             write_json_atomic)
+from profiler.timeline import PHASES
+
+FRAMEWORKS = ("torch", "chainer", "tensorflow", "mxnet")
+MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "deeppose")
+CONV_IMPLS = ("framework", "kernel", "native")
+LOSS_IMPLS = ("autograd", "explicit", "kernel", "native")
+
+
+# --------------------------------------------------------------------------- arguments
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m profiler.layerwise",
+        description="Profile training steps of a seed workload layer by layer: per-layer "
+                    "forward/backward, loss forward/backward, optimizer, data-loader wait, "
+                    "host-to-device copy and the rest, with NVTX ranges for Nsight Systems.",
+        epilog="Outputs in --out: report.json, trace.json (open in https://ui.perfetto.dev), "
+               "flame.folded (flamegraph.pl), flame.speedscope.json (speedscope.app).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--framework", default="torch", choices=FRAMEWORKS + ("all",),
+                        help="framework to profile; 'all' runs each in its own process and "
+                             "merges the results")
+    parser.add_argument("--model", default="resnet20", choices=MODELS)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda where the framework sees a GPU, else cpu")
+    parser.add_argument("--batch-size", type=_positive_int, default=32)
+    parser.add_argument("--warmup", type=_non_negative_int, default=2,
+                        help="steps run first and not counted")
+    parser.add_argument("--iters", type=_positive_int, default=8, help="measured steps")
+    parser.add_argument("--overhead-iters", type=_non_negative_int, default=None,
+                        help="uninstrumented steps timed for the instrumentation overhead "
+                             "(default: --iters; 0 skips)")
+    parser.add_argument("--conv-impl", default="framework", choices=CONV_IMPLS)
+    parser.add_argument("--loss-impl", default="autograd", choices=LOSS_IMPLS,
+                        help="deeppose's loss (ResNet uses the framework's cross-entropy)")
+    parser.add_argument("--workers", type=_non_negative_int, default=0,
+                        help="data-loader worker processes (threads for tf.data)")
+    parser.add_argument("--data", default="synthetic",
+                        help="'synthetic' (built in) or a path: cifar-10-batches-py for "
+                             "ResNet, an LSP folder (joints.mat + images/) for deeppose")
+    parser.add_argument("--synthetic-size", type=_positive_int, default=None, metavar="N",
+                        help="training-set size of the synthetic data (default: the real "
+                             "dataset's, 50000 CIFAR / 1000 LSP images); for quick runs")
+    parser.add_argument("--seed", type=_non_negative_int, default=0)
+    parser.add_argument("--sync", action="store_true",
+                        help="synchronise the device at every range boundary (simple, "
+                             "serialising) instead of reading events once per step")
+    parser.add_argument("--compare", default=None, metavar="KIND=A,B,...",
+                        help="compare impls in interleaved rounds, e.g. "
+                             "loss=autograd,explicit,kernel,native or conv=framework,native; "
+                             "the first is the baseline")
+    parser.add_argument("--rounds", type=_positive_int, default=5,
+                        help="rounds of --compare (each runs every variant)")
+    parser.add_argument("--steps-per-round", type=_positive_int, default=2)
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: runs/layerwise/<framework>-<model>)")
+    parser.add_argument("--format", default="table", choices=("table", "json"),
+                        help="what to print: a table, or the report JSON")
+    parser.add_argument("--python", action="append", default=[], metavar="FRAMEWORK=PATH",
+                        help="with --framework all: the Python interpreter for a framework "
+                             "kept in another environment (repeatable)")
+    parser.add_argument("--pyspy", action="store_true",
+                        help="also record a py-spy flame graph of this process during the "
+                             "measured steps (needs py-spy on PATH)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.overhead_iters is None:
+        args.overhead_iters = args.iters
+    if args.compare is not None:
+        args.compare = _parse_compare(parser, args.compare)
+    args.python = _parse_pythons(parser, args.python)
+    if args.model != "deeppose" and args.loss_impl != "autograd":
+        parser.error(f"--loss-impl: {args.model} trains with the framework's softmax "
+                     f"cross-entropy; loss impls apply to --model deeppose")
+    if args.compare and args.compare[0] == "loss" and args.model != "deeppose":
+        parser.error("--compare loss=...: loss impls apply to --model deeppose")
+    if args.framework == "all" and args.compare:
+        parser.error("--compare runs in one framework; pick --framework")
+    if args.out is None:
+        args.out = os.path.join("runs", "layerwise", f"{args.framework}-{args.model}")
+    return args
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _parse_compare(parser, text: str):
+    kind, _, names = text.partition("=")
+    known = {"loss": LOSS_IMPLS, "conv": CONV_IMPLS}
+    if kind not in known or not names:
+        parser.error(f"--compare: expected loss=A,B,... or conv=A,B,..., got {text!r}")
+    variants = [n.strip() for n in names.split(",") if n.strip()]
+    bad = [v for v in variants if v not in known[kind]]
+    if bad or len(variants) < 2 or len(set(variants)) != len(variants):
+        parser.error(f"--compare: expected at least two distinct {kind} impls from "
+                     f"{list(known[kind])}, got {variants}")
+    return kind, variants
+
+
+def _parse_pythons(parser, items: List[str]) -> Dict[str, str]:
+    out = {}
+    for item in items:
+        framework, _, path = item.partition("=")
+        if framework not in FRAMEWORKS or not path:
+            parser.error(f"--python: expected FRAMEWORK=PATH with FRAMEWORK one of "
+                         f"{list(FRAMEWORKS)}, got {item!r}")
+        if shutil.which(path) is None and not os.access(path, os.X_OK):
+            parser.error(f"--python: {path}: not an executable")
+        out[framework] = path
+    return out
+
+
+# --------------------------------------------------------------------------- one framework
+
+def framework_version(framework: str) -> str:
+    if framework == "chainer":
+        from ops.chainer.loader import load_chainer
+        return load_chainer().__version__
+    module = importlib.import_module({"torch": "torch", "tensorflow": "tensorflow",
+                                      "mxnet": "mxnet"}[framework])
+    return module.__version__
+
+
+def resolve_device(framework: str, device: str) -> str:
+    """'auto' -> 'cuda' where the framework sees a GPU, else 'cpu'."""
+    if device != "auto":
+        return device
+    try:
+        if framework == "torch":
+            import torch
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if framework == "chainer":
+            from ops.chainer.loader import load_chainer
+            return "cuda" if load_chainer().backends.cuda.available else "cpu"
+        if framework == "tensorflow":
+            import tensorflow as tf
+            return "cuda" if tf.config.list_physical_devices("GPU") else "cpu"
+        import mxnet as mx
+        return "cuda" if mx.context.num_gpus() > 0 else "cpu"
+    except Exception:          # a probe that fails means no usable GPU
+        return "cpu"
+
+
+class _Progress:
+    """A rich progress bar that appears only once a run has taken a few seconds."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled, self.began, self.bar = label, enabled, time.monotonic(), None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None and time.monotonic() - self.began > 3:
+            from rich.progress import Progress
+            self.bar = Progress(transient=True, console=_stderr_console())
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=total)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _stderr_console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+def _base_fields(args, framework: str, device: str) -> dict:
+    return dict(framework=framework, framework_version=_safe(framework_version, framework),
+                device={"name": _device_name(framework, device), "kind": device},
+                model=args.model, batch_size=args.batch_size,
+                impls={"conv": args.conv_impl, "loss": args.loss_impl
+                       if args.model == "deeppose" else "framework cross-entropy"},
+                workers=args.workers, seed=args.seed, sync=args.sync, iters=args.iters,
+                warmup=args.warmup)
+
+
+def _safe(fn, *a) -> str:
+    try:
+        return str(fn(*a))
+    except Exception as e:
+        return f"unknown ({type(e).__name__})"
+
+
+def _device_name(framework: str, device: str) -> str:
+    if device == "cuda" and framework == "torch":
+        import torch
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def run_one(args, framework: str) -> dict:
+    """Profiles ``framework``; writes and returns its report (with errors, if it failed)."""
+    from profiler.runner import profile
+    from profiler.workloads import WorkloadConfig, build_workload
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(framework, args.device)
+    fields = _base_fields(args, framework, device)
+    notes: List[str] = [
+        "Times are host wall-clock milliseconds per measured step (means; medians and IQR in "
+        "step_ms and phases_ms); layer times are inclusive of the framework's per-layer "
+        "overhead.",
+        "loss_backward ends when the model output's gradient exists; backward is the rest of "
+        "the backward call; 'other' is the step minus the seven measured phases."]
+    errors: List[str] = []
+    pyspy = None
+    try:
+        config = WorkloadConfig(model=args.model, device=device, batch_size=args.batch_size,
+                                seed=args.seed, conv_impl=args.conv_impl,
+                                loss_impl=args.loss_impl, workers=args.workers,
+                                data=args.data, train_size=args.synthetic_size,
+                                test_size=args.synthetic_size)
+        workload = build_workload(framework, config)
+        if args.pyspy:
+            pyspy = _start_pyspy(out, notes)
+        progress = _Progress(f"{framework} {args.model}", not args.no_progress)
+        result = profile(workload, warmup=args.warmup, iters=args.iters,
+                         overhead_iters=args.overhead_iters, sync=args.sync,
+                         progress=progress)
+        progress.close()
+    except Exception as e:
+        errors.append(f"{type(e).__name__}: {e}")
+        result = None
+    finally:
+        if pyspy is not None:
+            _stop_pyspy(pyspy, notes)
+    if result is not None:
+        notes += result.notes
+        errors += result.errors
+        if args.sync:
+            notes.append("--sync: the device was synchronised at every range boundary; "
+                         "ranges are complete but the GPU could not run ahead of the host.")
+        fields.update(_measured_sections(result, errors))
+        _write_views(out, result.timeline, fields, errors)
+    report = build_report(**fields, notes=notes, errors=errors)
+    try:
+        validate_report(report)
+    except ValueError as e:
+        report["errors"].append(f"report check: {e}")
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+def _measured_sections(result, errors: List[str]) -> dict:
+    try:
+        breakdown = phase_breakdown(result.timeline)
+    except ValueError as e:          # no measured step completed
+        errors.append(f"no measured step: {e}")
+        return {}
+    errors += [f"phase accounting: {w}" for w in breakdown["warnings"]]
+    sections = from_phase_breakdown(breakdown)
+    sections["layers"] = from_layer_breakdown(layer_breakdown(result.timeline))
+    inst, plain = result.instrumented_step_ms, result.uninstrumented_step_ms
+    overhead = None
+    if inst and plain:
+        overhead = (median(inst) / median(plain) - 1) * 100
+    sections["instrumentation"] = {
+        "instrumented_step_ms_median": median(inst) if inst else None,
+        "uninstrumented_step_ms_median": median(plain) if plain else None,
+        "overhead_pct": overhead,
+        "instrumented_step_ms": inst, "uninstrumented_step_ms": plain}
+    return sections
+
+
+def _write_views(out: Path, timeline, fields: dict, errors: List[str]) -> None:
+    """trace.json and the flame graphs; a failure here is reported, not fatal."""
+    try:
+        check_nesting(timeline)
+    except ValueError as e:
+        errors.append(f"ranges not properly nested (trace still written): {e}")
+    try:
+        meta = {k: fields[k] for k in ("framework", "model", "batch_size")}
+        write_json_atomic(out / "trace.json", to_chrome_trace(timeline, metadata=meta))
+        (out / "flame.folded").write_text("\n".join(folded_stacks(timeline)) + "\n")
+        write_json_atomic(out / "flame.speedscope.json",
+                          to_speedscope(timeline, name=f"{fields['framework']} "
+                                                       f"{fields['model']}"))
+    except ValueError as e:
+        errors.append(f"trace/flame graph: {e}")
+
+
+def _start_pyspy(out: Path, notes: List[str]):
+    exe = shutil.which("py-spy")
+    if exe is None:
+        notes.append("--pyspy: py-spy not found on PATH; no Python flame graph recorded.")
+        return None
+    target = out / "pyspy.svg"
+    proc = subprocess.Popen([exe, "record", "--pid", str(os.getpid()), "--output",
+                             str(target), "--format", "flamegraph", "--rate", "200"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)            # py-spy attaches asynchronously
+    if proc.poll() is not None:
+        notes.append(f"--pyspy: py-spy exited at start: "
+                     f"{proc.stderr.read().decode(errors='replace').strip()[-300:]}")
+        return None
+    return proc, target
+
+
+def _stop_pyspy(handle, notes: List[str]) -> None:
+    proc, target = handle
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    notes.append(f"--pyspy: Python flame graph in {target.name}" if target.exists()
+                 else "--pyspy: py-spy wrote no flame graph")
+
+
+# --------------------------------------------------------------------------- comparisons
+
+def run_compare(args, framework: str) -> dict:
+    """--compare: the variants in interleaved rounds; per phase, median and spread per
+    variant and each variant's difference to the first with a bootstrap 95% interval."""
+    from profiler.runner import compare
+    from profiler.workloads import WorkloadConfig, build_workload
+
+    kind, variants = args.compare
+    device = resolve_device(framework, args.device)
+    config = WorkloadConfig(model=args.model, device=device, batch_size=args.batch_size,
+                            seed=args.seed, conv_impl=args.conv_impl, loss_impl=args.loss_impl,
+                            workers=args.workers, data=args.data,
+                            train_size=args.synthetic_size, test_size=args.synthetic_size)
+    workload = build_workload(framework, config)
+    progress = _Progress(f"{framework} {kind} compare", not args.no_progress)
+    outcome = compare(workload, kind=kind, variants=variants, rounds=args.rounds,
+                      steps_per_round=args.steps_per_round, warmup=args.warmup,
+                      sync=args.sync, progress=progress)
+    progress.close()
+    per_round: Dict[str, Dict[str, List[float]]] = {}
+    for variant, timeline in outcome["timelines"].items():
+        try:
+            breakdown = phase_breakdown(timeline)
+        except ValueError:
+            continue
+        rounds = outcome["step_round"][variant]
+        series = {"step": breakdown["step_ms"]["samples"],
+                  **{p: breakdown["phases_ms"][p]["samples"] for p in PHASES}}
+        # One value per round (the round's median), so samples pair across variants.
+        per_round[variant] = {
+            name: [median([v for s, v in zip(breakdown["steps"], values) if rounds[s] == r])
+                   for r in sorted(set(rounds.values()))]
+            for name, values in series.items()}
+    lines, table = [], {}
+    baseline = variants[0]
+    for name in ["step"] + list(PHASES):
+        table[name] = {v: {"median_ms": median(per_round[v][name]),
+                           "iqr_ms": iqr(per_round[v][name]) if len(per_round[v][name]) > 1
+                           else 0.0} for v in per_round}
+        for variant in variants[1:]:
+            if baseline in per_round and variant in per_round and len(
+                    per_round[variant][name]) >= 2:
+                est, lo, hi = bootstrap_diff_ci(per_round[baseline][name],
+                                                per_round[variant][name])
+                lines.append(describe_diff(name.replace("_", " "), variant, baseline, est, lo,
+                                           hi))
+    doc = {"framework": framework, "model": args.model, "device": device, "kind": kind,
+           "variants": variants, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
+           "phases_ms": table, "per_round_ms": per_round, "differences": lines,
+           "errors": outcome["errors"], "notes": outcome["notes"]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "comparison.json", doc)
+    return doc
+
+
+# --------------------------------------------------------------------------- all frameworks
+
+def run_all(args, argv: List[str]) -> List[dict]:
+    """Each framework in a clean subprocess (its own interpreter if --python says so); a
+    framework that fails leaves an error report and the others still run."""
+    reports = []
+    passthrough = _strip_options(argv, ("--framework", "--out", "--format", "--python"))
+    for framework in FRAMEWORKS:
+        out = Path(args.out) / framework
+        out.mkdir(parents=True, exist_ok=True)
+        python = args.python.get(framework, sys.executable)
+        cmd = [python, "-m", "profiler.layerwise", *passthrough, "--framework", framework,
+               "--out", str(out), "--format", "json", "--no-progress"]
+        _stderr_console().print(f"[bold]{framework}[/bold]: {' '.join(cmd[1:])}")
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+        report_path = out / "report.json"
+        if report_path.exists():
+            report = json.loads(report_path.read_text())
+        else:
+            report = build_report(**_base_fields(args, framework, args.device), errors=[
+                f"the {framework} process exited with status {proc.returncode} and wrote no "
+                f"report: {proc.stderr.strip()[-800:]}"])
+            write_json_atomic(report_path, report)
+        if proc.returncode != 0 and not report["errors"]:
+            report["errors"].append(f"exit status {proc.returncode}: "
+                                    f"{proc.stderr.strip()[-800:]}")
+        reports.append(report)
+    write_json_atomic(Path(args.out) / "summary.json", {"reports": reports})
+    return reports
+
+
+def _strip_options(argv: List[str], names) -> List[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in names:
+            skip = "=" not in item
+            continue
+        out.append(item)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.compare:
+        doc = run_compare(args, args.framework)
+        if args.format == "json":
+            print(json.dumps(doc, indent=1))
+        else:
+            render_comparison(doc["differences"], title=f"{args.framework} {args.model}: "
+                                                        f"{doc['kind']} impls vs "
+                                                        f"{doc['variants'][0]}")
+        return 1 if doc["errors"] else 0
+    if args.framework == "all":
+        reports = run_all(args, argv)
+        if args.format == "json":
+            print(json.dumps(reports, indent=1))
+        else:
+            render_table(reports)
+        return 0 if any(not r["errors"] for r in reports) else 1
+    report = run_one(args, args.framework)
+    if args.format == "json":
+        print(json.dumps(report, indent=1))
+    else:
+        render_table(report)
+        _stderr_console().print(f"written: {args.out}/report.json, trace.json, flame.folded, "
+                                f"flame.speedscope.json")
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

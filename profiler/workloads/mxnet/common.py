@@ -1,0 +1,244 @@
+"""What both MXNet/Gluon workloads share: context, seeding, Gluon's DataLoader over the shared
+sample plan, the Trainer's SGD with momentum and weight decay, the autograd recording scope of a
+step, and the canonical weight mapping.
+
+Weight mapping: a layer's canonical name is the path of attribute names from the network to
+its block, joined by "." (as PyTorch's module names), a parameter's the layer name plus the
+parameter's attribute name (weight, bias, gamma, beta, running_mean, running_var: Gluon's
+names are the canonical ones). Gluon's layouts are the canonical ones too: Conv2D weight
+(Cout, Cin, kh, kw), Dense weight (units, in_units), and Dense(flatten=True) flattens NCHW
+input in (C, H, W) order. Blocks also get explicit prefixes, so MXNet's own parameter names
+read like the canonical ones (``resnet20_stage1_block0_conv1_weight``).
+
+Where MXNet is not PyTorch and cannot be made so (on CPU; the GPU path, cuDNN's batch norm,
+is unverified): batch norm updates its running variance with the *biased* batch variance
+(PyTorch: the unbiased one, N / (N - 1) larger, N = batch x height x width), and updates both
+running statistics in its backward pass, not in the forward (a training-mode forward without a
+backward leaves them alone; the profiler sees that work under backward). Correcting the
+variance would add operators to every step of the workload whose overhead is being measured,
+so it is left as MXNet does it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import OrderedDict
+from typing import Dict, Iterator, List, Tuple
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon
+
+import ops.mxnet as ops_mxnet
+from ops.impls import CONV_IMPLS, check_impl
+from ops.mxnet.loader import unavailable_impls
+
+from .. import spec
+from ..base import WorkloadBase
+
+
+def batch_norm(channels: int, prefix: str) -> gluon.nn.BatchNorm:
+    """Gluon BatchNorm with the shared epsilon and running-average decay (MXNet's momentum is
+    spec.BN_DECAY itself: running = momentum * running + (1 - momentum) * batch)."""
+    return gluon.nn.BatchNorm(momentum=spec.BN_DECAY, epsilon=spec.BN_EPSILON,
+                              in_channels=channels, prefix=prefix)
+
+
+def named_blocks(block: gluon.Block, name: str = "") -> Iterator[Tuple[str, gluon.Block]]:
+    """(dotted attribute path, block) of ``block`` and every block under it, parents first,
+    children in registration order (PyTorch's ``named_modules``). Gluon 1.x has no public
+    accessor for a child's attribute name; ``_children`` maps it to the child."""
+    yield name, block
+    for child_name, child in block._children.items():
+        yield from named_blocks(child, f"{name}.{child_name}" if name else child_name)
+
+
+class MXNetWorkload(WorkloadBase):
+    """The MXNet/Gluon half of the workload interface (see profiler.workloads.base); the model
+    file supplies ``build_network()`` and ``compute_loss``.
+
+    The network runs imperatively (not hybridized), so Gluon's per-block forward hooks fire;
+    ``self.net.hybridize()`` still works (``set_impls`` rebuilds the cached graphs)."""
+
+    framework = "mxnet"
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.device == "cuda" and mx.context.num_gpus() == 0:
+            raise RuntimeError(f"{type(self).__name__}: device: 'cuda' requested but this "
+                               f"MXNet ({mx.__version__}) sees no GPU")
+        mx.random.seed(config.seed)  # dropout masks (every context's generator)
+        self.ctx = mx.gpu(0) if config.device == "cuda" else mx.cpu(0)
+        self._record = None  # the open autograd.record() scope, from forward to loss_forward
+        self.net = self.build_network()
+        # Zeros: every value is overwritten by import_weights below, and drawing random
+        # initial values would only advance MXNet's generator (the dropout masks).
+        self.net.initialize(mx.init.Zero(), ctx=self.ctx)
+        self._tensors = self._canonical_tensors()
+        self.import_weights(spec.initial_weights(config.model, config.seed))
+        self.set_impls(conv=config.conv_impl, loss=config.loss_impl)
+        self.trainer = self._make_trainer(spec.LEARNING_RATE)
+
+    # -- network ---------------------------------------------------------------------------
+    def build_network(self) -> gluon.HybridBlock:
+        raise NotImplementedError
+
+    def named_layers(self) -> List[Tuple[str, gluon.Block]]:
+        return [(name, block) for name, block in named_blocks(self.net)
+                if name and block._reg_params]
+
+    def set_impls(self, *, conv=None, loss=None) -> None:
+        """Swaps every convolution to ``conv`` and the DeepPose loss to ``loss`` (None: keep)."""
+        if conv is not None:
+            check_impl(f"{type(self).__name__}.set_impls", conv, CONV_IMPLS,
+                       unavailable_impls("conv", self.ctx))
+            for _, block in named_blocks(self.net):
+                if isinstance(block, ops_mxnet.Conv2D):
+                    block.impl = conv
+            # A Conv2D clears its own cached graph when its impl changes; a hybridized parent
+            # would keep running the old one.
+            for _, block in named_blocks(self.net):
+                if isinstance(block, gluon.HybridBlock):
+                    block._clear_cached_op()
+            self.conv_impl = conv
+        if loss is not None:
+            self._set_loss_impl(loss)
+
+    def _set_loss_impl(self, loss: str) -> None:
+        if loss != "autograd":
+            raise ValueError(f"{type(self).__name__}.set_impls: loss: {self.model_name} "
+                             f"trains with the framework's softmax cross-entropy; loss impls "
+                             f"apply to deeppose only, got {loss!r}")
+        self.loss_impl = loss
+
+    # -- weights ---------------------------------------------------------------------------
+    def _canonical_tensors(self) -> "OrderedDict[str, gluon.Parameter]":
+        """Canonical name -> Gluon Parameter, in spec.parameter_shapes order."""
+        found = {f"{layer}.{local}": param for layer, block in named_blocks(self.net) if layer
+                 for local, param in block._reg_params.items()}
+        names = list(spec.parameter_shapes(self.model_name))
+        if set(found) != set(names):
+            raise RuntimeError(f"{type(self).__name__}: the network's parameters "
+                               f"{sorted(set(found) - set(names))[:5]} / canonical names "
+                               f"{sorted(set(names) - set(found))[:5]} do not match")
+        return OrderedDict((name, found[name]) for name in names)
+
+    def _make_trainer(self, lr: float) -> gluon.Trainer:
+        """Gluon's SGD: state = momentum * state + lr * (g + wd * w); w -= state. With a
+        constant lr that is PyTorch's update (state = lr * PyTorch's buffer). Gluon decays
+        every parameter by default (wd_mult 1), so the others get wd_mult 0
+        (spec.WEIGHT_DECAY_RULE). kvstore=None: one context needs no gradient reduction."""
+        trainable = []
+        for name, param in self._tensors.items():
+            if spec.is_statistic(name):
+                continue
+            param.wd_mult = 1.0 if spec.is_decayed(name) else 0.0
+            trainable.append(param)
+        return gluon.Trainer(trainable, "sgd", {"learning_rate": lr, "momentum": spec.MOMENTUM,
+                                                "wd": spec.WEIGHT_DECAY}, kvstore=None)
+
+    def export_weights(self) -> Dict[str, np.ndarray]:
+        return {name: param.data(self.ctx).asnumpy() for name, param in self._tensors.items()}
+
+    def import_weights(self, weights) -> None:
+        """Loads canonical weights (and clears the optimizer's momentum, if any)."""
+        spec.check_weights(f"{type(self).__name__}.import_weights", self.model_name, weights)
+        for name, param in self._tensors.items():
+            param.set_data(np.ascontiguousarray(weights[name], dtype=np.float32))
+        if hasattr(self, "trainer"):
+            # A fresh Trainer is the public way to drop the momentum states.
+            self.trainer = self._make_trainer(self.trainer.learning_rate)
+
+    # -- data ------------------------------------------------------------------------------
+    def make_loader(self, split: str = "train", *, epochs: int = 1, shuffle=None):
+        """gluon.data.DataLoader over the shared plan (no shuffling of its own, the last
+        partial batch dropped): ``config.workers`` worker processes, pinned memory on the GPU;
+        batches are tuples of NDArrays (image float32, then label int64, or joints and
+        visibility float32). Worker batches arrive in shared memory (context cpu_shared), see
+        ``to_device``."""
+        stream = self.sample_stream(split, epochs=epochs, shuffle=shuffle)
+        workers = self.config.workers
+        return gluon.data.DataLoader(
+            stream, batch_size=self.config.batch_size, shuffle=False, last_batch="discard",
+            num_workers=workers, pin_memory=self.ctx.device_type == "gpu",
+            prefetch=2 * workers, thread_pool=False)
+
+    def to_device(self, batch):
+        """Host batch -> arrays on the workload's context. On the CPU this is a no-op for the
+        in-process loader; worker batches live in cpu_shared memory, which our conv and loss
+        impls (and hybridized graphs) do not take alongside cpu parameters, so they are
+        copied to cpu(0) here."""
+        return tuple(a if a.context == self.ctx else a.as_in_context(self.ctx) for a in batch)
+
+    # -- the step --------------------------------------------------------------------------
+    def _end_record(self) -> None:
+        if self._record is not None:
+            record, self._record = self._record, None
+            record.__exit__(None, None, None)
+
+    def forward(self, batch):
+        """Training-mode output. Opens autograd.record(), which ``loss_forward`` closes, so
+        the profiler can time the network and the loss separately."""
+        self._end_record()  # a forward whose loss was never computed
+        record = autograd.record(train_mode=True)
+        record.__enter__()
+        self._record = record
+        try:
+            return self.net(batch[0])
+        except BaseException:
+            self._end_record()
+            raise
+
+    def loss_forward(self, output, batch):
+        """The scalar loss (an NDArray of shape (1,)), still recorded; then ends recording."""
+        try:
+            return self.compute_loss(output, batch)
+        finally:
+            self._end_record()
+
+    def compute_loss(self, output, batch):
+        raise NotImplementedError
+
+    def backward(self, loss) -> None:
+        """Every parameter's gradient, overwritten (grad_req 'write', which our native conv
+        also requires), so old gradients need no clearing."""
+        self._end_record()
+        loss.backward()
+
+    def optimizer_step(self) -> None:
+        # step(1): the loss is already the batch mean; step(batch_size) would divide again.
+        self.trainer.step(1)
+
+    def loss_value(self, loss) -> float:
+        return float(loss.asscalar())  # waits for the loss to be computed
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Sets the lr, and rescales the momentum states by new / old so the next updates are
+        PyTorch's: MXNet's state holds lr * PyTorch's buffer with the lr it was built with.
+        (From lr 0 nothing can be rescaled: PyTorch's buffer kept growing, MXNet's did not.)"""
+        if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not math.isfinite(lr) \
+                or lr < 0:
+            raise ValueError(f"{type(self).__name__}.set_learning_rate: lr: expected a finite "
+                             f"float >= 0, got {lr!r}")
+        old = self.trainer.learning_rate
+        if old > 0 and lr != old:
+            # Gluon keeps the states in its (private) per-context updaters: index -> NDArray.
+            for updater in self.trainer._updaters:
+                for state in updater.states.values():
+                    if state is not None:
+                        state *= lr / old
+        self.trainer.set_learning_rate(float(lr))
+
+    def synchronize(self) -> None:
+        # MXNet queues every operator on its engine and returns: wait for all of them.
+        mx.nd.waitall()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Eval-mode output (batch norm's running statistics, no dropout) for NCHW float32
+        ``images``."""
+        self._end_record()
+        x = mx.nd.array(np.ascontiguousarray(images, np.float32), ctx=self.ctx,
+                        dtype=np.float32)
+        with autograd.pause(train_mode=False):
+            return self.net(x).asnumpy()
