@@ -106,6 +106,7 @@ class StepRunner:
             sync()
         self.split.begin()
         w.backward(loss)
+        self.instrument.finish_backward()
         self.split.end(sync)
         with rec.range("optimizer", "phase"):
             w.optimizer_step()

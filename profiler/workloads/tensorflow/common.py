@@ -153,6 +153,7 @@ class TensorFlowWorkload(WorkloadBase):
     ``flatten_inputs``), ``input_shape`` (one NHWC sample) and ``compute_loss``."""
 
     framework = "tensorflow"
+    bn_running_var_unbiased = False   # Keras' moving_variance takes the biased one (batch_norm)
     input_shape: Tuple[int, int, int] = ()
 
     def __init__(self, config):
@@ -319,6 +320,11 @@ class TensorFlowWorkload(WorkloadBase):
             return batch
         with tf.device(self.tf_device):
             return tuple(tf.identity(t) for t in batch)
+
+    def batch_to_numpy(self, batch):
+        """A loader's batch as NumPy arrays in the canonical layout (images back to NCHW)."""
+        images, *targets = (t.numpy() for t in batch)
+        return (np.ascontiguousarray(images.transpose(0, 3, 1, 2)), *targets)
 
     # -- the step --------------------------------------------------------------------------
     def _stop_recording(self) -> None:

@@ -1,0 +1,181 @@
+"""The layer-wise profiler on real workloads: every framework's instrumentation covers every
+layer with parameters in both directions (the first layer's backward included), phases add up
+to the step, ranges nest, NVTX ranges are emitted, and the CLI writes valid outputs, refuses
+bad arguments and keeps the other frameworks' results when one fails."""
+
+import importlib
+import json
+import sys
+
+import pytest
+
+from profiler import layerwise, recorder
+from profiler.analysis.nesting import check_nesting
+from profiler.analysis.phases import layer_breakdown, phase_breakdown
+from profiler.analysis.trace_events import validate_chrome_trace
+from profiler.report import validate_report
+from profiler.runner import compare, profile
+from profiler.timeline import PHASES
+from profiler.workloads import FRAMEWORKS, build_workload
+
+TINY = dict(batch_size=4, train_size=16, test_size=4)
+
+
+def instrument_available(framework):
+    for module in (f"profiler.workloads.{framework}.common", f"profiler.instrument.{framework}"):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            pytest.skip(f"{framework}: {e}")
+
+
+@pytest.fixture(params=FRAMEWORKS)
+def framework(request):
+    instrument_available(request.param)
+    return request.param
+
+
+class RecordingNvtx:
+    """Stands in for the nvtx package (no NVTX tool can observe ranges in CI)."""
+
+    def __init__(self):
+        self.started, self.ended = [], []
+
+    def start(self, message, colour):
+        self.started.append((message, colour))
+        return len(self.started)
+
+    def end(self, handle):
+        self.ended.append(handle)
+
+
+@pytest.mark.parametrize("model", ["resnet20", "deeppose"])
+def test_profile_covers_every_layer_and_phase(framework, model, monkeypatch):
+    nvtx = RecordingNvtx()
+    monkeypatch.setattr(recorder, "NVTX", nvtx)
+    import profiler.runner as runner_module
+    monkeypatch.setattr(runner_module, "NVTX", nvtx)
+    workload = build_workload(framework, model=model, **TINY)
+    result = profile(workload, warmup=1, iters=2, overhead_iters=1)
+    assert result.errors == []
+    check_nesting(result.timeline)
+    phases = phase_breakdown(result.timeline)
+    assert phases["steps"] == [0, 1]
+    total = sum(phases["phases_ms"][p]["mean"] for p in PHASES)
+    assert total == pytest.approx(phases["step_ms"]["mean"], rel=0.02)
+    for phase in ("data_wait", "forward", "loss_forward", "loss_backward", "backward",
+                  "optimizer"):
+        assert phases["phases_ms"][phase]["mean"] > 0, phase
+    rows = {row["name"]: row for row in layer_breakdown(result.timeline)}
+    expected = [name for name, _ in workload.named_layers()]
+    assert sorted(rows) == sorted(expected)
+    for name in expected:
+        assert rows[name]["forward_ms"] > 0, f"{name} forward"
+        assert rows[name]["backward_ms"] > 0, f"{name} backward"
+    # The first layer's input needs no gradient (the trap): its backward still computes the
+    # weight gradient, about the work of its forward, not a few microseconds.
+    first = expected[0]
+    assert rows[first]["backward_ms"] > 0.25 * rows[first]["forward_ms"]
+    # NVTX mirrored the ranges: balanced, one colour per phase, layers named.
+    assert len(nvtx.started) == len(nvtx.ended) > 0
+    messages = {m for m, _ in nvtx.started}
+    assert {"step", "forward", "loss_backward", "backward", "optimizer"} <= messages
+    assert f"{first} (backward)" in messages
+    colours = {m: c for m, c in nvtx.started}
+    assert colours["forward"] != colours["backward"]
+    assert len(result.uninstrumented_step_ms) == 1 and len(result.instrumented_step_ms) == 2
+
+
+def test_uninstrumented_steps_record_nothing(monkeypatch):
+    workload = build_workload("torch", model="resnet20", **TINY)
+    result = profile(workload, warmup=0, iters=1, overhead_iters=2)
+    steps = [r for r in result.timeline.ranges if r.kind == "step"]
+    assert len(steps) == 1 and len(result.uninstrumented_step_ms) == 2
+
+
+def test_compare_interleaves_variants():
+    workload = build_workload("torch", model="deeppose", **TINY)
+    outcome = compare(workload, kind="loss", variants=["autograd", "native"], rounds=2,
+                      steps_per_round=1, warmup=0)
+    assert outcome["errors"] == []
+    for variant in ("autograd", "native"):
+        assert sorted(outcome["step_round"][variant].values()) == [0, 1]
+        assert phase_breakdown(outcome["timelines"][variant])["steps"] == [0, 1]
+    # Rounds rotate who goes first (autograd, native; then native, autograd): the run ends
+    # on autograd.
+    assert workload.loss_impl == "autograd"
+
+
+def cli(tmp_path, *extra):
+    return ["--model", "resnet20", "--batch-size", "4", "--warmup", "1", "--iters", "2",
+            "--synthetic-size", "16", "--no-progress", "--out", str(tmp_path), *extra]
+
+
+def test_cli_writes_valid_outputs(tmp_path, capsys):
+    assert layerwise.main(cli(tmp_path, "--framework", "torch", "--format", "json")) == 0
+    report = json.loads(capsys.readouterr().out)
+    validate_report(report)
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["framework"] == "torch" and on_disk["phases_ms"].keys() == set(PHASES)
+    assert on_disk["instrumentation"]["overhead_pct"] is not None
+    validate_chrome_trace(json.loads((tmp_path / "trace.json").read_text()))
+    folded = (tmp_path / "flame.folded").read_text().splitlines()
+    assert any(";forward;conv0 (forward) " in line for line in folded)
+    speedscope = json.loads((tmp_path / "flame.speedscope.json").read_text())
+    assert speedscope["profiles"] and speedscope["shared"]["frames"]
+
+
+def test_cli_compare(tmp_path, capsys):
+    code = layerwise.main(["--framework", "torch", "--model", "deeppose", "--batch-size", "2",
+                           "--synthetic-size", "8", "--warmup", "0", "--rounds", "2",
+                           "--steps-per-round", "1", "--no-progress", "--out", str(tmp_path),
+                           "--compare", "loss=autograd,native"])
+    assert code == 0
+    doc = json.loads((tmp_path / "comparison.json").read_text())
+    assert doc["variants"] == ["autograd", "native"]
+    assert any(line.startswith("loss backward, native vs autograd: ")
+               for line in doc["differences"])
+    assert "native vs autograd" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--framework", "jax"], "invalid choice: 'jax'"),
+    (["--batch-size", "0"], "expected a positive integer"),
+    (["--iters", "x"], "expected an integer"),
+    (["--loss-impl", "native"], "loss impls apply to --model deeppose"),
+    (["--compare", "speed"], "expected loss=A,B,... or conv=A,B,..."),
+    (["--model", "deeppose", "--compare", "loss=autograd"], "at least two distinct"),
+    (["--model", "deeppose", "--compare", "loss=autograd,fast"],
+     "expected at least two distinct loss impls"),
+    (["--compare", "conv=framework,native", "--framework", "all"], "runs in one framework"),
+    (["--framework", "all", "--python", "jax=/usr/bin/python3"], "--python: expected"),
+    (["--framework", "all", "--python", "torch=/no/such/python"], "not an executable"),
+])
+def test_cli_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        layerwise.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_failed_run_keeps_a_report(tmp_path):
+    code = layerwise.main(cli(tmp_path, "--framework", "torch", "--data", str(tmp_path / "x")))
+    assert code == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert any("no such directory" in e for e in report["errors"])
+
+
+def test_framework_all_isolates_failures(tmp_path, capsys):
+    """One framework's interpreter fails outright: its error is reported and the others'
+    results are kept and merged."""
+    code = layerwise.main(cli(tmp_path, "--framework", "all", "--format", "json",
+                              "--python", "mxnet=/bin/false", "--python",
+                              f"torch={sys.executable}"))
+    reports = json.loads(capsys.readouterr().out)
+    assert [r["framework"] for r in reports] == list(FRAMEWORKS)
+    by_name = {r["framework"]: r for r in reports}
+    assert by_name["mxnet"]["errors"] and "exited with status 1" in by_name["mxnet"]["errors"][0]
+    assert by_name["torch"]["errors"] == [] and "phases_ms" in by_name["torch"]
+    assert code == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["reports"][0]["framework"] \
+        == "torch"
