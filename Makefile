@@ -18,11 +18,11 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.ops-built
 KERNEL_SOURCES := $(wildcard csrc/*) setup.py CMakeLists.txt pyproject.toml
 
-.PHONY: run test bench setup freeze clean
+.PHONY: run test bench profile-all setup freeze clean
 
-## run: the main job on its built-in default (kernel self-check + benchmark against PyTorch)
+## run: the main job on its built-in default (the layer-wise profiler: PyTorch, ResNet-20)
 run: setup
-	$(PY) -m experiments.bench_kernels
+	$(PY) -m profiler.layerwise
 
 ## test: the whole test suite (GPU tests skip with a reason where there is no GPU)
 test: setup
@@ -31,6 +31,10 @@ test: setup
 ## bench: the kernel benchmark with more rounds, written to runs/bench_kernels.json
 bench: setup
 	$(PY) -m experiments.bench_kernels --rounds 15 --out runs/bench_kernels.json
+
+## profile-all: the profiler on all four frameworks, merged (runs/layerwise/all-resnet20)
+profile-all: setup
+	$(PY) -m profiler.layerwise --framework all
 
 setup: $(BUILD_STAMP)
 
