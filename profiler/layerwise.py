@@ -405,10 +405,14 @@ def run_compare(args, framework: str) -> dict:
         for variant in variants[1:]:
             if baseline in per_round and variant in per_round and len(
                     per_round[variant][name]) >= 2:
-                est, lo, hi = bootstrap_diff_ci(per_round[baseline][name],
-                                                per_round[variant][name])
-                lines.append(describe_diff(name.replace("_", " "), variant, baseline, est, lo,
-                                           hi))
+                label = name.replace("_", " ")
+                try:
+                    est, lo, hi = bootstrap_diff_ci(per_round[baseline][name],
+                                                    per_round[variant][name])
+                except ValueError as e:     # e.g. a phase that took 0 ms in the baseline
+                    lines.append(f"{label}, {variant} vs {baseline}: no ratio ({e})")
+                    continue
+                lines.append(describe_diff(label, variant, baseline, est, lo, hi))
     doc = {"framework": framework, "model": args.model, "device": device, "kind": kind,
            "variants": variants, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
            "phases_ms": table, "per_round_ms": per_round, "differences": lines,

@@ -107,6 +107,8 @@ class ChainerWorkload(WorkloadBase):
     file supplies ``build_network()`` and ``loss_forward``."""
 
     framework = "chainer"
+    # Chainer's running variance takes the unbiased batch variance (m / (m - 1)), as PyTorch's.
+    bn_running_var_unbiased = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -235,6 +237,10 @@ class ChainerWorkload(WorkloadBase):
         if not self.on_gpu:
             return batch
         return tuple(self.device.send(a) for a in batch)
+
+    def batch_to_numpy(self, batch):
+        cpu = chainer.backend.CpuDevice()
+        return tuple(np.asarray(cpu.send(a)) for a in batch)
 
     # -- the step --------------------------------------------------------------------------
     def forward(self, batch):
