@@ -148,13 +148,24 @@ def test_conv_impl_switch_keeps_outputs(framework, model, conv):
 
 # --- the same training step --------------------------------------------------------------------
 
-def run_steps(framework, model, steps, **config):
+def run_steps(framework, model, steps, *, float64=False, **config):
+    """``float64`` (PyTorch only): the reference run, network and batches in double."""
+    if model != "deeppose":
+        # Raw [0, 1] pixels make conv0's weight gradient 0.5 x (the per-channel sum of a
+        # batch-norm input gradient, 0 in exact arithmetic) + ..., a measure of how precisely
+        # a framework accumulates batch statistics (PyTorch's CPU kernels in double, Chainer's
+        # NumPy ones in float32), not of whether its update is the same.
+        config.setdefault("standardize", True)
     workload = build_workload(framework, model=model, batch_size=4 if model != "deeppose"
                               else 2, augment=True, **{**SMALL, **config})
     start = perturbed_weights(model)
     workload.import_weights(start)
+    if float64:
+        workload.net.double()
     losses = []
     for batch, _ in zip(workload.make_loader(), range(steps)):
+        if float64:
+            batch = tuple(t.double() if t.is_floating_point() else t for t in batch)
         losses.append(workload.train_step(workload.to_device(batch)))
     workload.synchronize()
     return workload, start, losses, workload.export_weights()
@@ -189,7 +200,10 @@ def test_training_steps_match_torch(framework, model, steps):
     and two SGD steps (momentum and weight decay included). Updates (after - before) are
     compared, not just weights, so a wrong update cannot hide under the weights' size."""
     framework_available(framework)
-    _, start, torch_losses, torch_after = run_steps("torch", model, steps)
+    # Against PyTorch in float64: the tolerances measure this framework's float32 error alone,
+    # not the sum of two (a ReLU input within float32 rounding of 0 can flip either one).
+    _, start, torch_losses, torch_after = run_steps("torch", model, steps, float64=True)
+    torch_after = {name: value.astype(np.float32) for name, value in torch_after.items()}
     workload, _, losses, after = run_steps(framework, model, steps)
     np.testing.assert_allclose(losses, torch_losses, rtol=1e-4)
     for name, expected in torch_after.items():
@@ -201,6 +215,28 @@ def test_training_steps_match_torch(framework, model, steps):
                      f"{framework} {model} {name} update after {steps} step(s)")
         np.testing.assert_allclose(after[name], expected, rtol=1e-5, atol=1e-6,
                                    err_msg=f"{framework} {model} {name}")
+
+
+@pytest.mark.parametrize("framework", OTHERS)
+def test_weight_decay_applies_as_specified(framework, monkeypatch):
+    """At the real weight decay one step's decay term (lr * 1e-4 * w) is below float32
+    tolerance; at 0.5 it is as large as the gradient term, so applying it differently (to
+    biases or batch norm, decoupled, doubled, not at all) fails here."""
+    framework_available(framework)
+    monkeypatch.setattr(spec, "WEIGHT_DECAY", 0.5)
+    _, start, _, torch_after = run_steps("torch", "resnet20", 1, float64=True)
+    _, _, _, after = run_steps(framework, "resnet20", 1)
+    for name in ("conv0.weight", "stage2.block0.shortcut.weight", "fc.weight", "fc.bias",
+                 "stage1.block0.bn1.gamma"):
+        expected = torch_after[name].astype(np.float32)
+        assert_close(after[name] - start[name], expected - start[name], 2e-3,
+                     f"{framework} {name} update with weight decay 0.5")
+    # The decay must show: a decayed weight moved by about lr * 0.5 * w more than without it.
+    monkeypatch.setattr(spec, "WEIGHT_DECAY", 0.0)
+    _, _, _, undecayed = run_steps("torch", "resnet20", 1, float64=True)
+    decay_term = torch_after["fc.weight"] - undecayed["fc.weight"]
+    np.testing.assert_allclose(decay_term, -spec.LEARNING_RATE * 0.5 * start["fc.weight"],
+                               rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("loss", ["explicit", "kernel", "native"])

@@ -12,6 +12,7 @@ Chainer is imported only through ``ops.chainer.loader.load_chainer`` (see there 
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections import OrderedDict
 from typing import Dict, Iterator, List, Tuple
@@ -36,7 +37,14 @@ _BN_STATISTICS = ("avg_mean", "avg_var")   # persistent arrays, not Parameters
 def batch_norm(channels: int):
     """L.BatchNormalization with the shared epsilon and running-average decay (Chainer's own
     defaults are eps 2e-5 and decay 0.9). Its running variance gets the unbiased m / (m - 1)
-    correction, as PyTorch's does."""
+    correction, as PyTorch's does.
+
+    Not the same as PyTorch, and not ours to change: on the CPU Chainer takes the batch mean
+    and variance in float32 (NumPy's x.mean / x.var), PyTorch's CPU kernel accumulates them in
+    double. The math is the same (float64 runs agree to 1e-15), but in float32 Chainer's
+    gradients differ from PyTorch's by ~1e-5 relative, much more where an input's mean is
+    large against its spread (conv0's weight gradient with raw [0, 1] pixels: 0.5 x the sum of
+    a BN input gradient that is 0 in exact arithmetic)."""
     return chainer.links.BatchNormalization(channels, decay=spec.BN_DECAY, eps=spec.BN_EPSILON)
 
 
@@ -263,8 +271,7 @@ class ChainerWorkload(WorkloadBase):
         (b = m b + g; w -= lr b), so v == -lr b: the velocity is rescaled by new / old so the
         next updates are PyTorch's exactly (unscaled, a new rate would phase in over the
         momentum's horizon). Hence ``lr`` must be positive."""
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 \
-                or not np.isfinite(lr):
+        if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not 0 < lr < np.inf:
             raise ValueError(f"{type(self).__name__}.set_learning_rate: lr: expected a "
                              f"positive finite number, got {lr!r}")
         ratio = lr / self.optimizer.lr
