@@ -182,14 +182,15 @@ def batch_norm_count(bn: str, batch_size: int) -> int:
     return batch_size * (32 >> (level - 1)) ** 2
 
 
-def expected_running_var(torch_start, torch_after, unbiased: bool, count: int):
+def expected_running_var(torch_start, torch_after, unbiased: bool, count: int, steps: int):
     """PyTorch's running variance converted to a framework that updates it with the biased
-    batch variance (PyTorch's is corrected by count / (count - 1))."""
+    batch variance (PyTorch's is corrected by count / (count - 1)) over ``steps`` updates:
+    running = d^k * start + (1 - d) * sum_i d^(k-1-i) * var_i is linear in the batch
+    variances, so the correction scales everything but the start's share."""
     if unbiased:
         return torch_after
-    decay = spec.BN_DECAY
-    batch_var = (torch_after - decay * torch_start) / (1 - decay)
-    return decay * torch_start + (1 - decay) * batch_var * (count - 1) / count
+    kept = spec.BN_DECAY ** steps * torch_start
+    return kept + (torch_after - kept) * (count - 1) / count
 
 
 @pytest.mark.parametrize("framework", OTHERS)
@@ -210,7 +211,8 @@ def test_training_steps_match_torch(framework, model, steps):
         if name.endswith(".running_var"):
             expected = expected_running_var(start[name], expected,
                                             workload.bn_running_var_unbiased,
-                                            batch_norm_count(name.rsplit(".", 1)[0], 4))
+                                            batch_norm_count(name.rsplit(".", 1)[0], 4),
+                                            steps)
         assert_close(after[name] - start[name], expected - start[name], 2e-3,
                      f"{framework} {model} {name} update after {steps} step(s)")
         np.testing.assert_allclose(after[name], expected, rtol=1e-5, atol=1e-6,

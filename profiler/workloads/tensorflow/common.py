@@ -44,10 +44,11 @@ def batch_norm(name: str) -> keras.layers.BatchNormalization:
 
     Not the same as PyTorch, and not made so: Keras averages the biased batch variance into
     ``moving_variance`` where PyTorch averages the unbiased one (n / (n - 1) times larger, n =
-    batch x height x width), so after training steps running_var differs by up to
-    (1 - BN_DECAY) * var / (n - 1) per step (2e-5 relative at ResNet's last stage, batch 32).
-    Training-mode outputs (batch statistics, biased, as PyTorch) and eval outputs for the same
-    statistics agree; ``export_weights`` returns what Keras holds."""
+    batch x height x width), so each step adds (1 - BN_DECAY) * var / (n - 1) less, and a
+    long run's running_var settles 1 / (n - 1) lower relative (5e-4 at ResNet's last stage,
+    batch 32). Training-mode outputs (batch statistics, biased, as PyTorch) and eval outputs
+    for the same statistics agree; ``export_weights`` returns what Keras holds and
+    ``bn_running_var_unbiased`` is False."""
     return keras.layers.BatchNormalization(axis=-1, momentum=spec.BN_DECAY,
                                            epsilon=spec.BN_EPSILON, name=name)
 
@@ -94,7 +95,7 @@ def _dense_to_canonical(k: np.ndarray) -> np.ndarray:
     return k.T
 
 
-def _flattened_dense_layouts(chw: Tuple[int, int, int]):
+def flattened_dense_layouts(chw: Tuple[int, int, int]):
     """(to Keras, to canonical) for a dense layer after a Flatten: canonical input features in
     (C, H, W) order, Keras' in the (H, W, C) order of a flattened NHWC tensor."""
     c, h, w = chw
@@ -133,7 +134,7 @@ def weight_slots(named_layers, flatten_inputs: Dict[str, Tuple[int, int, int]]
         if isinstance(layer, keras.layers.Conv2D):
             to_keras, to_canonical = _conv_to_keras, _conv_to_canonical
         elif isinstance(layer, keras.layers.Dense):
-            to_keras, to_canonical = (_flattened_dense_layouts(flatten_inputs[name])
+            to_keras, to_canonical = (flattened_dense_layouts(flatten_inputs[name])
                                       if name in flatten_inputs
                                       else (_dense_to_keras, _dense_to_canonical))
         else:

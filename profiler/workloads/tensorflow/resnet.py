@@ -35,6 +35,7 @@ class PreActBlock(keras.layers.Layer):
         return out + skip
 
     def named_layers(self):
+        """(canonical name, layer) of the block's layers with weights, in forward order."""
         layers = [(self.bn1.name, self.bn1), (self.conv1.name, self.conv1),
                   (self.bn2.name, self.bn2), (self.conv2.name, self.conv2)]
         if self.shortcut is not None:
