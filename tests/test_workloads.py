@@ -149,7 +149,8 @@ def test_conv_impl_switch_keeps_outputs(framework, model, conv):
 # --- the same training step --------------------------------------------------------------------
 
 def run_steps(framework, model, steps, *, float64=False, **config):
-    """``float64`` (PyTorch only): the reference run, network and batches in double."""
+    """``float64``: network and batches in double (PyTorch: the reference run; MXNet: its
+    float32 batch statistics are too coarse for these tolerances, see FLOAT64_RUNS)."""
     if model != "deeppose":
         # Raw [0, 1] pixels make conv0's weight gradient 0.5 x (the per-channel sum of a
         # batch-norm input gradient, 0 in exact arithmetic) + ..., a measure of how precisely
@@ -161,14 +162,24 @@ def run_steps(framework, model, steps, *, float64=False, **config):
     start = perturbed_weights(model)
     workload.import_weights(start)
     if float64:
-        workload.net.double()
+        workload.net.cast("float64") if framework == "mxnet" else workload.net.double()
     losses = []
     for batch, _ in zip(workload.make_loader(), range(steps)):
-        if float64:
+        if float64 and framework == "mxnet":
+            batch = tuple(a.astype("float64") if a.dtype == np.float32 else a for a in batch)
+        elif float64:
             batch = tuple(t.double() if t.is_floating_point() else t for t in batch)
         losses.append(workload.train_step(workload.to_device(batch)))
     workload.synchronize()
     return workload, start, losses, workload.export_weights()
+
+
+# Frameworks whose float32 batch statistics (MXNet's: summed in float32, ~10x PyTorch's
+# rounding) put a ReLU input within rounding of 0 on the other side in these ResNet runs,
+# changing upstream gradients by percents: their ResNet step is compared in float64 instead
+# (the same update formula is what is under test; float32 agreement of their outputs is
+# tested by test_predict_matches_float64_reference).
+FLOAT64_RUNS = {"mxnet"}
 
 
 def batch_norm_count(bn: str, batch_size: int) -> int:
@@ -205,7 +216,11 @@ def test_training_steps_match_torch(framework, model, steps):
     # not the sum of two (a ReLU input within float32 rounding of 0 can flip either one).
     _, start, torch_losses, torch_after = run_steps("torch", model, steps, float64=True)
     torch_after = {name: value.astype(np.float32) for name, value in torch_after.items()}
-    workload, _, losses, after = run_steps(framework, model, steps)
+    # DeepPose has no batch norm: every framework is compared in float32 there.
+    workload, _, losses, after = run_steps(framework, model, steps,
+                                           float64=framework in FLOAT64_RUNS
+                                           and model != "deeppose")
+    after = {name: value.astype(np.float32) for name, value in after.items()}
     np.testing.assert_allclose(losses, torch_losses, rtol=1e-4)
     for name, expected in torch_after.items():
         if name.endswith(".running_var"):
@@ -227,7 +242,8 @@ def test_weight_decay_applies_as_specified(framework, monkeypatch):
     framework_available(framework)
     monkeypatch.setattr(spec, "WEIGHT_DECAY", 0.5)
     _, start, _, torch_after = run_steps("torch", "resnet20", 1, float64=True)
-    _, _, _, after = run_steps(framework, "resnet20", 1)
+    _, _, _, after = run_steps(framework, "resnet20", 1, float64=framework in FLOAT64_RUNS)
+    after = {name: value.astype(np.float32) for name, value in after.items()}
     for name in ("conv0.weight", "stage2.block0.shortcut.weight", "fc.weight", "fc.bias",
                  "stage1.block0.bn1.gamma"):
         expected = torch_after[name].astype(np.float32)

@@ -16,11 +16,22 @@ is unverified): batch norm updates its running variance with the *biased* batch 
 running statistics in its backward pass, not in the forward (a training-mode forward without a
 backward leaves them alone; the profiler sees that work under backward). Correcting the
 variance would add operators to every step of the workload whose overhead is being measured,
-so it is left as MXNet does it.
+so it is left as MXNet does it. Its batch statistics are also summed in float32 (PyTorch's CPU
+kernels accumulate in double): about ten times PyTorch's rounding error, enough for a
+pre-activation within float32 rounding of 0 to land on the other side of a ReLU now and then,
+which changes the gradients upstream of it by up to a few percent (in float64 the two
+frameworks' steps agree to 3e-7: tests/test_workloads_mxnet.py).
+
+Two MXNet 1.9.1 hazards are worked around here (the cause is in MXNet and the ops adapter):
+``predict`` puts convolution weights back into the plain layout that oneDNN's inference pass
+reorders them out of (see ``_restore_plain_layouts``), and ``backward`` waits for the kernel
+conv impl's Python backward before the optimizer may queue a write to the weights it reads
+(see ``backward``). Queued work is drained before the interpreter exits (``atexit`` below).
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import numbers
 from collections import OrderedDict
@@ -36,6 +47,15 @@ from ops.mxnet.loader import unavailable_impls
 
 from .. import spec
 from ..base import WorkloadBase
+
+# MXNet's CPU build computes convolutions with oneDNN (see _restore_plain_layouts).
+_ONEDNN = mx.runtime.Features().is_enabled("MKLDNN")
+
+# Work still queued at exit may include Python callbacks (the kernel and explicit impls' Functions
+# and CustomOps); once the interpreter finalizes they can no longer take the GIL, and MXNet's own
+# exit handler then waits for them forever. Handlers run last-registered first, so this drain runs
+# before MXNet's (registered when mxnet was imported, above).
+atexit.register(mx.nd.waitall)
 
 
 def batch_norm(channels: int, prefix: str) -> gluon.nn.BatchNorm:
@@ -62,6 +82,9 @@ class MXNetWorkload(WorkloadBase):
     ``self.net.hybridize()`` still works (``set_impls`` rebuilds the cached graphs)."""
 
     framework = "mxnet"
+    # MXNet's CPU batch norm (and its own CUDA kernel) updates running_var with the biased
+    # batch variance: see the module docstring. Its cuDNN path, the GPU default, is unverified.
+    bn_running_var_unbiased = False
 
     def __init__(self, config):
         super().__init__(config)
@@ -145,7 +168,10 @@ class MXNetWorkload(WorkloadBase):
         """Loads canonical weights (and clears the optimizer's momentum, if any)."""
         spec.check_weights(f"{type(self).__name__}.import_weights", self.model_name, weights)
         for name, param in self._tensors.items():
-            param.set_data(np.ascontiguousarray(weights[name], dtype=np.float32))
+            # An NDArray source (set_data from NumPy fails on an array in oneDNN's layout), in
+            # the parameter's dtype (float32, unless the network was cast).
+            param.set_data(mx.nd.array(np.ascontiguousarray(weights[name]), ctx=self.ctx,
+                                       dtype=param.dtype))
         if hasattr(self, "trainer"):
             # A fresh Trainer is the public way to drop the momentum states.
             self.trainer = self._make_trainer(self.trainer.learning_rate)
@@ -170,6 +196,10 @@ class MXNetWorkload(WorkloadBase):
         impls (and hybridized graphs) do not take alongside cpu parameters, so they are
         copied to cpu(0) here."""
         return tuple(a if a.context == self.ctx else a.as_in_context(self.ctx) for a in batch)
+
+    def batch_to_numpy(self, batch):
+        """A loader's batch as NumPy arrays (Gluon's layouts are the canonical ones)."""
+        return tuple(a.asnumpy() for a in batch)
 
     # -- the step --------------------------------------------------------------------------
     def _end_record(self) -> None:
@@ -202,9 +232,17 @@ class MXNetWorkload(WorkloadBase):
 
     def backward(self, loss) -> None:
         """Every parameter's gradient, overwritten (grad_req 'write', which our native conv
-        also requires), so old gradients need no clearing."""
+        also requires), so old gradients need no clearing.
+
+        With the kernel conv impl it also waits until the backward has run: that impl's
+        backward (Python, on an MXNet engine thread) first waits for every write queued to the
+        weights it reads, and the Trainer's update of those weights, queued by an
+        ``optimizer_step`` before the backward had run, waits for its gradients: a deadlock.
+        Waiting here costs that impl no overlap it has: each of its kernel calls waits anyway."""
         self._end_record()
         loss.backward()
+        if self.conv_impl == "kernel":
+            mx.nd.waitall()
 
     def optimizer_step(self) -> None:
         # step(1): the loss is already the batch mean; step(batch_size) would divide again.
@@ -241,4 +279,25 @@ class MXNetWorkload(WorkloadBase):
         x = mx.nd.array(np.ascontiguousarray(images, np.float32), ctx=self.ctx,
                         dtype=np.float32)
         with autograd.pause(train_mode=False):
-            return self.net(x).asnumpy()
+            output = self.net(x).asnumpy()
+        self._restore_plain_layouts()
+        return output
+
+    def _restore_plain_layouts(self) -> None:
+        """oneDNN's inference-mode convolution reorders its weight array *in place* into its
+        blocked layout, and the array stays so. MXNet's training ops take that, but NumPy
+        cannot be copied into it (set_data), our kernel impl must export a copy of it on every
+        call, and a CustomOp (the kernel impl in a hybridized graph) reads it as if plain:
+        wrong results. A fresh copy of each such weight (``reset_ctx``, which also gives it a
+        fresh gradient buffer) puts the network back in the state training expects."""
+        if not _ONEDNN or self.ctx.device_type != "cpu":
+            return
+        mx.nd.waitall()  # the reorder is queued on the engine
+        for param in self._tensors.values():
+            try:
+                # MXNet refuses to export a blocked array: the only public test of the layout.
+                param.data(self.ctx).to_dlpack_for_read()
+            except mx.base.MXNetError as error:
+                if "MKLDNN" not in str(error):
+                    raise
+                param.reset_ctx(self.ctx)

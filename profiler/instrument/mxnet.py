@@ -1,0 +1,523 @@
+"""MXNet/Gluon instrumentation: layer ranges timed where MXNet's engine runs the work.
+
+MXNet queues every operator on its engine and returns at once; the engine's threads run them
+in dependency order. Host times around a Gluon block's forward are therefore enqueue times (a
+fraction of the work). Every layer range here is read by an engine thread as the work
+completes, on the ``host:mxnet-engine`` track (host clock):
+
+Forward: a forward pre-hook on each layer queues an engine operation that only reads the
+clock. It declares a *write* of the layer's input (nothing is written: the engine merely runs
+it after the input is complete and before the layer's operators, which read the input) and of
+a private one-element clock array (operations on one array run in queue order, so boundaries
+come in program order); a forward post-hook queues an operation reading the layer's output
+and writing the clock array (so the next boundary also waits for this layer's operators,
+whichever arrays they touch); a post-hook on the network queues the last boundary. Layer k's
+forward range runs from its boundary to the next: its operators plus the parameter-free
+operators after it up to the next layer (activation, pooling, addition, dropout).
+
+Backward: Gluon has no backward hook, and MXNet queues the whole backward pass inside one
+``backward()`` call. ``mark_output`` puts an identity marker on the model output (a view of the
+same memory, recorded on the autograd tape with ``MXCustomFunctionRecord``); its backward runs
+on a custom-op thread once the loss backward is done, calls ``on_output_grad`` and then holds
+the backward pass (everything after depends on it) until ``backward()`` has returned (the
+instrument wraps ``NDArray.backward`` while installed) and queued, for every layer that ran, an
+engine operation declaring a write of the layer's first trainable parameter (a weight, batch
+norm's gamma). The engine runs it as soon as the layer's backward operator, the last to read
+that parameter, is done (that operator computes all the layer's gradients), and before the
+next backward operator: completing an operator, the engine first hands on the arrays it read,
+then those it wrote. A first layer, whose input needs no gradient, is covered like any other.
+Layer k's backward range runs from the previous such moment (the output's gradient, or
+another layer's) to its own: its backward operators plus those of the parameter-free
+operators after it in forward order, and sums of gradients of arrays used twice. The ranges
+tile the backward phase, so they nest by construction. The hold costs the overlap of MXNet's
+queueing of the backward pass with its first operators (the rest of the ``backward()`` call);
+without it a boundary queued after its layer was done would read the clock late.
+
+Why no markers on each layer's output and input, the PyTorch instrument's shape? In MXNet 1.9's
+CPU build a custom function (or CustomOp) given an array still in oneDNN's blocked layout (what
+its convolution, batch norm and activation gradients are) is handed a temporary plain copy that
+is freed before its Python code runs: the gradients came out as garbage. Guarding each marker
+with an out-of-place copy (``ops.mxnet.loader.custom_op``) costs two to three passes over every
+activation, measured here at 10-20% of a ResNet-20 step. The output marker is read through a
+recorded slice, whose backward is no oneDNN operator, so it gets a plain gradient.
+
+Backward bulking: by default (``MXNET_EXEC_BULK_EXEC_TRAIN=1``) MXNet runs up to 15
+(``MXNET_EXEC_BULK_EXEC_MAX_NODE_TRAIN_BWD``) backward operators as one engine operation, and
+the weight gradients of one bulk all appear when it ends: backward ranges then resolve bulks,
+not layers. MXNet reads the variable once, when it runs its first operator. Importing this
+module sets it to 0 unless it is set (a side effect on the process, meant for profiling runs:
+import it before building the workload); ``backward_is_bulked`` measures which mode MXNet is
+really in, and ``notes`` carry a warning when it is the bulked one.
+
+NVTX: forward ranges are mirrored exactly. Which layer a backward range belongs to is known only
+when it ends, but NVTX names a range when it starts: each backward NVTX range is named for the
+layer expected next (the one that followed the same layer in the previous backward pass, else
+the reverse forward order); the timeline names the layer observed.
+
+GPU (not run here): the boundaries run on CPU engine threads; MXNet 1.x completes a GPU
+operator once its stream has finished, so engine times are GPU execution times; MXNet does not
+expose its streams to Python, so there is no device clock (``device_clock()`` is None).
+
+This module must not change what the network computes: the output marker is an identity
+(outputs and gradients bit-identical, tests/test_instrument_mxnet.py), the boundaries write
+nothing, and ``remove()`` leaves no hook behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+import traceback
+import warnings
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mxnet as mx
+from mxnet import autograd
+from mxnet.base import _LIB, MXCallbackList, NDArrayHandle, check_call
+from mxnet.ndarray import NDArray
+
+from profiler import recorder as recorder_module
+
+from .base import InstrumentBase
+
+# MXNet reads its bulking setting once, when it runs its first operator (importing it runs
+# none): a process that imports this module before building its workload profiles unbulked
+# backward passes (see "Backward bulking" above) unless the environment says otherwise.
+os.environ.setdefault("MXNET_EXEC_BULK_EXEC_TRAIN", "0")
+
+ENGINE_TRACK = "host:mxnet-engine"
+_OUTPUT = "<model output>"  # the backward boundary before the first layer's backward
+# How long the output marker holds the backward pass for the layer boundaries to be queued.
+# Far longer than any backward() call; reached only if the pass was started by something other
+# than NDArray.backward that then waits for the engine before finish_backward (the hold is then
+# dropped for good, see _on_output_grad).
+HOLD_TIMEOUT_S = 5.0
+# How long backward_is_bulked waits for the engine: its work takes microseconds.
+PROBE_TIMEOUT_S = 1.0
+
+# ---- MXNet's C interfaces --------------------------------------------------------------------
+# EngineSyncFunc(RunContext*, param); a custom function's backward(num_ograds, num_igrads,
+# handles, reqs, is_train, context) and delete(context), as in mxnet.autograd.Function.
+_ENGINE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+_MARKER_BACKWARD_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                       ctypes.POINTER(ctypes.c_void_p),
+                                       ctypes.POINTER(ctypes.c_int), ctypes.c_int,
+                                       ctypes.c_void_p)
+_MARKER_DELETE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+_REQ_NULL, _REQ_ADD = autograd._GRAD_REQ_MAP["null"], autograd._GRAD_REQ_MAP["add"]
+_CPU_PRIORITIZED = ctypes.c_int(3)  # mxnet::FnProperty::kCPUPrioritized
+
+
+class _Context(ctypes.Structure):
+    """mxnet::Context: the engine runs the boundary operations on the CPU."""
+    _fields_ = [("dev_type", ctypes.c_int), ("dev_id", ctypes.c_int)]
+
+
+_CPU = _Context(1, 0)
+
+# Callbacks are looked up by slot: slot -> (weak reference to an Instrument, method, argument).
+# MXNet may call a callback after its instrument is gone (a recorded graph outlives remove()),
+# so slots, their C callback lists and the C function objects live as long as the process.
+_SLOTS: List[Optional[Tuple[weakref.ref, str, object]]] = [None]  # slot 0: NULL means none
+_KEEP_ALIVE: List[object] = []
+
+
+def _new_slot(instrument, method: str, argument=None) -> int:
+    _SLOTS.append((weakref.ref(instrument), method, argument))
+    return len(_SLOTS) - 1
+
+
+def _dispatch(slot: Optional[int]) -> None:
+    entry = _SLOTS[slot] if slot else None
+    if entry is None:
+        return
+    instrument = entry[0]()
+    if instrument is not None:
+        getattr(instrument, entry[1])(entry[2])
+
+
+def _on_engine(_run_context, slot) -> None:
+    try:
+        _dispatch(slot)
+    except Exception:  # an engine thread cannot raise into Python: report, keep training
+        traceback.print_exc()
+
+
+def _on_marker_backward(num_ograds, num_igrads, handles, reqs, _is_train, slot) -> int:
+    """The marker's backward: its input's gradient is its output's, then the boundary."""
+    try:
+        # MXNet allocated these handles for us: the NDArrays free them.
+        ograd = NDArray(ctypes.cast(handles[0], NDArrayHandle), writable=False)
+        igrad = NDArray(ctypes.cast(handles[1], NDArrayHandle), writable=True)
+        if reqs[0] == _REQ_ADD:
+            igrad += ograd
+        elif reqs[0] != _REQ_NULL:
+            ograd.copyto(igrad)
+        _dispatch(slot)
+        return True
+    except Exception:
+        # MXNet turns False into an MXNetError at the next wait; the traceback is all it shows.
+        print(f"Error in the profiler's MXNet output marker: {traceback.format_exc()}")
+        return False
+
+
+def _on_marker_delete(_slot) -> int:
+    return True
+
+
+_ENGINE_CALLBACK = _ENGINE_FN(_on_engine)
+_MARKER_BACKWARD = _MARKER_BACKWARD_FN(_on_marker_backward)
+_MARKER_DELETE = _MARKER_DELETE_FN(_on_marker_delete)
+_MARKER_CALLBACKS = (ctypes.CFUNCTYPE(ctypes.c_int) * 2)(
+    ctypes.cast(_MARKER_BACKWARD, ctypes.CFUNCTYPE(ctypes.c_int)),
+    ctypes.cast(_MARKER_DELETE, ctypes.CFUNCTYPE(ctypes.c_int)))
+
+
+def _marker_callbacks(slot: int) -> MXCallbackList:
+    """The callback list of a marker whose backward dispatches ``slot``; MXNet keeps a pointer
+    to it in every graph node recorded with it, so it is never freed."""
+    contexts = (ctypes.c_void_p * 2)(slot, slot)
+    callbacks = MXCallbackList(
+        ctypes.c_int(2),
+        ctypes.cast(_MARKER_CALLBACKS, ctypes.POINTER(ctypes.CFUNCTYPE(ctypes.c_int))),
+        ctypes.cast(contexts, ctypes.POINTER(ctypes.c_void_p)))
+    _KEEP_ALIVE.append((callbacks, contexts))
+    return callbacks
+
+
+def _handles(arrays: Sequence[NDArray]):
+    return (NDArrayHandle * len(arrays))(*[a.handle for a in arrays])
+
+
+def mark(array: NDArray, callbacks: MXCallbackList) -> NDArray:
+    """An identity of ``array`` on the autograd tape (a view of the same memory) whose backward
+    calls the marker callbacks ``callbacks``. Only while autograd is recording."""
+    marked = array.detach()
+    check_call(_LIB.MXCustomFunctionRecord(1, _handles([array]), 1, _handles([marked]),
+                                           ctypes.byref(callbacks)))
+    return marked
+
+
+def push_boundary(slot: int, reads: Sequence[NDArray], writes: Sequence[NDArray], *,
+                  own_thread: bool = False) -> None:
+    """Queues an engine operation that dispatches ``slot`` once every operation queued before
+    it that writes ``reads``, or reads or writes ``writes``, has run: on the CPU worker, in
+    queue order, or (``own_thread``) on one of MXNet's CPU-priority threads. It writes nothing;
+    declaring ``writes`` makes later operations on them wait for it."""
+    check_call(_LIB.MXEnginePushSyncND(
+        _ENGINE_CALLBACK, ctypes.c_void_p(slot), None, ctypes.byref(_CPU),
+        _handles(reads), len(reads), _handles(writes), len(writes),
+        ctypes.byref(_CPU_PRIORITIZED) if own_thread else None, 0,
+        b"deepprof_layer_boundary"))
+
+
+# The instruments whose pass is between forward and backward. NDArray.backward is wrapped while
+# one is installed: MXNet queues the whole backward pass inside that one call, and only once it
+# returns may the layer boundaries be queued behind it (see Instrument._queue_backward).
+_INSTALLED: "weakref.WeakSet[Instrument]" = weakref.WeakSet()
+_NDARRAY_BACKWARD = NDArray.backward
+
+
+@functools.wraps(_NDARRAY_BACKWARD)
+def _backward_then_queue_boundaries(self, *args, **kwargs):
+    try:
+        return _NDARRAY_BACKWARD(self, *args, **kwargs)
+    finally:
+        for instrument in list(_INSTALLED):
+            instrument._queue_backward()
+
+
+def _arrays(values) -> List[NDArray]:
+    """The NDArrays among ``values`` (a block's args or output), each once: the engine refuses
+    an operation listing one array twice."""
+    if isinstance(values, NDArray):
+        values = (values,)
+    found: Dict[int, NDArray] = {}
+    for v in values if isinstance(values, (tuple, list)) else ():
+        if isinstance(v, NDArray):
+            found.setdefault(v.handle.value, v)
+    return list(found.values())
+
+
+def _first_trainable(block):
+    """The block's first trainable Parameter (a conv's or dense layer's weight, batch norm's
+    gamma), which its backward operator reads; None if it has none."""
+    return next((p for p in block._reg_params.values() if p.grad_req != "null"), None)
+
+
+class _Probe:
+    """The two boundaries of backward_is_bulked: a gate that blocks, and a flag."""
+
+    def __init__(self):
+        self.open, self.fired = threading.Event(), threading.Event()
+
+    def gate(self, _=None) -> None:
+        self.open.wait(PROBE_TIMEOUT_S)
+
+    def fire(self, _=None) -> None:
+        self.fired.set()
+
+
+@functools.lru_cache(maxsize=None)
+def backward_is_bulked() -> bool:
+    """Whether this process's MXNet runs consecutive backward operators as one engine
+    operation (measured once: MXNet fixed it at its first operator).
+
+    A backward pass of two multiplications, z = (x * a) * b, whose second backward operator
+    (reading x) is held up by a gate writing x. Unbulked, the first one (reading b) runs on its
+    own and a boundary queued behind it on b fires; bulked, both are one operation that waits
+    for the gate, and the boundary does not fire before the timeout."""
+    probe = _Probe()
+    gate, fire = _new_slot(probe, "gate"), _new_slot(probe, "fire")
+    x, a, b = (mx.nd.ones((1,), ctx=mx.cpu()) for _ in range(3))
+    a.attach_grad()
+    b.attach_grad()
+    with autograd.record():
+        z = (x * a) * b
+    push_boundary(gate, (), [x], own_thread=True)  # the CPU worker must stay free
+    try:
+        _NDARRAY_BACKWARD(z)
+        push_boundary(fire, (), [b])
+        fired = probe.fired.wait(PROBE_TIMEOUT_S)
+    finally:
+        probe.open.set()
+    mx.nd.waitall()
+    return not fired
+
+
+class Instrument(InstrumentBase):
+    """Layer ranges for an imperative (not hybridized) Gluon network: see the module
+    docstring for what each range covers."""
+
+    phase_sync = True  # MXNet returns before its work has run: phases need the engine drained
+
+    def __init__(self, workload, recorder):
+        super().__init__(workload, recorder)
+        self._lock = threading.Lock()  # backward boundaries come from several MXNet threads
+        self._clock = mx.nd.zeros((1,), ctx=mx.cpu())  # orders the forward boundaries
+        self._hooks: list = []
+        self._kinds = [type(block).__name__ for _, block in self.layers]
+        self._index = {name: k for k, (name, _) in enumerate(self.layers)}
+        self._watched = [_first_trainable(block) for _, block in self.layers]
+        self._start_slots = [_new_slot(self, "_on_layer_start", k)
+                             for k in range(len(self.layers))]
+        self._end_slot = _new_slot(self, "_on_network_end")
+        self._gradient_slots = [_new_slot(self, "_on_weight_grad", k)
+                                for k in range(len(self.layers))]
+        self._output_marker = _marker_callbacks(_new_slot(self, "_on_output_grad"))
+        self._ran: set = set()                     # layers whose forward ran since a backward
+        self._hold = threading.Event()             # set: the backward pass may go on
+        self._hold_dropped = False
+        # The open forward range: (layer, start ns, NVTX handle); engine thread only.
+        self._forward_open: Optional[Tuple[int, int, object]] = None
+        # Backward pass state, under self._lock.
+        self._backward_from: Optional[int] = None  # ns of the last boundary, None: no pass
+        self._backward_after = _OUTPUT             # which boundary that was
+        self._backward_done: set = set()
+        self._backward_nvtx = None
+        self._next_after: Dict[str, str] = {}     # boundary -> layer seen next (NVTX names)
+        self._backward_order = [name for (name, _), p in zip(self.layers, self._watched)
+                                if p is not None][::-1]
+        self.notes = self._describe()
+
+    # -- the driver's interface -------------------------------------------------------------
+    def install(self) -> None:
+        if self._hooks:
+            return
+        hybridized = [name for name, block in self.layers if getattr(block, "_active", False)]
+        if getattr(self.workload.net, "_active", False) or hybridized:
+            raise ValueError(f"profiler.instrument.mxnet: the network runs hybridized "
+                             f"({hybridized[:3] or 'the whole network'}); Gluon calls no "
+                             f"per-block hook inside a cached graph: profile it imperatively")
+        for k, (name, block) in enumerate(self.layers):
+            self._hooks.append(block.register_forward_pre_hook(
+                functools.partial(self._layer_start, k)))
+            self._hooks.append(block.register_forward_hook(self._layer_end))
+        self._hooks.append(self.workload.net.register_forward_hook(self._network_end))
+        _INSTALLED.add(self)
+        NDArray.backward = _backward_then_queue_boundaries
+
+    def remove(self) -> None:
+        for handle in self._hooks:
+            handle.detach()
+        self._hooks.clear()
+        _INSTALLED.discard(self)
+        if not _INSTALLED:
+            NDArray.backward = _NDARRAY_BACKWARD
+        self._ran.clear()
+        self._hold.set()  # never leave a backward pass held
+
+    def mark_output(self, output):
+        if not (self._hooks and isinstance(output, NDArray) and output.ndim
+                and autograd.is_recording()):
+            return output
+        if not self._hold_dropped:
+            self._hold.clear()
+        marked = mark(output, self._output_marker)
+        # A recorded slice (a view in the forward): its backward, not a oneDNN operator, hands
+        # the marker a gradient in the plain layout (module docstring).
+        return marked[0:marked.shape[0]]
+
+    def finish_backward(self) -> None:
+        """Waits for the engine and closes the pass (an NVTX range opened for a layer that did
+        not come is ended). The boundaries were queued when NDArray.backward returned (before
+        a workload's backward() waits for the engine, as with the kernel conv impl); after
+        mx.autograd.backward they are queued now."""
+        self._queue_backward()
+        mx.nd.waitall()
+        with self._lock:
+            self._end_backward_nvtx()
+            self._backward_from = None
+
+    def _queue_backward(self) -> None:
+        """Right after MXNet has queued the backward pass (main thread): queues each layer's
+        weight-gradient boundary, then lets the held pass go on."""
+        for k in sorted(self._ran):
+            param, block = self._watched[k], self.layers[k][1]
+            if param is None or not self.recorder.enabled:
+                continue
+            if getattr(block, "impl", None) == "kernel":
+                # ops.mxnet's kernel impl is a Python Function that reads the weight outside
+                # the engine: wait for the gradient it writes instead (the engine then runs
+                # this after the next backward operator, which it hands that gradient first).
+                push_boundary(self._gradient_slots[k], param.list_grad(), ())
+            else:
+                push_boundary(self._gradient_slots[k], (), param.list_data())
+        self._ran.clear()
+        self._hold.set()
+
+    # -- forward: hooks on the main thread queue boundaries ---------------------------------
+    def _recording(self) -> bool:
+        return self.recorder.enabled and autograd.is_recording()
+
+    def _layer_start(self, k, block, args) -> None:
+        if self._recording():
+            self._ran.add(k)
+            push_boundary(self._start_slots[k], (), _arrays(args) + [self._clock])
+
+    def _layer_end(self, block, args, output) -> None:
+        if self._recording():
+            push_boundary(0, _arrays(output), [self._clock])  # ordering only (slot 0: none)
+
+    def _network_end(self, block, args, output) -> None:
+        if self._recording():
+            push_boundary(self._end_slot, _arrays(output), [self._clock])
+
+    # -- forward: boundaries on the engine thread (in queue order: the clock array) ----------
+    # One clock reading ends a range and starts the next, so the ranges tile the pass.
+    def _on_layer_start(self, k) -> None:
+        now = self.recorder.now_ns()
+        self._end_forward(now)
+        if self.recorder.enabled:
+            self._forward_open = (k, now, self._nvtx_start(k, "forward"))
+
+    def _on_network_end(self, _=None) -> None:
+        self._end_forward(self.recorder.now_ns())
+
+    def _end_forward(self, now: int) -> None:
+        if self._forward_open is not None:
+            k, start, nvtx = self._forward_open
+            self._forward_open = None
+            if nvtx is not None:
+                recorder_module.NVTX.end(nvtx)
+            self._record(k, "forward", start, now)
+
+    # -- backward: the output marker (custom-op thread), weight boundaries (engine thread) ---
+    def _on_output_grad(self, _=None) -> None:
+        self.on_output_grad()  # first: the loss backward ends before the first layer's starts
+        with self._lock:
+            now = self.recorder.now_ns()
+            self._end_backward_nvtx()
+            self._backward_from = now
+            self._backward_after = _OUTPUT
+            self._backward_done = set()
+            self._start_backward_nvtx()
+        if not self._hold.wait(HOLD_TIMEOUT_S):
+            # Nothing queued the boundaries (see HOLD_TIMEOUT_S): stop holding, for good; a
+            # boundary queued after its layer is done then reads the clock late.
+            self._hold_dropped = True
+            self._hold.set()
+            warnings.warn(f"profiler.instrument.mxnet: finish_backward did not come within "
+                          f"{HOLD_TIMEOUT_S} s of the output gradient; no longer holding the "
+                          f"backward pass, so early weight-gradient boundaries may read late")
+
+    def _on_weight_grad(self, k) -> None:
+        name, _ = self.layers[k]
+        with self._lock:
+            now = self.recorder.now_ns()  # under the lock: boundaries stay in time order
+            self._end_backward_nvtx()
+            if self._backward_from is not None:
+                self._record(k, "backward", self._backward_from, now)
+                self._next_after[self._backward_after] = name
+                self._backward_after = name
+                self._backward_done.add(name)
+                self._backward_from = now
+                self._start_backward_nvtx()
+
+    def _start_backward_nvtx(self) -> None:
+        name = self._next_after.get(self._backward_after)
+        if name is None or name in self._backward_done:
+            name = next((n for n in self._backward_order if n not in self._backward_done), None)
+        if name is not None:
+            self._backward_nvtx = self._nvtx_start(self._index[name], "backward")
+
+    def _end_backward_nvtx(self) -> None:
+        if self._backward_nvtx is not None:
+            recorder_module.NVTX.end(self._backward_nvtx)
+            self._backward_nvtx = None
+
+    # -- the recorder ------------------------------------------------------------------------
+    def _record(self, k: int, direction: str, start_ns: int, end_ns: int) -> None:
+        self.recorder.record(self.layers[k][0], "layer", start_ns, end_ns, track=ENGINE_TRACK,
+                             direction=direction, layer_type=self._kinds[k])
+
+    def _nvtx_start(self, k: int, direction: str):
+        """An NVTX range named as the recorder names a layer's (None while disabled)."""
+        if not self.recorder.enabled:
+            return None
+        return recorder_module.NVTX.start(f"{self.layers[k][0]} ({direction})",
+                                          recorder_module.LAYER_COLOURS[direction])
+
+    # -- the report's sentences -------------------------------------------------------------
+    def _describe(self) -> List[str]:
+        notes = [
+            "MXNet (imperative Gluon): layer times are when MXNet's engine ran the work (track "
+            "host:mxnet-engine), not when Python queued it. Forward: from the engine reaching "
+            "the layer (its input complete, the previous layer done) to it reaching the next "
+            "layer: the layer's operators plus the parameter-free ones after it (activation, "
+            "pooling, addition, dropout); they add up to the forward phase less the wait for "
+            "the first operator. Backward: from the previous layer's weight gradient (for the "
+            "first, the model output's gradient) to the engine releasing this layer's weight "
+            "after its backward operator: its backward operators plus those of the "
+            "parameter-free operators after it and sums of gradients; they add up to the "
+            "backward phase.",
+            "Phases are execution times: the driver waits for MXNet's engine (mx.nd.waitall) "
+            "at every phase boundary; uninstrumented steps do not, and overlap Python's "
+            "queueing with the engine's work across those boundaries. The backward phase also "
+            "holds MXNet's backward work until backward() has queued all of it (the layer "
+            "boundaries must be queued first), losing that overlap too.",
+            "NVTX: backward layer ranges are named when they start, for the layer expected "
+            "next (the previous pass's order); the timeline names the layer observed.",
+        ]
+        if backward_is_bulked():
+            notes.append(
+                "WARNING: this MXNet runs its backward operators in bulks (up to 15 per engine "
+                "operation, MXNET_EXEC_BULK_EXEC_TRAIN=1): the weight gradients of one bulk "
+                "appear together, so backward layer times are per bulk, not per layer. Set "
+                "MXNET_EXEC_BULK_EXEC_TRAIN=0 before MXNet runs its first operator.")
+        else:
+            notes.append("MXNet's backward bulking is off (MXNET_EXEC_BULK_EXEC_TRAIN=0, "
+                         "checked) so that each backward operator, and layer boundary, runs "
+                         "on its own; MXNet's default bulks up to 15 per engine operation.")
+        if self.workload.ctx.device_type == "gpu":
+            notes.append("GPU (unverified): MXNet completes a GPU operator after its stream "
+                         "has finished, so engine times are GPU execution times; MXNet does "
+                         "not expose its streams, so there is no separate device track.")
+        missing = [name for (name, _), p in zip(self.layers, self._watched) if p is None]
+        if missing:
+            notes.append(f"No backward range for layers without a trainable parameter: "
+                         f"{', '.join(missing)}.")
+        return notes
