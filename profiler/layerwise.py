@@ -260,6 +260,9 @@ def run_one(args, framework: str) -> dict:
     errors: List[str] = []
     pyspy = None
     try:
+        # An instrument may configure its framework before the first operator runs (MXNet
+        # reads its backward-bulking setting once, then).
+        importlib.import_module(f"profiler.instrument.{framework}")
         config = WorkloadConfig(model=args.model, device=device, batch_size=args.batch_size,
                                 seed=args.seed, conv_impl=args.conv_impl,
                                 loss_impl=args.loss_impl, workers=args.workers,
@@ -371,6 +374,7 @@ def run_compare(args, framework: str) -> dict:
     from profiler.workloads import WorkloadConfig, build_workload
 
     kind, variants = args.compare
+    importlib.import_module(f"profiler.instrument.{framework}")   # see run_one
     device = resolve_device(framework, args.device)
     config = WorkloadConfig(model=args.model, device=device, batch_size=args.batch_size,
                             seed=args.seed, conv_impl=args.conv_impl, loss_impl=args.loss_impl,
