@@ -1,14 +1,18 @@
 """What every framework's Instrument offers the driver (profiler.layerwise).
 
-| member | does |
-| --- | --- |
-| ``install()`` / ``remove()`` | attach / detach the layer hooks |
-| ``mark_output(output)`` | returns ``output`` (or an identity of it) whose gradient, when the backward pass reaches it, calls ``on_output_grad``: the end of the loss backward |
-| ``on_output_grad`` | set by the driver: a callable taking no arguments |
-| ``finish_backward()`` | called right after the backward call returns: closes layer backward ranges whose end no hook could see (e.g. a first layer whose input has no gradient, where the framework offers no parameter-gradient hook) at that moment |
-| ``device_clock()`` | a recorder.DeviceClock for the workload's GPU, or None on the CPU |
-| ``phase_sync`` | True where the framework runs asynchronously and the driver must wait for its queue at every phase boundary for phase times to mean compute time |
-| ``notes`` | sentences for the report: what each number means for this framework |
+Members:
+
+- ``install()`` / ``remove()``: attach / detach the layer hooks.
+- ``mark_output(output)``: returns ``output`` (or an identity of it) whose gradient, when the
+  backward pass reaches it, calls ``on_output_grad``: the end of the loss backward.
+- ``on_output_grad``: set by the driver, a callable taking no arguments.
+- ``finish_backward()``: called right after the backward call returns; closes layer backward
+  ranges whose end no hook could see (e.g. a first layer whose input has no gradient, where
+  the framework offers no parameter-gradient hook) at that moment.
+- ``device_clock()``: a recorder.DeviceClock for the workload's GPU, or None on the CPU.
+- ``phase_sync``: True where the framework runs asynchronously and the driver must wait for
+  its queue at every phase boundary for phase times to mean compute time.
+- ``notes``: sentences for the report, what each number means for this framework.
 
 Layer ranges: the recorder's ``begin``/``end`` with kind "layer", the layer's canonical name
 (workload.named_layers()), direction "forward"/"backward" and the layer's type. A layer whose
