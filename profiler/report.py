@@ -400,17 +400,23 @@ def _layer_table(report: Mapping[str, Any], top_n: int, title: str) -> Table:
     caption = (f"{left_out} more layer(s) not shown (top {top_n} of {len(layers)} by "
                f"forward + backward)" if left_out > 0 else None)
     table = Table(title=title, caption=caption)
-    table.add_column("layer")
-    table.add_column("type")
-    columns = ["calls", "fwd ms", "bwd ms", "self fwd", "self bwd"]
+    # Layer names are what users look up: never cut them; cut the type instead.
+    table.add_column("layer", no_wrap=True,
+                     min_width=max((len(e["name"]) for e in shown), default=5))
+    table.add_column("type", no_wrap=True, overflow="ellipsis", max_width=12)
+    # Self times are shown only where some layer contains another (they differ then).
+    nested = any(abs(e["self_forward_ms"] - e["forward_ms"]) > 1e-9
+                 or abs(e["self_backward_ms"] - e["backward_ms"]) > 1e-9 for e in shown)
+    columns = ["calls", "fwd ms", "bwd ms"] + (["self fwd", "self bwd"] if nested else [])
     if split:
         columns += ["host fwd", "host bwd"]
     for name in columns:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", no_wrap=True)
     for e in shown:
         cells = [Text(e["name"]), Text(str(e.get("type") or "")), f"{e['calls']:g}",
-                 _ms(e["forward_ms"]), _ms(e["backward_ms"]), _ms(e["self_forward_ms"]),
-                 _ms(e["self_backward_ms"])]
+                 _ms(e["forward_ms"]), _ms(e["backward_ms"])]
+        if nested:
+            cells += [_ms(e["self_forward_ms"]), _ms(e["self_backward_ms"])]
         if split:
             cells += [_ms(e.get("host_forward_ms")), _ms(e.get("host_backward_ms"))]
         table.add_row(*cells)
