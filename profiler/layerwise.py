@@ -96,8 +96,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="with --framework all: the Python interpreter for a framework "
                              "kept in another environment (repeatable)")
     parser.add_argument("--pyspy", action="store_true",
-                        help="also record a py-spy flame graph of this process during the "
-                             "measured steps (needs py-spy on PATH)")
+                        help="also record a py-spy flame graph (pyspy.svg) of this process "
+                             "while it profiles (warm-up included; needs py-spy on PATH)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.overhead_iters is None:
