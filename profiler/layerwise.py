@@ -32,7 +32,8 @@ from profiler.analysis.phases import layer_breakdown, phase_breakdown
 from profiler.analysis.stats import bootstrap_diff_ci, describe_diff, iqr, median
 from profiler.analysis.trace_events import to_chrome_trace
 from profiler.report import (build_report, from_layer_breakdown, from_phase_breakdown,
-                             render_comparison, render_table, validate_report,
+                             render_comparison, render_table, render_variant_phases,
+                             validate_report,
                              write_json_atomic)
 from profiler.timeline import PHASES
 
@@ -481,6 +482,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.format == "json":
             print(json.dumps(doc, indent=1))
         else:
+            render_variant_phases(doc["phases_ms"])
             render_comparison(doc["differences"], title=f"{args.framework} {args.model}: "
                                                         f"{doc['kind']} impls vs "
                                                         f"{doc['variants'][0]}")

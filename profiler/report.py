@@ -476,3 +476,21 @@ def render_comparison(lines: Sequence[str], console: Optional[Console] = None, *
                  "red" if line.endswith(" slower") else "")
         table.add_row(Text(line, style=style))
     console.print(table)
+
+
+def render_variant_phases(phases_ms: Mapping[str, Mapping[str, Mapping[str, float]]],
+                          console: Optional[Console] = None, *,
+                          title: str = "Per phase, median of round medians (IQR), ms") -> None:
+    """Print a comparison's {phase: {variant: {median_ms, iqr_ms}}} as one table, a column
+    per variant."""
+    console = console or Console()
+    variants = list(next(iter(phases_ms.values()), {}))
+    table = Table(title=title)
+    table.add_column("phase")
+    for variant in variants:
+        table.add_column(variant, justify="right", no_wrap=True)
+    for phase, by_variant in phases_ms.items():
+        table.add_row(phase, *[f"{_ms(by_variant[v]['median_ms'])} "
+                               f"({_ms(by_variant[v]['iqr_ms'])})" if v in by_variant else "-"
+                               for v in variants])
+    console.print(table)

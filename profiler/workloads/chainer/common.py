@@ -261,6 +261,10 @@ class ChainerWorkload(WorkloadBase):
 
     def optimizer_step(self) -> None:
         self.optimizer.update()
+        # Drop the used gradients here, so freeing them counts as optimizer bookkeeping (it
+        # would otherwise land in the next step's loss backward); backward's cleargrads is
+        # then free.
+        self.net.cleargrads()
 
     def loss_value(self, loss) -> float:
         return float(loss.array)

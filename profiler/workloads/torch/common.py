@@ -137,6 +137,10 @@ class TorchWorkload(WorkloadBase):
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
+        # Drop the used gradients here: freeing them (187 MB for DeepPose, ~30 ms on this CPU)
+        # is optimizer bookkeeping and would otherwise land in the next loss backward;
+        # backward's zero_grad then finds nothing to free.
+        self.optimizer.zero_grad(set_to_none=True)
 
     def loss_value(self, loss) -> float:
         return float(loss.detach())
