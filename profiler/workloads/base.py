@@ -34,7 +34,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from ops.impls import CONV_IMPLS, LOSS_IMPLS
+from ops.impls import CONV_IMPLS, LOSS_IMPLS, check_impl
 
 from . import data, spec
 
@@ -169,10 +169,41 @@ class WorkloadBase:
         self.optimizer_step()
         return self.loss_value(loss)
 
+    def set_impls(self, *, conv=None, loss=None) -> None:
+        """Swaps every convolution to ``conv`` and the DeepPose loss to ``loss`` (None: keep);
+        an impl that cannot run here is refused before anything changes."""
+        function = f"{type(self).__name__}.set_impls"
+        if conv is not None:
+            check_impl(function, conv, CONV_IMPLS, self.unavailable_impls("conv"))
+        if loss is not None:
+            if not self.is_pose and loss != "autograd":
+                raise ValueError(f"{function}: loss: {self.model_name} trains with the "
+                                 f"framework's softmax cross-entropy; loss impls apply to "
+                                 f"deeppose only, got {loss!r}")
+            check_impl(function, loss, LOSS_IMPLS, self.unavailable_impls("loss"))
+        if conv is not None:
+            for layer in self.conv_layers():
+                layer.impl = conv
+            self.conv_impl = conv
+            self.impls_changed()
+        if loss is not None:
+            self.loss_impl = loss
+
+    def impls_changed(self) -> None:
+        """Called after the conv impl changed (e.g. to drop a compiled graph)."""
+
     def weight_decay_rule(self) -> str:
         return spec.WEIGHT_DECAY_RULE
 
     # Framework bases implement these.
+    def unavailable_impls(self, kind: str) -> Dict[str, str]:
+        """impl -> reason, for the ``kind`` ("conv", "loss") impls that cannot run here."""
+        raise NotImplementedError
+
+    def conv_layers(self):
+        """Every convolution layer of the network (the adapter's layer class)."""
+        raise NotImplementedError
+
     def make_loader(self, split: str = "train", *, epochs: int = 1, shuffle=None):
         raise NotImplementedError
 

@@ -21,7 +21,6 @@ import numpy as np
 
 import ops.chainer as ops_chainer
 from ops.chainer.loader import load_chainer, unavailable_impls
-from ops.impls import CONV_IMPLS, check_impl
 
 from .. import spec
 from ..base import WorkloadBase
@@ -188,24 +187,12 @@ class ChainerWorkload(WorkloadBase):
             layers.setdefault(name.rpartition(".")[0], link)
         return list(layers.items())
 
-    def set_impls(self, *, conv=None, loss=None) -> None:
-        """Swaps every convolution to ``conv`` and the DeepPose loss to ``loss`` (None: keep)."""
-        if conv is not None:
-            check_impl(f"{type(self).__name__}.set_impls", conv, CONV_IMPLS,
-                       unavailable_impls("conv", self.device))
-            for link in self.net.links():
-                if isinstance(link, ops_chainer.Convolution2D):
-                    link.impl = conv
-            self.conv_impl = conv
-        if loss is not None:
-            self._set_loss_impl(loss)
+    def unavailable_impls(self, kind: str):
+        return unavailable_impls(kind, self.device)
 
-    def _set_loss_impl(self, loss: str) -> None:
-        if loss != "autograd":
-            raise ValueError(f"{type(self).__name__}.set_impls: loss: {self.model_name} "
-                             f"trains with the framework's softmax cross-entropy; loss impls "
-                             f"apply to deeppose only, got {loss!r}")
-        self.loss_impl = loss
+    def conv_layers(self):
+        return [link for link in self.net.links()
+                if isinstance(link, ops_chainer.Convolution2D)]
 
     # -- weights ---------------------------------------------------------------------------
     @staticmethod

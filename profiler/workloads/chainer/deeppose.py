@@ -5,8 +5,6 @@ with ``ops.chainer.deeppose_loss``, whose impl ``set_impls(loss=...)`` picks."""
 from __future__ import annotations
 
 import ops.chainer as ops_chainer
-from ops.chainer.loader import unavailable_impls
-from ops.impls import LOSS_IMPLS, check_impl
 
 from .. import spec
 from .common import ChainerWorkload, chainer, convolution, linear
@@ -49,11 +47,6 @@ class Workload(ChainerWorkload):
 
     def build_network(self):
         return AlexNet(self.config.dropout)
-
-    def _set_loss_impl(self, loss: str) -> None:
-        check_impl(f"{type(self).__name__}.set_impls", loss, LOSS_IMPLS,
-                   unavailable_impls("loss", self.device))
-        self.loss_impl = loss
 
     def loss_forward(self, output, batch):
         return ops_chainer.deeppose_loss(output, batch[1], batch[2], impl=self.loss_impl)

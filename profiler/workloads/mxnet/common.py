@@ -42,7 +42,6 @@ import numpy as np
 from mxnet import autograd, gluon
 
 import ops.mxnet as ops_mxnet
-from ops.impls import CONV_IMPLS, check_impl
 from ops.mxnet.loader import unavailable_impls
 
 from .. import spec
@@ -111,29 +110,19 @@ class MXNetWorkload(WorkloadBase):
         return [(name, block) for name, block in named_blocks(self.net)
                 if name and block._reg_params]
 
-    def set_impls(self, *, conv=None, loss=None) -> None:
-        """Swaps every convolution to ``conv`` and the DeepPose loss to ``loss`` (None: keep)."""
-        if conv is not None:
-            check_impl(f"{type(self).__name__}.set_impls", conv, CONV_IMPLS,
-                       unavailable_impls("conv", self.ctx))
-            for _, block in named_blocks(self.net):
-                if isinstance(block, ops_mxnet.Conv2D):
-                    block.impl = conv
-            # A Conv2D clears its own cached graph when its impl changes; a hybridized parent
-            # would keep running the old one.
-            for _, block in named_blocks(self.net):
-                if isinstance(block, gluon.HybridBlock):
-                    block._clear_cached_op()
-            self.conv_impl = conv
-        if loss is not None:
-            self._set_loss_impl(loss)
+    def unavailable_impls(self, kind: str):
+        return unavailable_impls(kind, self.ctx)
 
-    def _set_loss_impl(self, loss: str) -> None:
-        if loss != "autograd":
-            raise ValueError(f"{type(self).__name__}.set_impls: loss: {self.model_name} "
-                             f"trains with the framework's softmax cross-entropy; loss impls "
-                             f"apply to deeppose only, got {loss!r}")
-        self.loss_impl = loss
+    def conv_layers(self):
+        return [block for _, block in named_blocks(self.net)
+                if isinstance(block, ops_mxnet.Conv2D)]
+
+    def impls_changed(self) -> None:
+        # A Conv2D clears its own cached graph when its impl changes; a hybridized parent
+        # would keep running the old one.
+        for _, block in named_blocks(self.net):
+            if isinstance(block, gluon.HybridBlock):
+                block._clear_cached_op()
 
     # -- weights ---------------------------------------------------------------------------
     def _canonical_tensors(self) -> "OrderedDict[str, gluon.Parameter]":

@@ -7,8 +7,6 @@ from __future__ import annotations
 from mxnet import gluon
 
 import ops.mxnet as ops_mxnet
-from ops.impls import LOSS_IMPLS, check_impl
-from ops.mxnet.loader import unavailable_impls
 
 from .. import spec
 from .common import MXNetWorkload
@@ -53,11 +51,6 @@ class Workload(MXNetWorkload):
 
     def build_network(self):
         return AlexNet(self.config.dropout)
-
-    def _set_loss_impl(self, loss: str) -> None:
-        check_impl(f"{type(self).__name__}.set_impls", loss, LOSS_IMPLS,
-                   unavailable_impls("loss", self.ctx))
-        self.loss_impl = loss
 
     def compute_loss(self, output, batch):
         return ops_mxnet.deeppose_loss(output, batch[1], batch[2], impl=self.loss_impl)

@@ -33,7 +33,6 @@ import numpy as np
 import tensorflow as tf
 
 import ops.tensorflow as ops_tf
-from ops.impls import CONV_IMPLS, check_impl
 
 from .. import data, spec
 from ..base import WorkloadBase
@@ -192,24 +191,11 @@ class TensorFlowWorkload(WorkloadBase):
     def named_layers(self) -> List[Tuple[str, keras.layers.Layer]]:
         return self.net.named_layers()
 
-    def set_impls(self, *, conv=None, loss=None) -> None:
-        """Swaps every convolution to ``conv`` and the DeepPose loss to ``loss`` (None: keep)."""
-        if conv is not None:
-            check_impl(f"{type(self).__name__}.set_impls", conv, CONV_IMPLS,
-                       unavailable_impls("conv", self.device))
-            for _, layer in self.named_layers():
-                if isinstance(layer, ops_tf.Conv2D):
-                    layer.impl = conv
-            self.conv_impl = conv
-        if loss is not None:
-            self._set_loss_impl(loss)
+    def unavailable_impls(self, kind: str):
+        return unavailable_impls(kind, self.device)
 
-    def _set_loss_impl(self, loss: str) -> None:
-        if loss != "autograd":
-            raise ValueError(f"{type(self).__name__}.set_impls: loss: {self.model_name} "
-                             f"trains with the framework's softmax cross-entropy; loss impls "
-                             f"apply to deeppose only, got {loss!r}")
-        self.loss_impl = loss
+    def conv_layers(self):
+        return [layer for _, layer in self.named_layers() if isinstance(layer, ops_tf.Conv2D)]
 
     # -- weights ---------------------------------------------------------------------------
     def export_weights(self) -> Dict[str, np.ndarray]:

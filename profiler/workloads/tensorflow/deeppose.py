@@ -10,10 +10,9 @@ import math
 import keras
 
 import ops.tensorflow as ops_tf
-from ops.impls import LOSS_IMPLS, check_impl
 
 from .. import data, spec
-from .common import TensorFlowWorkload, dense, padded_conv, unavailable_impls
+from .common import TensorFlowWorkload, dense, padded_conv
 
 
 class AlexNet(keras.Model):
@@ -66,11 +65,6 @@ class Workload(TensorFlowWorkload):
 
     def build_network(self):
         return AlexNet(self.config.dropout)
-
-    def _set_loss_impl(self, loss: str) -> None:
-        check_impl(f"{type(self).__name__}.set_impls", loss, LOSS_IMPLS,
-                   unavailable_impls("loss", self.device))
-        self.loss_impl = loss
 
     def compute_loss(self, output, batch):
         return ops_tf.deeppose_loss(output, batch[1], batch[2], impl=self.loss_impl)

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 import ops.torch as ops_torch
-from ops.impls import CONV_IMPLS, check_impl
 from ops.torch.loader import unavailable_impls
 
 from .. import spec
@@ -60,24 +59,11 @@ class TorchWorkload(WorkloadBase):
         return [(name, m) for name, m in self.net.named_modules()
                 if name and any(True for _ in m.parameters(recurse=False))]
 
-    def set_impls(self, *, conv=None, loss=None) -> None:
-        """Swaps every convolution to ``conv`` and the DeepPose loss to ``loss`` (None: keep)."""
-        if conv is not None:
-            check_impl(f"{type(self).__name__}.set_impls", conv, CONV_IMPLS,
-                       unavailable_impls("conv", self.device))
-            for module in self.net.modules():
-                if isinstance(module, ops_torch.Conv2d):
-                    module.impl = conv
-            self.conv_impl = conv
-        if loss is not None:
-            self._set_loss_impl(loss)
+    def unavailable_impls(self, kind: str):
+        return unavailable_impls(kind, self.device)
 
-    def _set_loss_impl(self, loss: str) -> None:
-        if loss != "autograd":
-            raise ValueError(f"{type(self).__name__}.set_impls: loss: {self.model_name} "
-                             f"trains with the framework's softmax cross-entropy; loss impls "
-                             f"apply to deeppose only, got {loss!r}")
-        self.loss_impl = loss
+    def conv_layers(self):
+        return [m for m in self.net.modules() if isinstance(m, ops_torch.Conv2d)]
 
     # -- weights ---------------------------------------------------------------------------
     def _canonical_tensors(self) -> Dict[str, torch.Tensor]:

@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 
 import ops.torch as ops_torch
-from ops.impls import LOSS_IMPLS, check_impl
-from ops.torch.loader import unavailable_impls
 
 from .. import spec
 from .common import TorchWorkload
@@ -45,11 +43,6 @@ class Workload(TorchWorkload):
 
     def build_network(self):
         return AlexNet(self.config.dropout)
-
-    def _set_loss_impl(self, loss: str) -> None:
-        check_impl(f"{type(self).__name__}.set_impls", loss, LOSS_IMPLS,
-                   unavailable_impls("loss", self.device))
-        self.loss_impl = loss
 
     def loss_forward(self, output, batch):
         return ops_torch.deeppose_loss(output, batch[1], batch[2], impl=self.loss_impl)
