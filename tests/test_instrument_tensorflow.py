@@ -318,3 +318,18 @@ def test_phase_sync_and_device_clock_only_on_the_gpu():
     assert gpu.phase_sync is True
     assert isinstance(gpu.device_clock(), instrument_module.SyncedDeviceClock)
     assert any(note.startswith("GPU") for note in gpu.notes)
+
+
+def test_notes_say_onednn_layout_and_transposes():
+    """The report's notes say whether oneDNN was on, which layout TensorFlow's CPU conv trains in
+    here (as the adapter's probe found it), and what the Keras workload transposes."""
+    import ops.tensorflow as ops_tf
+    workload = build_workload("tensorflow", model="resnet20", **TINY)
+    notes = Instrument(workload, Recorder()).notes
+    state = {True: "on", False: "off", None: "unknown"}[ops_tf.onednn_enabled()]
+    layout = [n for n in notes if n.startswith("TensorFlow ") and "oneDNN" in n]
+    assert len(layout) == 1 and f"oneDNN ops {state}" in layout[0], notes
+    trains_nchw = ops_tf.cpu_conv_layout("SAME", "float32") == "NCHW"
+    assert ("in NCHW" in layout[0]) == trains_nchw, layout
+    assert workload.layout_note in notes and "channels_last (NHWC)" in workload.layout_note
+    assert Instrument(TinyWorkload([]), Recorder()).notes.count(workload.layout_note) == 0

@@ -261,13 +261,55 @@ def _graph_scopes(function, *args):
     return {scope for op in graph.get_operations() for scope in op.name.split("/")[:-1]}
 
 
+# padding for a 3x3 kernel at stride 1 -> the TensorFlow padding form that pads the same
+PADDING_FORMS = {0: "VALID", 1: "SAME", 2: "EXPLICIT"}
+
+
+@pytest.mark.parametrize("padding", sorted(PADDING_FORMS))
 @pytest.mark.parametrize("dilation", [1, 2])
-def test_framework_conv2d_transposes_are_named_ops(dilation):
+def test_framework_conv2d_transposes_are_named_ops(dilation, padding):
+    """Activations are transposed exactly where TensorFlow's CPU conv cannot train in NCHW
+    here with that padding form (probed) or the conv is dilated; the weight always becomes
+    (kh, kw, Cin, Cout)."""
     x, w, b, _, _ = conv_inputs(CONV_CASES[1], np.float32)
-    scopes = _graph_scopes(lambda *a: otf.conv2d(*a, padding=1, dilation=dilation,
+    scopes = _graph_scopes(lambda *a: otf.conv2d(*a, padding=padding, dilation=dilation,
                                                  impl="framework"),
                            tf.constant(x), tf.constant(w), tf.constant(b))
-    assert {"to_nhwc", "weight_to_hwio", "to_nchw"} <= scopes, scopes
+    assert "weight_to_hwio" in scopes, scopes
+    transposes = (otf.cpu_conv_layout(PADDING_FORMS[padding], "float32") == "NHWC"
+                  or dilation > 1)
+    assert ({"to_nhwc", "to_nchw"} <= scopes) == transposes, scopes
+    assert transposes or not ({"to_nhwc", "to_nchw"} & scopes), scopes
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("mode", loader.PADDING_MODES)
+def test_cpu_conv_layout_probe_agrees_with_tensorflow(mode, dtype):
+    """The probe's answer is what TensorFlow does in this process, on another shape: where it
+    says NCHW trains with a padding form, an NCHW conv and both gradients run; where not,
+    TensorFlow refuses NCHW in the forward or the backward. The note says oneDNN's state."""
+    x = tf.constant(np.random.default_rng(1).standard_normal((1, 2, 7, 7)), dtype)
+    w = tf.ones((3, 3, 2, 2), dtype)
+    padding = [[0, 0], [0, 0], [1, 1], [1, 1]] if mode == "EXPLICIT" else mode
+    try:
+        with tf.device("/device:CPU:0"), tf.GradientTape() as tape:
+            tape.watch([x, w])
+            y = tf.nn.conv2d(x, w, 1, padding, data_format="NCHW")
+        runs = all(g is not None for g in tape.gradient(y, [x, w]))
+    except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError):
+        runs = False
+    reason = loader.cpu_conv_nchw_reason(mode, dtype)
+    assert runs == (reason is None), reason
+    assert otf.cpu_conv_layout(mode, dtype) == ("NCHW" if runs else "NHWC")
+    note = otf.conv_layout_note(dtype)
+    assert f"oneDNN ops {'on' if otf.onednn_enabled() else 'off'}" in note, note
+
+
+def test_cpu_conv_layout_refuses_bad_arguments():
+    with pytest.raises(ValueError, match=r"padding_mode: expected one of .*got 'same'"):
+        otf.cpu_conv_layout("same")
+    with pytest.raises(ValueError, match=r"dtype: expected a float dtype name .*got 'int32'"):
+        otf.cpu_conv_layout("VALID", "int32")
 
 
 # ---- the native ops in graphs and in Keras; the kernel impl refused there -----------------------
@@ -418,14 +460,23 @@ def test_layer_channels_first_matches_keras_on_transposed_data(impl, kwargs):
 
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")),
-                    reason="TensorFlow's GPU conv takes NCHW; this checks the CPU's refusal")
+                    reason="TensorFlow's GPU conv takes NCHW; this checks the CPU's behaviour")
 def test_layer_framework_impl_is_keras_own_also_where_keras_fails():
-    """impl='framework' runs Keras' call unchanged: on a CPU channels_first fails in both."""
-    x = tf.ones((1, 3, 6, 6))
-    for layer in (keras.layers.Conv2D(2, 3, data_format="channels_first"),
-                  otf.Conv2D(2, 3, data_format="channels_first")):
-        with pytest.raises(tf.errors.UnimplementedError, match="only supports the NHWC"):
-            layer(x)
+    """impl='framework' runs Keras' call unchanged: channels_first on the CPU trains in both
+    where TensorFlow's CPU conv takes NCHW here (the probe), and fails in both elsewhere."""
+    x = tf.constant(np.random.default_rng(14).standard_normal((1, 3, 6, 6)), tf.float32)
+    theirs = keras.layers.Conv2D(2, 3, data_format="channels_first")
+    ours = otf.Conv2D(2, 3, data_format="channels_first")
+    theirs.build(x.shape)
+    ours.build(x.shape)
+    ours.set_weights(theirs.get_weights())
+    if otf.cpu_conv_layout("VALID") == "NHWC":
+        for layer in (theirs, ours):
+            with pytest.raises((tf.errors.UnimplementedError, tf.errors.InvalidArgumentError)):
+                _layer_results(layer, x.numpy())
+        return
+    for got, want in zip(_layer_results(ours, x.numpy()), _layer_results(theirs, x.numpy())):
+        np.testing.assert_array_equal(got, want)
 
 
 @needs_native

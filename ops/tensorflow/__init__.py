@@ -11,13 +11,16 @@ hand-written backward in TensorFlow ops), "kernel" (tf.custom_gradient calling o
 through DLPack: eager CPU tensors only; inside tf.function it is refused, pointing to "native"),
 "native" (our kernels as TensorFlow ops from libdeepprof_tf.so, gradients registered with
 tf.RegisterGradient: eager, tf.function and Keras fit). Conv impls: "framework" (tf.nn.conv2d in
-NHWC between named transposes: TensorFlow's CPU conv runs NHWC only), "kernel", "native".
+NCHW where TensorFlow's CPU conv trains in it on this machine, else in NHWC between named
+transposes: ``cpu_conv_layout`` says which), "kernel", "native".
 ``impl_support`` and ``available_impls`` tell what runs on a device here, in the current mode;
 an unknown impl is a ValueError, an unavailable one an ops.impls.UnsupportedImplError.
 """
 
 from .conv import Conv2D, conv2d
-from .loader import available_impls, impl_support
+from .loader import (available_impls, conv_layout_note, cpu_conv_layout, impl_support,
+                     onednn_enabled)
 from .loss import deeppose_loss, mse_loss
 
-__all__ = ["mse_loss", "deeppose_loss", "conv2d", "Conv2D", "impl_support", "available_impls"]
+__all__ = ["mse_loss", "deeppose_loss", "conv2d", "Conv2D", "impl_support", "available_impls",
+           "cpu_conv_layout", "onednn_enabled", "conv_layout_note"]

@@ -2,11 +2,16 @@
 "kernel" | "native", and ``Conv2D``, a drop-in ``keras.layers.Conv2D`` with an ``impl`` argument.
 
 ``conv2d`` takes the project's layout whatever TensorFlow's default: NCHW input, (Cout, Cin, kh,
-kw) weights, stride/padding/dilation an int or a pair, groups = 1. TensorFlow's CPU conv runs
-NHWC only (its backward refuses NCHW: "Conv2DCustomBackpropInputOp only supports NHWC"), so
-impl="framework" transposes in and out; every transpose is its own named op ("to_nhwc",
-"weight_to_hwio", "to_nchw"; in the layer "to_nchw", "kernel_to_oihw", "to_nhwc"), so a profile
-shows the layout cost as its own range instead of hiding it in the conv.
+kw) weights, stride/padding/dilation an int or a pair, groups = 1. Whether TensorFlow's own CPU
+conv trains in NCHW depends on the machine (oneDNN on: yes; off: its forward or its backward
+refuses NCHW; with oneDNN, explicitly padded NCHW convs cannot train but "VALID"/"SAME" ones
+can), so impl="framework" asks once per process (``loader.cpu_conv_nchw_reason``) and passes
+TensorFlow the padding form that equals ours: where NCHW trains with it (and on a GPU) it runs
+``tf.nn.conv2d`` in NCHW directly; elsewhere, and for dilated convolutions (TensorFlow's CPU
+Conv2D has no dilated backward), it transposes to NHWC and back. The weight always becomes TensorFlow's (kh, kw, Cin, Cout). Every transpose is its own
+named op ("to_nhwc", "weight_to_hwio", "to_nchw"; in the layer "to_nchw", "kernel_to_oihw",
+"to_nhwc"), so a profile shows the layout cost as its own range instead of hiding it in the
+conv.
 
 This module validates inputs and chooses an impl; it calls our kernels only through ops.core
 (impl="kernel") or the loaded op library (impl="native").
@@ -31,12 +36,49 @@ def _transpose(x: tf.Tensor, perm, name: str) -> tf.Tensor:
         return tf.transpose(x, perm, name=name)
 
 
+def _padding_mode(x: tf.Tensor, w: tf.Tensor, geometry: core.Conv2dGeometry) -> str:
+    """The TensorFlow padding form that pads as symmetric ``geometry.padding`` does: "VALID"
+    for none, "SAME" where TensorFlow's "same" rule gives the same amounts on both sides (it
+    pads the odd one after, and at stride > 1 by the input size, which must be static), else
+    "EXPLICIT". The form matters: with oneDNN, float32 NCHW trains with VALID/SAME, not EXPLICIT."""
+    if geometry.padding == (0, 0):
+        return "VALID"
+    sizes, kernel = loader.static_shape(x)[2:], loader.static_shape(w)[2:]
+    for size, k, s, d, p in zip(sizes, kernel, geometry.stride, geometry.dilation,
+                                geometry.padding):
+        extent = d * (k - 1) + 1
+        if s == 1:
+            total = extent - 1
+        elif size is None:
+            return "EXPLICIT"
+        else:
+            total = max((-(-size // s) - 1) * s + extent - size, 0)
+        if total != 2 * p:
+            return "EXPLICIT"
+    return "SAME"
+
+
+def _nchw_trains(x: tf.Tensor, padding_mode: str) -> bool:
+    """Whether TensorFlow's conv trains in NCHW where ``x`` lives: on a GPU (cuDNN's own layout;
+    unverified here, no GPU TensorFlow), and on the CPU where the probe says so for this padding
+    form and dtype. A graph tensor may be placed on either, so it gets NCHW only where the CPU
+    takes it."""
+    if tf.executing_eagerly() and "GPU" in x.device.upper():
+        return True
+    return loader.cpu_conv_layout(padding_mode, x.dtype.name) == "NCHW"
+
+
 def framework_conv2d(x, w, b, geometry: core.Conv2dGeometry) -> tf.Tensor:
-    """TensorFlow's own conv (oneDNN/Eigen on the CPU, cuDNN on the GPU) in NHWC between
-    named transposes, bias by tf.nn.bias_add."""
-    xh = _transpose(x, [0, 2, 3, 1], "to_nhwc")
+    """TensorFlow's own conv (oneDNN/Eigen on the CPU, cuDNN on the GPU), in NCHW where it
+    trains so here, else in NHWC between named transposes; bias by tf.nn.bias_add."""
     wh = _transpose(w, [2, 3, 1, 0], "weight_to_hwio")
     (ph, pw), (sh, sw), (dh, dw) = geometry.padding, geometry.stride, geometry.dilation
+    mode = _padding_mode(x, w, geometry)
+    if (dh, dw) == (1, 1) and _nchw_trains(x, mode):
+        padding = mode if mode != "EXPLICIT" else [[0, 0], [0, 0], [ph, ph], [pw, pw]]
+        y = tf.nn.conv2d(x, wh, strides=[1, 1, sh, sw], padding=padding, data_format="NCHW")
+        return y if b is None else tf.nn.bias_add(y, b, data_format="NCHW")
+    xh = _transpose(x, [0, 2, 3, 1], "to_nhwc")
     if (dh, dw) == (1, 1):
         y = tf.nn.conv2d(xh, wh, strides=[1, sh, sw, 1],
                          padding=[[0, 0], [ph, ph], [pw, pw], [0, 0]])
@@ -129,8 +171,8 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1,
     the optional bias b (Cout,): tensors or variables of one dtype and device. stride, padding
     (symmetric, zeros) and dilation are an int or a pair (height, width).
 
-    impl: "framework" (default: ``tf.nn.conv2d`` in NHWC between named transposes; see the
-    module docstring), "kernel" (tf.custom_gradient calling our kernels through DLPack; eager
+    impl: "framework" (default: ``tf.nn.conv2d``, in NCHW where TensorFlow trains in it here,
+    else in NHWC between named transposes; see the module docstring), "kernel" (tf.custom_gradient calling our kernels through DLPack; eager
     only), "native" (our DeepprofConv2d op with its registered gradient; eager, tf.function
     and Keras). kernel/native take float32/float64 and are first-order only. Every impl checks
     its arguments the same way first.
@@ -154,8 +196,9 @@ class Conv2D(keras.layers.Conv2D):
     Same constructor arguments, variables (kernel (kh, kw, Cin, Cout), bias (Cout,)) and
     config as ``keras.layers.Conv2D``, plus ``impl``, so weights move both ways with
     ``get_weights``/``set_weights`` and saved models load. ``impl="framework"`` runs Keras'
-    own call unchanged (TensorFlow's CPU conv supports channels_last only, so there
-    ``data_format="channels_first"`` fails on the CPU, as it does in Keras).
+    own call unchanged: ``data_format="channels_first"`` then works on the CPU exactly where
+    it does in Keras, i.e. where TensorFlow's CPU conv trains in NCHW
+    (``ops.tensorflow.cpu_conv_layout(padding_mode, dtype)``), and fails as Keras' does elsewhere.
 
     The kernel impls ("kernel", "native") run our NCHW kernels: with ``channels_last`` (Keras'
     default) each call transposes the input to NCHW ("to_nchw") and the output back

@@ -16,8 +16,11 @@ points to impl="native", rather than falling back to ``tf.py_function`` silently
 from __future__ import annotations
 
 import functools
+import os
+import re
+import threading
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -213,6 +216,143 @@ def check_impl_runs(function: str, impl: str, kind: str, x: tf.Tensor) -> None:
         unchanged = UnsupportedImplError(*error.args)
         unchanged.ag_pass_through = True
         raise unchanged from None
+
+
+# ---- what TensorFlow's own conv does here ----------------------------------------------------------
+
+def onednn_enabled() -> Optional[bool]:
+    """Whether TensorFlow's oneDNN CPU ops are on in this process (TF_ENABLE_ONEDNN_OPTS, or
+    TensorFlow's default for this CPU: on where it has AVX-512 VNNI/BF16 or AMX), None where
+    this TensorFlow does not say."""
+    try:  # TensorFlow's own query, private; where it moves, report "unknown"
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # pragma: no cover
+        return None
+
+
+# TensorFlow's padding forms: "VALID", "SAME", or explicit per-side amounts.
+PADDING_MODES = ("VALID", "SAME", "EXPLICIT")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_conv_nchw_reason(padding_mode: str = "VALID", dtype: str = "float32") -> Optional[str]:
+    """None where TensorFlow's own CPU convolution trains in NCHW in this process with
+    ``padding_mode`` (one of PADDING_MODES) and ``dtype`` (a float dtype name): forward, input
+    and filter gradients run and equal the NHWC results; else why not (TensorFlow's error, or
+    the mismatch).
+
+    Probed once per process and case, because it depends on the machine, oneDNN, the padding
+    form and the dtype: TensorFlow 2.17 with oneDNN off refuses NCHW in its forward; with
+    oneDNN on (its default on CPUs with AVX-512 VNNI/BF16) float32 NCHW trains with "VALID" and
+    "SAME" padding, but an explicitly padded NCHW conv's backward, and any float64 conv, fall
+    back to the Eigen kernels, which refuse NCHW; another machine was seen running the forward
+    and refusing the gradient.
+    """
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"ops.tensorflow.cpu_conv_nchw_reason: padding_mode: expected one of "
+                         f"{PADDING_MODES}, got {padding_mode!r}")
+    try:
+        tf_dtype = tf.as_dtype(dtype)
+    except TypeError:
+        tf_dtype = None
+    if tf_dtype is None or not tf_dtype.is_floating:
+        raise ValueError(f"ops.tensorflow.cpu_conv_nchw_reason: dtype: expected a float dtype "
+                         f"name such as 'float32', got {dtype!r}")
+    outcome: List = []
+
+    def probe():
+        try:
+            outcome.append(_probe_nchw(padding_mode, tf_dtype))
+        except BaseException as error:  # handed to the caller's thread below
+            outcome.append(error)
+
+    # In a thread of its own: eager whatever the caller is doing (tracing a tf.function, or
+    # recording on a tape, which tf.init_scope would pause for the probe's own tape too).
+    worker = threading.Thread(target=probe, name="deepprof-nchw-probe")
+    worker.start()
+    worker.join()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _probe_nchw(mode: str, dtype: tf.DType) -> Optional[str]:
+    rng = np.random.default_rng(0)
+    x_nchw = rng.standard_normal((2, 3, 6, 6))
+    w_hwio = rng.standard_normal((3, 3, 3, 4))
+    y_size = 2 if mode == "VALID" else 3
+    g_nchw = rng.standard_normal((2, 4, y_size, y_size))
+
+    def nhwc(a):
+        return a.transpose(0, 2, 3, 1)
+
+    def run(data_format: str):
+        to_format = (lambda a: a) if data_format == "NCHW" else nhwc
+        x, g = (tf.constant(to_format(a), dtype) for a in (x_nchw, g_nchw))
+        w = tf.constant(w_hwio, dtype)
+        spatial = [[1, 1], [1, 1]]  # at stride 2 on 6 pixels, what "SAME" pads too (0 and 1)
+        explicit = ([[0, 0], [0, 0]] + spatial if data_format == "NCHW"
+                    else [[0, 0]] + spatial + [[0, 0]])
+        strides = [1, 1, 2, 2] if data_format == "NCHW" else [1, 2, 2, 1]
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            y = tf.nn.conv2d(x, w, strides, explicit if mode == "EXPLICIT" else mode,
+                             data_format=data_format)
+        gx, gw = tape.gradient(y, [x, w], output_gradients=g)
+        results = [a.numpy().astype(np.float64) for a in (y, gx, gw)]
+        if data_format == "NCHW":
+            results[0], results[1] = nhwc(results[0]), nhwc(results[1])
+        return results
+
+    with tf.device("/device:CPU:0"):
+        try:
+            got = run("NCHW")
+        except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError,
+                tf.errors.NotFoundError) as error:
+            return _short_message(error)
+        want = run("NHWC")
+    # Sums of at most 3*3*3*2*3*3 terms of size ~1: 1e-4 relative to the largest is far above
+    # float32 rounding and far below a wrong layout's differences (order 1); 2% for the
+    # half-precision types.
+    tolerance = 1e-4 if dtype.size >= 4 else 2e-2
+    for name, a, b in zip(("output", "input gradient", "filter gradient"), got, want):
+        if np.max(np.abs(a - b)) > tolerance * np.max(np.abs(b)):
+            return f"NCHW conv ran but its {name} differs from NHWC's"
+    return None
+
+
+def _short_message(error: tf.errors.OpError) -> str:
+    """TensorFlow's error text without its function-node prefix and op suffix."""
+    text = error.message.strip().splitlines()[0]
+    text = re.sub(r"^\{\{[^}]*\}\}\s*", "", text)
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)
+
+
+def cpu_conv_layout(padding_mode: str = "VALID", dtype: str = "float32") -> str:
+    """The layout TensorFlow's own conv trains in on the CPU here with ``padding_mode`` (one
+    of PADDING_MODES) and ``dtype``: "NCHW" where it does (:func:`cpu_conv_nchw_reason`), else
+    "NHWC" (which trains everywhere)."""
+    return "NCHW" if cpu_conv_nchw_reason(padding_mode, dtype) is None else "NHWC"
+
+
+def conv_layout_note(dtype: str = "float32") -> str:
+    """One sentence for reports: oneDNN on or off, and the padding forms with which
+    TensorFlow's CPU conv trains in NCHW here in ``dtype`` (and why not with the others)."""
+    onednn = {True: "on", False: "off", None: "unknown"}[onednn_enabled()]
+    support = {mode: cpu_conv_nchw_reason(mode, dtype) for mode in PADDING_MODES}
+    trains = [mode for mode, reason in support.items() if reason is None]
+    refused = {mode: reason for mode, reason in support.items() if reason is not None}
+    if not refused:
+        layout = "trains in NCHW and NHWC"
+    elif not trains:
+        layout = f"trains in NHWC only (NCHW: {next(iter(refused.values()))})"
+    else:
+        layout = (f"trains in NCHW with {'/'.join(trains)} padding, in NHWC only with "
+                  f"{'/'.join(refused)} padding (NCHW: {next(iter(refused.values()))})")
+    return (f"TensorFlow {tf.__version__}, oneDNN ops {onednn} "
+            f"(TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}): "
+            f"its CPU conv in {dtype} {layout}.")
 
 
 # ---- argument checks shared by every entry point -------------------------------------------------

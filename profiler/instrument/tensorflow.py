@@ -47,6 +47,8 @@ from typing import Callable, List, Optional, Sequence
 
 import tensorflow as tf
 
+import ops.tensorflow as ops_tf
+
 from .base import InstrumentBase
 
 try:
@@ -155,6 +157,9 @@ class Instrument(InstrumentBase):
             "work. The work is the same, its order across branches differs from an "
             "uninstrumented step.",
         ]
+        self.notes.append(ops_tf.conv_layout_note())
+        if getattr(workload, "layout_note", None):
+            self.notes.append(workload.layout_note)
         if self._on_gpu:
             self.notes.append("GPU (unverified): TensorFlow has no public GPU event API, so "
                               "the device clock synchronises at every boundary: device ranges "

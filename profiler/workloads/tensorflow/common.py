@@ -4,8 +4,13 @@ coupled weight decay, and the canonical weight mapping. Nothing here knows about
 
 Where TensorFlow/Keras differs from the canonical (PyTorch) run, and what is done about it:
 
-- Layout: the Keras models run channels_last (NHWC), as TensorFlow's CPU convolution trains in
-  NHWC only. The loaders deliver NHWC images; ``predict`` takes NCHW and transposes.
+- Layout: the Keras models run channels_last (NHWC) on every machine. NHWC is the one layout
+  TensorFlow's CPU convolution trains in everywhere (NCHW trains only with oneDNN on, in
+  float32, and not with explicit padding: ``ops.tensorflow.cpu_conv_layout``), and Keras'
+  default; choosing by machine would make the TensorFlow model compared with the other
+  frameworks differ from one machine to the next. The loaders deliver NHWC images, so with conv
+  impl "framework" a step transposes nothing; the kernel impls transpose each conv's input to
+  NCHW and back in named ops (``ops.tensorflow.Conv2D``). ``predict`` takes NCHW and transposes.
 - Padding: Keras' "same" pads asymmetrically at stride 2 (PyTorch pads 1 and 1), so every
   padded convolution is a ``keras.layers.ZeroPadding2D`` then an ``ops.tensorflow.Conv2D``
   with padding "valid" (:func:`padded_conv`).
@@ -147,12 +152,21 @@ def weight_slots(named_layers, flatten_inputs: Dict[str, Tuple[int, int, int]]
 
 # ---- the workload --------------------------------------------------------------------------------
 
+_LAYOUT_NOTE = ("The Keras workload runs channels_last (NHWC) on every machine (the one layout "
+                "TensorFlow's CPU conv trains in everywhere, and Keras' default; see "
+                "profiler/workloads/tensorflow/common.py). With conv impl 'framework' a step "
+                "transposes nothing; with 'kernel' or 'native' every conv transposes its input "
+                "to NCHW ('to_nchw'), its output back ('to_nhwc') and its kernel to (Cout, Cin, "
+                "kh, kw) ('kernel_to_oihw'), each a named op counted in that layer's time.")
+
+
 class TensorFlowWorkload(WorkloadBase):
     """The TensorFlow/Keras half of the workload interface (see profiler.workloads.base); the
     model file supplies ``build_network()`` (a keras.Model with ``named_layers()`` and
     ``flatten_inputs``), ``input_shape`` (one NHWC sample) and ``compute_loss``."""
 
     framework = "tensorflow"
+    layout_note = _LAYOUT_NOTE   # for reports: the layout choice and what it transposes
     bn_running_var_unbiased = False   # Keras' moving_variance takes the biased one (batch_norm)
     input_shape: Tuple[int, int, int] = ()
 
