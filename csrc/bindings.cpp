@@ -708,6 +708,8 @@ py::dict build_info() {
   info["cuda_architectures"] = std::string(OPS_CUDA_ARCHITECTURES);
   info["compiler"] = std::string(OPS_CXX_COMPILER);
   info["build_type"] = std::string(OPS_BUILD_TYPE);
+  // Compiled in; which of them this CPU runs, and which one is in use, is ops.core.cpu_info().
+  info["cpu_gemm_paths"] = kernels::cpu_gemm_paths_built();
   return info;
 }
 
@@ -723,6 +725,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &kernels::cuda_device_count,
         "Number of usable CUDA devices; 0 without a driver or a device (never raises).");
   m.def("build_info", &build_info, "How this module was built.");
+
+  // CPU kernel settings of this module's copy of the kernels (see kernels.h).
+  m.def("cpu_gemm_path", &kernels::cpu_gemm_path,
+        "The GEMM path in use, 'avx2' or 'baseline'; the first call reads OPS_CPU_GEMM and "
+        "raises ValueError for a value that is unknown or that this CPU cannot run.");
+  m.def("cpu_gemm_paths", &kernels::cpu_gemm_paths, "The GEMM paths this CPU runs, best first.");
+  m.def("set_cpu_gemm_path", &kernels::set_cpu_gemm_path, py::arg("name"),
+        "Use GEMM path `name` (one of cpu_gemm_paths()) from now on, in this module only.");
+  m.def("_resolve_cpu_gemm_path", &kernels::resolve_cpu_gemm_path, py::arg("setting"),
+        py::arg("cpu_runs_avx2"),
+        "What OPS_CPU_GEMM=setting would choose on a CPU with or without AVX2 + FMA (tests).");
+  m.def("cpu_threads", &kernels::cpu_threads, "Threads the CPU kernels' parallel regions use.");
+  m.def("set_cpu_threads", &kernels::set_cpu_threads, py::arg("n"),
+        "Set the CPU kernels' thread count (n >= 1) for every calling thread.");
 
   m.def("sq_error_loss_forward", &sq_error_loss_forward, py::arg("x"), py::arg("t"),
         py::arg("v"), py::arg("loss_out"), py::arg("count_out"), py::arg("count_factor"),

@@ -7,18 +7,72 @@
 //
 // Threads (OpenMP): with at least as many images as threads, each thread takes whole images
 // (no synchronisation inside a GEMM); with fewer (batch 1 inference), the images run one by one
-// and each GEMM's columns are split across the threads instead.
+// and each GEMM's columns are split across the threads instead. The thread count is
+// kernels::cpu_threads() (kernels.h), read once per call and passed to every parallel region.
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "gemm_cpu.h"
 #include "kernels.h"
 
 namespace kernels {
+
 namespace {
+std::atomic<int> g_cpu_threads{0};  // 0: not chosen yet
+}  // namespace
+
+namespace {
+// OPS_CPU_THREADS as a count >= 1, or 0 where it is unset or not such a count (ops refuses
+// those at import; a library loaded without ops falls back to OpenMP's count). Read from the
+// environment so that every copy of this library, including op libraries a framework loads
+// later, starts from the count ops.threads gave the process.
+int env_cpu_threads() {
+  const char* text = std::getenv("OPS_CPU_THREADS");
+  if (text == nullptr || *text == '\0') return 0;
+  char* end = nullptr;
+  const long n = std::strtol(text, &end, 10);
+  return (*end == '\0' && n >= 1 && n <= std::numeric_limits<int>::max()) ? static_cast<int>(n)
+                                                                          : 0;
+}
+}  // namespace
+
+int cpu_threads() {
+  const int now = g_cpu_threads.load(std::memory_order_relaxed);
+  if (now > 0) return now;
+  // OPS_CPU_THREADS, else the first caller's view of OMP_NUM_THREADS (or the core count): the
+  // same in every thread unless someone called omp_set_num_threads, which this replaces.
+  const int from_env = env_cpu_threads();
+  int expected = 0;
+  g_cpu_threads.compare_exchange_strong(
+      expected, from_env > 0 ? from_env : std::max(1, omp_get_max_threads()),
+      std::memory_order_relaxed);
+  return g_cpu_threads.load(std::memory_order_relaxed);
+}
+
+void set_cpu_threads(int n) {
+  if (n < 1)
+    throw std::invalid_argument("set_cpu_threads: n: expected an int >= 1, got " +
+                                std::to_string(n));
+  g_cpu_threads.store(n, std::memory_order_relaxed);
+}
+
+namespace {
+
+// What every entry point reads once, before any parallel region: the thread count, and the GEMM
+// path resolved (a bad OPS_CPU_GEMM throws here, where an exception can still leave the call,
+// not inside an OpenMP region where it would terminate the process).
+int prepare_call() {
+  cpu_gemm_path();
+  return cpu_threads();
+}
 
 bool is_pointwise(const Conv2dShape& s) {
   return s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 &&
@@ -95,11 +149,11 @@ void col2im_add(const Conv2dShape& s, const T* col, T* gx) {
   }
 }
 
-// Runs body(begin, end) over [0, n) split into per-thread chunks aligned to `align`, or inline
-// when already inside a parallel region or n is small.
+// Runs body(begin, end) over [0, n) split into chunks aligned to `align` for up to `threads`
+// threads, or inline when already inside a parallel region or n is small.
 template <typename Body>
-void parallel_columns(int64_t n, int64_t align, Body body) {
-  const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+void parallel_columns(int64_t n, int64_t align, int threads, Body body) {
+  if (omp_in_parallel()) threads = 1;
   const int64_t chunks = std::min<int64_t>(threads, (n + align - 1) / align);
   if (chunks <= 1) {
     body(int64_t(0), n);
@@ -114,7 +168,7 @@ void parallel_columns(int64_t n, int64_t align, Body body) {
 }
 
 // Images go to threads when there are enough of them; see the file comment.
-bool split_by_image(int64_t batch) { return batch >= omp_get_max_threads(); }
+bool split_by_image(int64_t batch, int threads) { return batch >= threads; }
 
 constexpr int64_t kColumnAlign = 64;  // a multiple of every micro-kernel's NR
 
@@ -135,6 +189,7 @@ template <typename T>
 void conv2d_forward_cpu(const Conv2dShape& s, const T* x, const T* w, const T* b, T* y) {
   const int64_t K = s.patch_size(), P = s.out_plane(), Cout = s.out_channels;
   const bool pointwise = is_pointwise(s);
+  const int threads = prepare_call();
 
   auto one_image = [&](int64_t n, bool split_columns, std::vector<T>& col) {
     const T* x_b = x + n * s.in_channels * s.in_plane();
@@ -146,7 +201,7 @@ void conv2d_forward_cpu(const Conv2dShape& s, const T* x, const T* w, const T* b
       cols = col.data();
     }
     if (split_columns) {
-      parallel_columns(P, kColumnAlign, [&](int64_t j0, int64_t j1) {
+      parallel_columns(P, kColumnAlign, threads, [&](int64_t j0, int64_t j1) {
         cpu::gemm(false, false, Cout, j1 - j0, K, w, K, cols + j0, P, y_b + j0, P, false);
       });
     } else {
@@ -155,8 +210,8 @@ void conv2d_forward_cpu(const Conv2dShape& s, const T* x, const T* w, const T* b
     add_bias(s, b, y_b);
   };
 
-  if (split_by_image(s.batch)) {
-#pragma omp parallel
+  if (split_by_image(s.batch, threads)) {
+#pragma omp parallel num_threads(threads)
     {
       std::vector<T> col;
 #pragma omp for schedule(static)
@@ -173,6 +228,7 @@ void conv2d_backward_data_cpu(const Conv2dShape& s, const T* gy, const T* w, T* 
   const int64_t K = s.patch_size(), P = s.out_plane(), Cout = s.out_channels;
   const int64_t in_size = s.in_channels * s.in_plane();
   const bool pointwise = is_pointwise(s);
+  const int threads = prepare_call();
 
   auto one_image = [&](int64_t n, bool split_columns, std::vector<T>& gcol) {
     const T* gy_b = gy + n * Cout * P;
@@ -184,7 +240,7 @@ void conv2d_backward_data_cpu(const Conv2dShape& s, const T* gy, const T* w, T* 
       target = gcol.data();
     }
     if (split_columns) {
-      parallel_columns(P, kColumnAlign, [&](int64_t j0, int64_t j1) {
+      parallel_columns(P, kColumnAlign, threads, [&](int64_t j0, int64_t j1) {
         cpu::gemm(true, false, K, j1 - j0, Cout, w, K, gy_b + j0, P, target + j0, P, false);
       });
     } else {
@@ -196,8 +252,8 @@ void conv2d_backward_data_cpu(const Conv2dShape& s, const T* gy, const T* w, T* 
     }
   };
 
-  if (split_by_image(s.batch)) {
-#pragma omp parallel
+  if (split_by_image(s.batch, threads)) {
+#pragma omp parallel num_threads(threads)
     {
       std::vector<T> gcol;
 #pragma omp for schedule(static)
@@ -213,6 +269,7 @@ template <typename T>
 void conv2d_backward_weight_cpu(const Conv2dShape& s, const T* x, const T* gy, T* gw) {
   const int64_t K = s.patch_size(), P = s.out_plane(), Cout = s.out_channels;
   const bool pointwise = is_pointwise(s);
+  const int threads = prepare_call();
 
   auto columns_of = [&](int64_t n, std::vector<T>& col) -> const T* {
     const T* x_b = x + n * s.in_channels * s.in_plane();
@@ -222,12 +279,12 @@ void conv2d_backward_weight_cpu(const Conv2dShape& s, const T* x, const T* gy, T
     return col.data();
   };
 
-  if (split_by_image(s.batch)) {
+  if (split_by_image(s.batch, threads)) {
     // Each thread sums its images into a private gw; the partial sums are added in thread order
-    // afterwards, so the result does not depend on scheduling.
-    const int threads = omp_get_max_threads();
+    // afterwards, so the result does not depend on scheduling. (The team may be smaller than
+    // asked for, never larger: unused partials stay empty.)
     std::vector<std::vector<T>> partial(threads);
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
       const int tid = omp_get_thread_num();
       std::vector<T>& mine = partial[tid];
@@ -248,7 +305,7 @@ void conv2d_backward_weight_cpu(const Conv2dShape& s, const T* x, const T* gy, T
     for (int64_t n = 0; n < s.batch; ++n) {
       const T* cols = columns_of(n, col);
       const T* gy_b = gy + n * Cout * P;
-      parallel_columns(K, kColumnAlign, [&](int64_t j0, int64_t j1) {
+      parallel_columns(K, kColumnAlign, threads, [&](int64_t j0, int64_t j1) {
         cpu::gemm(false, true, Cout, j1 - j0, P, gy_b, P, cols + j0 * P, P, gw + j0, K, n > 0);
       });
     }
@@ -278,3 +335,15 @@ INSTANTIATE(double)
 #undef INSTANTIATE
 
 }  // namespace kernels
+
+// For the framework op libraries, which link their own copy of this file and so have their own
+// count (through ctypes, as deepprof_cpu_gemm_path in gemm_cpu.cpp): read it, and set it (0 on
+// success, -1 for n < 1), e.g. to give them the count ops.core.set_cpu_threads gave ops._C.
+extern "C" __attribute__((visibility("default"))) int deepprof_cpu_threads() {
+  return kernels::cpu_threads();
+}
+extern "C" __attribute__((visibility("default"))) int deepprof_set_cpu_threads(int n) {
+  if (n < 1) return -1;
+  kernels::set_cpu_threads(n);
+  return 0;
+}

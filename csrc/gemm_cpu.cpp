@@ -1,16 +1,35 @@
 // Blocked GEMM in the Goto/BLIS layout: B is packed into NR-wide column strips of a KC x NC
 // panel, A into MR-tall row strips of an MC x KC block, and an MR x NR register-tile micro-kernel
-// (GCC vector extensions, so the compiler emits FMA on whatever ISA the clone targets) walks
+// (GCC vector extensions, so the compiler emits FMA on whatever ISA the caller targets) walks
 // them. Packing makes every inner-loop load contiguous whatever the transposes are.
 //
-// The public entry points are compiled twice through target_clones (x86-64-v3 = AVX2 + FMA, and
-// the baseline), picked at load time, so the same binary runs on any x86-64 machine and uses
-// AVX2 where it exists.
+// The whole GEMM is compiled twice, by two thin entry points that inline the same template with
+// a register tile sized for their ISA: once for AVX2 + FMA (the vector part of x86-64-v3, ymm)
+// and once for plain x86-64 (SSE2, xmm). Which one runs is an explicit, process-wide choice
+// (OPS_CPU_GEMM, read once at first use; see kernels.h) rather than a loader decision, so tests
+// and benchmarks can force either path and a machine without AVX2 runs a path the tests have run
+// too. Elsewhere (not x86-64, or a compiler without target attributes) only the baseline exists.
 #include "gemm_cpu.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
+
+#include "kernels.h"
+
+// -DOPS_GEMM_HAS_AVX2=0 builds what a non-x86 machine gets (the baseline alone), to check it.
+#ifndef OPS_GEMM_HAS_AVX2
+#if defined(__x86_64__) && defined(__GNUC__)  // GCC and Clang: target attributes, cpu builtins
+#define OPS_GEMM_HAS_AVX2 1
+#else
+#define OPS_GEMM_HAS_AVX2 0
+#endif
+#endif
 
 namespace kernels {
 namespace cpu {
@@ -18,22 +37,46 @@ namespace {
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
-template <typename T>
+// Block sizes and the register tile per scalar type and vector width (32 bytes: AVX2's ymm,
+// 16 bytes: the baseline's SSE2 xmm). Either ISA has 16 vector registers: the MR x NR tile takes
+// 12 of them as accumulators, leaving room for the NR / kLanes B vectors and one broadcast A
+// value. (A 32-byte tile on SSE2 would need 24 registers and spill on every k step.)
+template <typename T, int kVecBytes>
 struct Tiling;
 
 template <>
-struct Tiling<float> {
+struct Tiling<float, 32> {
+  typedef float Scalar;
   typedef float Vec __attribute__((vector_size(32)));
   static constexpr int kLanes = 8;
-  static constexpr int MR = 6, NR = 16;       // 12 accumulators of 8 lanes: fits 16 ymm
+  static constexpr int MR = 6, NR = 16;
   static constexpr int64_t KC = 256, MC = 96, NC = 2048;
 };
 
 template <>
-struct Tiling<double> {
+struct Tiling<double, 32> {
+  typedef double Scalar;
   typedef double Vec __attribute__((vector_size(32)));
   static constexpr int kLanes = 4;
   static constexpr int MR = 6, NR = 8;
+  static constexpr int64_t KC = 256, MC = 96, NC = 1024;
+};
+
+template <>
+struct Tiling<float, 16> {
+  typedef float Scalar;
+  typedef float Vec __attribute__((vector_size(16)));
+  static constexpr int kLanes = 4;
+  static constexpr int MR = 6, NR = 8;
+  static constexpr int64_t KC = 256, MC = 96, NC = 2048;
+};
+
+template <>
+struct Tiling<double, 16> {
+  typedef double Scalar;
+  typedef double Vec __attribute__((vector_size(16)));
+  static constexpr int kLanes = 2;
+  static constexpr int MR = 6, NR = 4;
   static constexpr int64_t KC = 256, MC = 96, NC = 1024;
 };
 
@@ -41,10 +84,10 @@ struct Tiling<double> {
 // last strip so the micro-kernel never branches on the edge. Reads go along memory rows: walking
 // k across MR rows at once would touch MR lines a row-stride apart, and a power-of-two stride
 // (P = 1024 floats in a 32x32 conv) maps them all to one L1 set.
-template <typename T>
+template <typename Tl, typename T = typename Tl::Scalar>
 ALWAYS_INLINE void pack_a(bool trans_a, const T* A, int64_t lda, int64_t m0, int64_t mc,
                           int64_t k0, int64_t kc, T* packed) {
-  constexpr int MR = Tiling<T>::MR;
+  constexpr int MR = Tl::MR;
   for (int64_t i0 = 0; i0 < mc; i0 += MR) {
     const int rows = static_cast<int>(std::min<int64_t>(MR, mc - i0));
     T* strip = packed + i0 * kc;
@@ -67,10 +110,10 @@ ALWAYS_INLINE void pack_a(bool trans_a, const T* A, int64_t lda, int64_t m0, int
 
 // Packs op(B)[k0 : k0+kc, n0 : n0+nc] into NR-column strips laid out [strip][k][NR]; like pack_a,
 // it reads along memory rows.
-template <typename T>
+template <typename Tl, typename T = typename Tl::Scalar>
 ALWAYS_INLINE void pack_b(bool trans_b, const T* B, int64_t ldb, int64_t k0, int64_t kc,
                           int64_t n0, int64_t nc, T* packed) {
-  constexpr int NR = Tiling<T>::NR;
+  constexpr int NR = Tl::NR;
   for (int64_t j0 = 0; j0 < nc; j0 += NR) {
     const int cols = static_cast<int>(std::min<int64_t>(NR, nc - j0));
     T* strip = packed + j0 * kc;
@@ -93,12 +136,12 @@ ALWAYS_INLINE void pack_b(bool trans_b, const T* B, int64_t ldb, int64_t k0, int
 }
 
 // C[0:rows, 0:cols] (+)= a_strip^T * b_strip over kc, accumulating in an MR x NR register tile.
-template <typename T>
+template <typename Tl, typename T = typename Tl::Scalar>
 ALWAYS_INLINE void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b,
                                 T* __restrict c, int64_t ldc, int rows, int cols,
                                 bool accumulate) {
-  using Vec = typename Tiling<T>::Vec;
-  constexpr int MR = Tiling<T>::MR, NR = Tiling<T>::NR, L = Tiling<T>::kLanes, NV = NR / L;
+  using Vec = typename Tl::Vec;
+  constexpr int MR = Tl::MR, NR = Tl::NR, L = Tl::kLanes, NV = NR / L;
   Vec acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -143,18 +186,18 @@ ALWAYS_INLINE void micro_kernel(int64_t kc, const T* __restrict a, const T* __re
       c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i][j] : tile[i][j];
 }
 
-template <typename T>
+template <typename Tl, typename T = typename Tl::Scalar>
 ALWAYS_INLINE void gemm_impl(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                              const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
                              bool accumulate) {
-  using Tl = Tiling<T>;
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
       for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, T(0));
     return;
   }
-  // Per-thread packing buffers, grown once and reused: callers run one gemm per thread.
+  // Per-thread packing buffers (one pair per tiling), grown once and reused: callers run one
+  // gemm per thread.
   thread_local std::vector<T> packed_a, packed_b;
   const int64_t kc_max = std::min<int64_t>(Tl::KC, K);
   const int64_t mc_max = std::min<int64_t>(Tl::MC, M);
@@ -169,15 +212,15 @@ ALWAYS_INLINE void gemm_impl(bool trans_a, bool trans_b, int64_t M, int64_t N, i
     for (int64_t k0 = 0; k0 < K; k0 += Tl::KC) {
       const int64_t kc = std::min<int64_t>(Tl::KC, K - k0);
       const bool acc = accumulate || k0 > 0;
-      pack_b(trans_b, B, ldb, k0, kc, n0, nc, packed_b.data());
+      pack_b<Tl>(trans_b, B, ldb, k0, kc, n0, nc, packed_b.data());
       for (int64_t m0 = 0; m0 < M; m0 += Tl::MC) {
         const int64_t mc = std::min<int64_t>(Tl::MC, M - m0);
-        pack_a(trans_a, A, lda, m0, mc, k0, kc, packed_a.data());
+        pack_a<Tl>(trans_a, A, lda, m0, mc, k0, kc, packed_a.data());
         for (int64_t j = 0; j < nc; j += Tl::NR) {
           const int cols = static_cast<int>(std::min<int64_t>(Tl::NR, nc - j));
           for (int64_t i = 0; i < mc; i += Tl::MR) {
             const int rows = static_cast<int>(std::min<int64_t>(Tl::MR, mc - i));
-            micro_kernel<T>(kc, packed_a.data() + i * kc, packed_b.data() + j * kc,
+            micro_kernel<Tl>(kc, packed_a.data() + i * kc, packed_b.data() + j * kc,
                             C + (m0 + i) * ldc + n0 + j, ldc, rows, cols, acc);
           }
         }
@@ -186,25 +229,152 @@ ALWAYS_INLINE void gemm_impl(bool trans_a, bool trans_b, int64_t M, int64_t N, i
   }
 }
 
-}  // namespace
+// ---- the two compilations and the choice between them ---------------------------------------
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GEMM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+enum class GemmPath : int { kUnresolved = -1, kBaseline = 0, kAvx2 = 1 };
+
+const char* path_name(GemmPath path) { return path == GemmPath::kAvx2 ? "avx2" : "baseline"; }
+
+bool cpu_runs_avx2() {
+#if OPS_GEMM_HAS_AVX2
+  __builtin_cpu_init();  // harmless when already done; needed if we run before libgcc's init
+  // Both builtins also check that the OS saves the ymm registers (XCR0), not only CPUID.
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
-#define GEMM_CLONES
+  return false;
 #endif
-
-GEMM_CLONES
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
-          int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  gemm_impl<float>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
-GEMM_CLONES
+// The process-wide choice (per copy of this library: ops._C and each framework op library link
+// their own). kUnresolved until the first use reads OPS_CPU_GEMM.
+std::atomic<int> g_active_path{static_cast<int>(GemmPath::kUnresolved)};
+
+// OPS_CPU_GEMM's value -> the path, or std::invalid_argument naming `what` (the variable).
+GemmPath parse_path(const std::string& value, bool avx2_runs, const std::string& what) {
+  // Lenient in what shells produce: surrounding blanks and case do not matter.
+  const size_t first = value.find_first_not_of(" \t\n");
+  const size_t last = value.find_last_not_of(" \t\n");
+  std::string v = first == std::string::npos ? "" : value.substr(first, last - first + 1);
+  for (char& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (v.empty() || v == "auto") return avx2_runs ? GemmPath::kAvx2 : GemmPath::kBaseline;
+  if (v == "baseline") return GemmPath::kBaseline;
+  if (v == "avx2") {
+    if (avx2_runs) return GemmPath::kAvx2;
+    throw std::invalid_argument(
+        what + ": expected 'auto' or 'baseline' (the only GEMM path this " +
+        (OPS_GEMM_HAS_AVX2 ? "CPU runs: it lacks AVX2 or FMA" : "build has: it is not x86-64") +
+        "), got '" + value + "'");
+  }
+  throw std::invalid_argument(what + ": expected 'auto', 'avx2' or 'baseline', got '" + value +
+                              "'");
+}
+
+GemmPath active_path() {
+  const int now = g_active_path.load(std::memory_order_acquire);
+  if (now != static_cast<int>(GemmPath::kUnresolved)) return static_cast<GemmPath>(now);
+  const char* env = std::getenv("OPS_CPU_GEMM");
+  const GemmPath chosen = parse_path(env ? env : "auto", cpu_runs_avx2(), "OPS_CPU_GEMM");
+  int expected = static_cast<int>(GemmPath::kUnresolved);
+  // Racing first callers read the same environment; whoever stores first wins either way.
+  g_active_path.compare_exchange_strong(expected, static_cast<int>(chosen),
+                                        std::memory_order_acq_rel);
+  return static_cast<GemmPath>(g_active_path.load(std::memory_order_acquire));
+}
+
+#if OPS_GEMM_HAS_AVX2
+#define OPS_TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+OPS_TARGET_AVX2 void gemm_avx2(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                               const float* A, int64_t lda, const float* B, int64_t ldb,
+                               float* C, int64_t ldc, bool accumulate) {
+  gemm_impl<Tiling<float, 32>>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+OPS_TARGET_AVX2 void gemm_avx2(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                               const double* A, int64_t lda, const double* B, int64_t ldb,
+                               double* C, int64_t ldc, bool accumulate) {
+  gemm_impl<Tiling<double, 32>>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+#undef OPS_TARGET_AVX2
+#endif
+
+void gemm_baseline(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
+                   int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                   bool accumulate) {
+  gemm_impl<Tiling<float, 16>>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+void gemm_baseline(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const double* A,
+                   int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc,
+                   bool accumulate) {
+  gemm_impl<Tiling<double, 16>>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+template <typename T>
+void gemm_dispatch(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+                   int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+#if OPS_GEMM_HAS_AVX2
+  if (active_path() == GemmPath::kAvx2) {
+    gemm_avx2(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+    return;
+  }
+#endif
+  gemm_baseline(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+}  // namespace
+
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
+          int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  gemm_dispatch<float>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const double* A,
           int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
-  gemm_impl<double>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  gemm_dispatch<double>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 }  // namespace cpu
+
+// ---- the settings API of kernels.h ----------------------------------------------------------
+
+std::string cpu_gemm_path() { return cpu::path_name(cpu::active_path()); }
+
+std::vector<std::string> cpu_gemm_paths() {
+  if (cpu::cpu_runs_avx2()) return {"avx2", "baseline"};
+  return {"baseline"};
+}
+
+std::vector<std::string> cpu_gemm_paths_built() {
+  if (OPS_GEMM_HAS_AVX2) return {"avx2", "baseline"};
+  return {"baseline"};
+}
+
+void set_cpu_gemm_path(const std::string& name) {
+  // A path by its exact name ("auto" is a setting, not a path), and only one this CPU runs.
+  const std::vector<std::string> runnable = cpu_gemm_paths();
+  if (std::find(runnable.begin(), runnable.end(), name) == runnable.end()) {
+    std::string expected;
+    for (const std::string& path : runnable)
+      expected += (expected.empty() ? "'" : ", '") + path + "'";
+    throw std::invalid_argument("set_gemm_path: name: expected one of " + expected +
+                                " (the GEMM paths this CPU runs), got '" + name + "'");
+  }
+  const cpu::GemmPath path = name == "avx2" ? cpu::GemmPath::kAvx2 : cpu::GemmPath::kBaseline;
+  cpu::g_active_path.store(static_cast<int>(path), std::memory_order_release);
+}
+
+std::string resolve_cpu_gemm_path(const std::string& setting, bool cpu_runs_avx2) {
+  return cpu::path_name(cpu::parse_path(setting, cpu_runs_avx2, "OPS_CPU_GEMM"));
+}
+
 }  // namespace kernels
+
+// For the framework op libraries, which link their own copy of this file (through ctypes, e.g.
+// ctypes.CDLL("ops/libdeepprof_torch.so").deepprof_cpu_gemm_path()): the path that copy uses,
+// resolving it if no kernel ran yet; nullptr when OPS_CPU_GEMM is invalid.
+extern "C" __attribute__((visibility("default"))) const char* deepprof_cpu_gemm_path() {
+  try {
+    return kernels::cpu::path_name(kernels::cpu::active_path());
+  } catch (const std::exception&) {
+    return nullptr;
+  }
+}

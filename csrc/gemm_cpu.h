@@ -10,6 +10,9 @@ namespace cpu {
 // C[M x N] = (accumulate ? C : 0) + op(A)[M x K] * op(B)[K x N], all row-major, with
 // op(A)(m, k) = trans_a ? A[k * lda + m] : A[m * lda + k] and likewise for B.
 // C may be a sub-block of a larger matrix (ldc >= N). K == 0 leaves C (or zeroes it).
+// Runs the AVX2 or the baseline compilation, as kernels::cpu_gemm_path() says (kernels.h). The
+// first call may throw std::invalid_argument (a bad OPS_CPU_GEMM): callers inside a parallel
+// region must have resolved the path before entering it.
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
           int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const double* A,

@@ -15,14 +15,14 @@ void sq_error_loss_forward_cpu(const T* x, const T* t, const T* v, int64_t n, do
                                T* loss, T* count) {
   double sum = 0, visible = 0;
   if (v) {
-#pragma omp parallel for reduction(+ : sum, visible) if (n >= kParallelThreshold)
+#pragma omp parallel for reduction(+ : sum, visible) if (n >= kParallelThreshold) num_threads(cpu_threads())
     for (int64_t i = 0; i < n; ++i) {
       const double d = (static_cast<double>(x[i]) - t[i]) * v[i];
       sum += d * d;
       visible += v[i];
     }
   } else {
-#pragma omp parallel for reduction(+ : sum) if (n >= kParallelThreshold)
+#pragma omp parallel for reduction(+ : sum) if (n >= kParallelThreshold) num_threads(cpu_threads())
     for (int64_t i = 0; i < n; ++i) {
       const double d = static_cast<double>(x[i]) - t[i];
       sum += d * d;
@@ -39,7 +39,7 @@ void sq_error_loss_backward_cpu(const T* x, const T* t, const T* v, int64_t n, c
   const double denominator = static_cast<double>(*count) * count_factor;
   // C == 0: the loss is the constant 0, so every gradient is 0 (never 0/0).
   const T scale = denominator != 0 ? static_cast<T>(2.0 * (*grad_loss) / denominator) : T(0);
-#pragma omp parallel for if (n >= kParallelThreshold)
+#pragma omp parallel for if (n >= kParallelThreshold) num_threads(cpu_threads())
   for (int64_t i = 0; i < n; ++i) {
     T g = scale * (x[i] - t[i]);
     if (v) g *= v[i] * v[i];

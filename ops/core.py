@@ -5,12 +5,19 @@ TensorFlow and MXNet arrays) or a DLPack capsule. Nothing here allocates: output
 caller made (of the right shape and dtype, C-contiguous, on the inputs' device), so each framework
 adapter uses its own allocator. All arrays of one call share one dtype (float32 or float64) and
 one device. GPU work is enqueued on ``stream`` (a ``cudaStream_t`` as an int; None or 0 is the
-legacy default stream) and never synchronised with the host.
+legacy default stream) and never synchronised with the host. An input may be read-only where
+its producer exports versioned DLPack, which can say so (NumPy >= 2); NumPy 1 cannot export a
+read-only array at all, and the error says to pass a writable one. Outputs must be writable.
 
 Bad arguments raise one exception naming the function, the argument, what was expected and what
 came: TypeError (not an array, wrong dtype), ValueError (shape, layout, device, parameter values,
 aliasing), NotImplementedError (groups > 1), RuntimeError (GPU arrays without a usable GPU).
 Output arguments are named ``*_out`` here and in the messages.
+
+CPU kernel settings (process-wide, for ``ops._C``'s copy of the kernels): :func:`gemm_path`,
+:func:`gemm_paths`, :func:`set_gemm_path` pick the GEMM compilation (environment variable
+``OPS_CPU_GEMM``), :func:`cpu_threads` / :func:`set_cpu_threads` the thread count, and
+:func:`cpu_info` reports both.
 
 This module must stay thin: argument normalisation here, checks and math in ``ops._C``.
 """
@@ -144,6 +151,78 @@ def conv2d_backward_weight(x, gy, gw_out, *, stride: IntOrPair = 1, padding: Int
 def conv2d_backward_bias(gy, gb_out, *, stream: Optional[int] = None) -> None:
     """gb_out = dL/db (Cout,): gy summed over batch and pixels; overwrites gb_out."""
     _C.conv2d_backward_bias(gy, gb_out, _stream("conv2d_backward_bias", stream))
+
+
+# ---- CPU kernel settings ------------------------------------------------------------------------
+
+#: Every GEMM path name there is; :func:`gemm_paths` says which of them this CPU runs.
+GEMM_PATHS = ("avx2", "baseline")
+
+
+def gemm_path() -> str:
+    """The GEMM path our CPU conv kernels run: "avx2" (AVX2 + FMA) or "baseline" (plain x86-64).
+
+    Chosen once, at the first use of the kernels (``import ops`` does that), from the
+    environment variable ``OPS_CPU_GEMM``: "auto" (or unset) picks the best path this CPU runs,
+    "avx2" or "baseline" forces one. An unknown value, or "avx2" on a CPU without AVX2/FMA, is a
+    ValueError naming OPS_CPU_GEMM (raised by ``import ops``). Every front end reads the same
+    variable: ``ops._C`` and the torch / TensorFlow / MXNet operator libraries.
+    """
+    return _C.cpu_gemm_path()
+
+
+def gemm_paths() -> Tuple[str, ...]:
+    """The GEMM paths this CPU (and this build) can run, best first: ("avx2", "baseline") on an
+    x86-64 CPU with AVX2 and FMA, ("baseline",) elsewhere."""
+    return tuple(_C.cpu_gemm_paths())
+
+
+def set_gemm_path(name: str) -> None:
+    """Run GEMM path ``name`` (one of :func:`gemm_paths`) from now on, for tests and benchmarks.
+
+    Affects ``ops._C``'s copy of the kernels only (``ops.core``, ``ops.numpy``, the adapters'
+    "kernel" impls); the framework operator libraries (the "native" impls) link their own copy
+    and keep the path OPS_CPU_GEMM chose for them. ValueError for a path this CPU cannot run.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"set_gemm_path: name: expected a str, one of {gemm_paths()}, "
+                        f"got {name!r}")
+    _C.set_cpu_gemm_path(name)
+
+
+def cpu_threads() -> int:
+    """The number of threads each parallel region of our CPU kernels (conv and loss) uses.
+
+    One process-wide count (not OpenMP's per-thread setting), so it also holds for kernels a
+    framework calls from its own threads. Default: ``OPS_CPU_THREADS`` where set (read by every
+    copy of the kernels at its first use, so also by op libraries loaded later:
+    ``ops.threads.set_cpu_threads`` sets it), else OpenMP's thread count at the first use, which
+    honours OMP_NUM_THREADS (an earlier ``import torch`` resets that count to at most the
+    cores). Like :func:`set_gemm_path`, it is ``ops._C``'s copy only: the framework operator
+    libraries have their own, with the same default (their ``deepprof_set_cpu_threads``, through
+    ctypes, sets it).
+    """
+    return _C.cpu_threads()
+
+
+def set_cpu_threads(n: int) -> None:
+    """Use ``n`` >= 1 threads in our CPU kernels from now on, whichever thread calls them.
+
+    Results are correct for any count, more than the cores included (backward-weight sums its
+    per-thread partials in thread order, so its float rounding depends on the count).
+    """
+    if not _is_int(n):
+        raise TypeError(f"set_cpu_threads: n: expected an int >= 1, got {n!r}")
+    if not 1 <= n <= _INT32_MAX:
+        raise ValueError(f"set_cpu_threads: n: expected an int in [1, 2**31 - 1], got {n}")
+    _C.set_cpu_threads(int(n))
+
+
+def cpu_info() -> dict:
+    """This process's CPU kernel settings for ``ops._C``: ``gemm_path`` (in use), ``gemm_paths``
+    (what this CPU runs, best first) and ``threads``. (``ops.build_info()["cpu_gemm_paths"]``
+    lists the paths compiled in.)"""
+    return {"gemm_path": gemm_path(), "gemm_paths": gemm_paths(), "threads": cpu_threads()}
 
 
 # ---- argument normalisation: each names the public function it serves ---------------------------
