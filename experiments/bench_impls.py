@@ -25,7 +25,8 @@ from typing import Callable, Dict, List
 import numpy as np
 
 import ops
-from experiments.timing import Timer, interleaved, summarize, write_json
+from experiments.timing import (Timer, add_threads_argument, apply_threads, interleaved,
+                                summarize, write_json)
 from ops.impls import CONV_IMPLS, LOSS_IMPLS
 
 LOSS_BATCHES = [1, 8, 32, 128, 256]
@@ -318,7 +319,10 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=3,
                    help="calls per timed sample; loss rows use 10x this (default: 3)")
     p.add_argument("--out", type=Path, help="also write all rows as JSON here")
+    add_threads_argument(p)
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
     if args.rounds < 2:
         p.error(f"--rounds must be >= 2 to report a spread, got {args.rounds}")
     for name in ("repeat", "conv_batch"):
@@ -331,6 +335,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Before any framework starts work (TensorFlow sizes its pools then).
+    threads = apply_threads(args.threads, args.frameworks)
     devices = ["cpu"]
     if args.device in ("cuda", "all") and ops.cuda_available():
         devices.append("cuda")
@@ -359,7 +365,7 @@ def main(argv=None) -> int:
     finally:
         if args.out:  # whatever was measured is kept, even when a later row fails
             write_json(args.out, {"rows": rows, "failures": failures,
-                                  "platform": platform.platform(),
+                                  "platform": platform.platform(), "threads": threads,
                                   "args": {k: str(v) for k, v in vars(args).items()}})
             print(f"wrote {args.out}")
     return 0

@@ -33,7 +33,8 @@ from typing import List, Optional
 import torch
 
 import ops
-from experiments.timing import Timer, interleaved, summarize, write_json
+from experiments.timing import (Timer, add_threads_argument, apply_threads, interleaved,
+                                summarize, write_json)
 from ops import core
 
 # ResNet for CIFAR-10 layers: (name, Cin, Cout, H=W, kernel, stride, padding)
@@ -226,7 +227,10 @@ def parse_args(argv=None):
                    help="calls per timed round (small loss rows use 20x this; default: 3)")
     p.add_argument("--out", type=Path, default=None,
                    help="also write the rows as JSON to this file")
+    add_threads_argument(p)
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
     for name in ("rounds", "repeat"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -241,6 +245,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    threads = apply_threads(args.threads, ["torch"])
     devices = ["cpu"]
     if args.device in ("cuda", "all"):
         if ops.cuda_available() and torch.cuda.is_available():
@@ -252,6 +257,7 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         devices = ["cuda"]
     env = environment(devices)
+    env["threads"] = threads["torch"]
     print(f"ops build: {env['ops_build']}; torch {env['torch']} with {env['torch_threads']} "
           f"threads; {env['cpu_count']} CPUs" + (f"; GPU {env['gpu']}" if 'gpu' in env else ""))
     print(f"{args.rounds} interleaved rounds x {args.repeat} calls after {args.warmup} warm-up "

@@ -82,3 +82,28 @@ def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def add_threads_argument(parser) -> None:
+    """--threads N, as the profiler has it (ops.threads), for a benchmark's parser."""
+    from ops.threads import physical_cores
+    parser.add_argument("--threads", type=int, default=physical_cores(), metavar="N",
+                        help="CPU threads for each framework's intra-op pool, its BLAS and "
+                             "OpenMP libraries and our kernels, set before any timing "
+                             "(default: the physical cores this process may use, here "
+                             "%(default)s)")
+
+
+def apply_threads(threads: int, frameworks: List[str]) -> Dict[str, dict]:
+    """Sets ``threads`` everywhere (ops.threads.set_cpu_threads) before the frameworks start,
+    and returns per framework what it then reports; prints a warning for any pool that did not
+    take the count, so a ratio is never silently measured at another thread count."""
+    import sys
+    from ops.threads import set_cpu_threads, thread_report
+    set_cpu_threads(threads, frameworks)
+    reports = {framework: thread_report(framework, threads) for framework in frameworks}
+    for framework, report in reports.items():
+        if report["ignored"]:
+            print(f"warning: {framework}: asked for {threads} threads, but these did not take "
+                  f"it: {', '.join(report['ignored'])}", file=sys.stderr)
+    return reports

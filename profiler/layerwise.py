@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -36,6 +37,7 @@ from profiler.report import (build_report, from_layer_breakdown, from_phase_brea
                              validate_report,
                              write_json_atomic)
 from profiler.timeline import PHASES
+from ops.threads import physical_cores, set_cpu_threads, thread_report
 
 FRAMEWORKS = ("torch", "chainer", "tensorflow", "mxnet")
 MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "deeppose")
@@ -99,6 +101,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--pyspy", action="store_true",
                         help="also record a py-spy flame graph (pyspy.svg) of this process "
                              "while it profiles (warm-up included; needs py-spy on PATH)")
+    parser.add_argument("--threads", type=_positive_int, default=physical_cores(), metavar="N",
+                        help="CPU threads for the framework's intra-op pool, its BLAS and "
+                             "OpenMP libraries and our kernels, set before the framework "
+                             "starts; report.json's 'threads' records what each then used. "
+                             "The default is the physical cores this process may use")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.overhead_iters is None:
@@ -243,6 +250,26 @@ def _device_name(framework: str, device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def apply_threads(args, framework: str, notes: List[str]) -> None:
+    """--threads for ``framework``, before it runs anything; what it refused goes to notes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # returned, and noted instead
+        refused = set_cpu_threads(args.threads, [framework])
+    notes += [f"threads: {problem}" for problem in refused]
+
+
+def threads_section(args, framework: str, notes: List[str]) -> dict:
+    """The report's ``threads``: what each pool used; a warning (stderr and notes) for any
+    that did not take --threads."""
+    report = thread_report(framework, args.threads)
+    if report["ignored"]:
+        message = (f"threads: asked for {args.threads}, but these did not take it: "
+                   f"{', '.join(report['ignored'])} (report.json 'threads' has the counts)")
+        notes.append(message)
+        _stderr_console().print(f"[yellow]warning[/yellow]: {framework}: {message}")
+    return report
+
+
 def run_one(args, framework: str) -> dict:
     """Profiles ``framework``; writes and returns its report (with errors, if it failed)."""
     from profiler.runner import profile
@@ -261,6 +288,7 @@ def run_one(args, framework: str) -> dict:
     errors: List[str] = []
     pyspy = None
     try:
+        apply_threads(args, framework, notes)
         # An instrument may configure its framework before the first operator runs (MXNet
         # reads its backward-bulking setting once, then).
         importlib.import_module(f"profiler.instrument.{framework}")
@@ -291,6 +319,10 @@ def run_one(args, framework: str) -> dict:
                          "ranges are complete but the GPU could not run ahead of the host.")
         fields.update(_measured_sections(result, errors))
         _write_views(out, result.timeline, fields, errors)
+    try:
+        fields["threads"] = threads_section(args, framework, notes)
+    except Exception as e:   # a failed run keeps its report
+        errors.append(f"threads: {type(e).__name__}: {e}")
     report = build_report(**fields, notes=notes, errors=errors)
     try:
         validate_report(report)
@@ -375,6 +407,8 @@ def run_compare(args, framework: str) -> dict:
     from profiler.workloads import WorkloadConfig, build_workload
 
     kind, variants = args.compare
+    notes: List[str] = []
+    apply_threads(args, framework, notes)
     importlib.import_module(f"profiler.instrument.{framework}")   # see run_one
     device = resolve_device(framework, args.device)
     config = WorkloadConfig(model=args.model, device=device, batch_size=args.batch_size,
@@ -421,7 +455,8 @@ def run_compare(args, framework: str) -> dict:
     doc = {"framework": framework, "model": args.model, "device": device, "kind": kind,
            "variants": variants, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
            "phases_ms": table, "per_round_ms": per_round, "differences": lines,
-           "errors": outcome["errors"], "notes": outcome["notes"]}
+           "threads": threads_section(args, framework, notes),
+           "errors": outcome["errors"], "notes": notes + outcome["notes"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "comparison.json", doc)

@@ -43,6 +43,11 @@ instrumentation       {instrumented_step_ms_     step-time medians with and with
                       uninstrumented_step_ms_    the last two null when not measured
                       median, overhead_pct:
                       number or null}
+threads               {requested: int, intra_op, optional: the CPU threads asked for (--threads)
+                      inter_op: int or null,     and what the framework, its BLAS/OpenMP
+                      blas, openmp, ours:        libraries (file -> threads) and our kernels
+                      {str: int}, ignored:       (ops._C and op libraries -> threads) then
+                      [str]}                     reported; ignored lists those that differ
 notes                 [str]                      what the numbers mean (e.g. asynchronous
                                                  launches: host times are enqueue times)
 errors                [str]                      what went wrong; empty for a clean run
@@ -77,7 +82,8 @@ _REQUIRED = ("schema_version", "tool", "created", "framework", "framework_versio
              "device", "model", "batch_size", "impls", "workers", "seed", "sync", "iters",
              "warmup", "notes", "errors")
 _MEASURED = ("step_ms", "phases_ms", "layers", "instrumentation")
-_KEYS = frozenset(_REQUIRED + _MEASURED)
+_OPTIONAL = ("threads",)
+_KEYS = frozenset(_REQUIRED + _MEASURED + _OPTIONAL)
 _LAYER_NUMBERS = ("forward_ms", "backward_ms", "self_forward_ms", "self_backward_ms", "calls")
 _LAYER_SPLIT = ("host_forward_ms", "host_backward_ms", "device_forward_ms",
                 "device_backward_ms")
@@ -280,6 +286,12 @@ def validate_report(doc: Any) -> None:
         _fail("sync", f"expected a bool, got {_type_name(doc['sync'])} {doc['sync']!r}")
     _str_list(doc, "notes")
     _str_list(doc, "errors")
+    if "threads" in doc:
+        threads = _obj(doc, "threads", "")
+        _int(threads, "requested", "threads", minimum=1)
+        ignored = threads.get("ignored")
+        if not isinstance(ignored, list) or not all(isinstance(x, str) for x in ignored):
+            _fail("threads.ignored", f"expected a list of strings, got {ignored!r}")
 
     missing = [key for key in _MEASURED if key not in doc]
     if missing and not doc["errors"]:

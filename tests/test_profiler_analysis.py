@@ -491,6 +491,10 @@ def test_good_report_passes_and_round_trips():
     (lambda d: d["instrumentation"].update(overhead_pct="2%"),
      "report.instrumentation.overhead_pct"),
     (lambda d: d["step_ms"]["samples"].append(float("nan")), "report.step_ms.samples[2]"),
+    (lambda d: d.update(threads={"requested": 0, "ignored": []}), "report.threads.requested"),
+    (lambda d: d.update(threads={"requested": 2, "ignored": "blas"}),
+     "report.threads.ignored"),
+    (lambda d: d.update(threads=[2]), "report.threads: expected an object"),
 ])
 def test_bad_reports_fail_naming_the_key(mutate, fragment):
     doc = good_report()
@@ -498,6 +502,13 @@ def test_bad_reports_fail_naming_the_key(mutate, fragment):
     with pytest.raises(ValueError) as err:
         rep.validate_report(doc)
     assert fragment in str(err.value)
+
+
+def test_threads_section_is_optional_and_checked_when_present():
+    doc = good_report()
+    doc["threads"] = {"requested": 2, "intra_op": 2, "inter_op": 2, "blas": {"libopenblas.so": 2},
+                      "openmp": {}, "ours": {"ops._C": 2}, "ignored": []}
+    rep.validate_report(doc)
 
 
 def test_failed_run_report_may_lack_measurements():

@@ -5,6 +5,7 @@ bad arguments and keeps the other frameworks' results when one fails."""
 
 import importlib
 import json
+import os
 import sys
 
 import pytest
@@ -125,6 +126,28 @@ def test_cli_writes_valid_outputs(tmp_path, capsys):
     assert speedscope["profiles"] and speedscope["shared"]["frames"]
 
 
+def test_cli_records_the_threads_it_set(tmp_path, monkeypatch):
+    """--threads reaches torch, the BLAS/OpenMP libraries and our kernels before the run, and
+    report.json says what each used (nothing ignored)."""
+    import torch
+    from ops import core
+    before = torch.get_num_threads(), core.cpu_threads()
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                 "OPS_CPU_THREADS"):   # set by --threads: restored after the test
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    try:
+        assert layerwise.main(cli(tmp_path, "--framework", "torch", "--threads", "1",
+                                  "--overhead-iters", "0", "--format", "json")) == 0
+    finally:
+        torch.set_num_threads(before[0])
+        core.set_cpu_threads(before[1])
+    report = json.loads((tmp_path / "report.json").read_text())
+    validate_report(report)
+    threads = report["threads"]
+    assert threads["requested"] == 1 and threads["ignored"] == [], threads
+    assert threads["intra_op"] == 1 and threads["ours"]["ops._C"] == 1, threads
+
+
 def test_cli_compare(tmp_path, capsys):
     code = layerwise.main(["--framework", "torch", "--model", "deeppose", "--batch-size", "2",
                            "--synthetic-size", "8", "--warmup", "0", "--rounds", "2",
@@ -142,6 +165,7 @@ def test_cli_compare(tmp_path, capsys):
     (["--framework", "jax"], "invalid choice: 'jax'"),
     (["--batch-size", "0"], "expected a positive integer"),
     (["--iters", "x"], "expected an integer"),
+    (["--threads", "0"], "expected a positive integer"),
     (["--loss-impl", "native"], "loss impls apply to --model deeppose"),
     (["--compare", "speed"], "expected loss=A,B,... or conv=A,B,..."),
     (["--model", "deeppose", "--compare", "loss=autograd"], "at least two distinct"),
