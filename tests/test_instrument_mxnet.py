@@ -119,10 +119,10 @@ def test_notes_warn_when_backward_bulking_hides_layers(monkeypatch):
     assert not any(n.startswith("WARNING") for n in pim.Instrument(workload, Recorder()).notes)
 
 
-def test_backward_that_waits_for_the_engine_is_not_held():
-    """The kernel conv impl's backward() waits for MXNet's engine after loss.backward(): the
-    layer boundaries are queued when loss.backward() returns, so the output marker's hold
-    ends before that wait, and every layer still gets its backward range, the first last."""
+def test_backward_of_the_kernel_conv_impl_is_not_held():
+    """With the kernel conv impl, whose backward runs our kernels from Python on MXNet's
+    threads, the layer boundaries are still queued when loss.backward() returns, the output
+    marker's hold ends then, and every layer gets its backward range, the first last."""
     workload = build_workload("mxnet", model="resnet20", conv_impl="kernel", **TINY)
     runner = StepRunner(workload, steps_needed=2)
     began = time.perf_counter()

@@ -105,6 +105,20 @@ class ConvFunctionBlock(mx.gluon.HybridBlock):
         return om.conv2d(x, w, b, impl=self.impl, **self.conv_params)
 
 
+ULP32 = 2.0 ** -23  # float32's spacing at 1: one rounding of a result, with margin
+
+
+def assert_conv_outputs_agree(got, want, x, w, b, params, err_msg=""):
+    """Two float32 conv2d outputs of the same (x, w, b): each is within
+    reference.conv2d_error_bound (plus one rounding) of the exact value, so they differ by at
+    most twice that, whichever summation order each used (MXNet's own convolution sums in
+    oneDNN's order where oneDNN is active, in its im2col GEMM's order where not)."""
+    bound = reference.conv2d_error_bound(x, w, b, **pairs(params))[0]
+    exact = reference.conv2d(x, w, b, **pairs(params))
+    excess = np.abs(got.astype(np.float64) - want) - 2 * (bound + ULP32 * np.abs(exact))
+    assert excess.max() <= 0, f"{err_msg}: beyond the rounding bound by {excess.max():.3g}"
+
+
 # ---- losses: reference, each other, PyTorch --------------------------------------------------
 
 @pytest.mark.parametrize("mask", MASKS)
@@ -376,7 +390,9 @@ def test_conv2d_block_set_data_and_lazy_in_channels(impl):
     assert ours.weight.shape == (4, 2, 3, 3)
     ours.weight.set_data(theirs.weight.data())
     ours.bias.set_data(theirs.bias.data())
-    np.testing.assert_allclose(ours(x).asnumpy(), theirs(x).asnumpy(), rtol=2e-5, atol=2e-5)
+    assert_conv_outputs_agree(ours(x).asnumpy(), theirs(x).asnumpy(), x.asnumpy(),
+                              theirs.weight.data().asnumpy(), theirs.bias.data().asnumpy(),
+                              dict(padding=1), impl)
 
 
 def test_conv2d_block_impl_can_change_and_rebuilds_its_graph():
@@ -389,7 +405,9 @@ def test_conv2d_block_impl_can_change_and_rebuilds_its_graph():
         block.impl = impl
         results[impl] = block(x).asnumpy()
     for impl in CONV_IMPLS:
-        np.testing.assert_allclose(results[impl], results["framework"], rtol=1e-5, atol=1e-5)
+        assert_conv_outputs_agree(results[impl], results["framework"], x.asnumpy(),
+                                  block.weight.data().asnumpy(), block.bias.data().asnumpy(),
+                                  {}, impl)
 
 
 def test_conv2d_block_refuses_what_our_kernels_cannot_do():
@@ -493,10 +511,14 @@ def test_kernel_impls_wait_for_queued_inputs(hybridize):
     with mx.autograd.record():
         y = conv(_pending(nd(cx)), _pending(wa * 2), _pending(nd(cb)))
     y.backward(_pending(nd(gy)))
+    # The conv saw the weight 2 * cw (exact in float32); w's gradient is twice its own.
     y_ref = reference.conv2d(cx, 2 * cw, cb, **pairs(params))
     gw_ref = 2 * reference.conv2d_grads(cx, 2 * cw, gy, **pairs(params))[1]
-    np.testing.assert_allclose(y.asnumpy(), y_ref, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(wa.grad.asnumpy(), gw_ref, rtol=1e-4, atol=1e-3)
+    y_bound, _, gw_bound = reference.conv2d_error_bound(cx, 2 * cw, cb, gy, **pairs(params))
+    for name, got, want, bound in (("y", y.asnumpy(), y_ref, y_bound),
+                                   ("gw", wa.grad.asnumpy(), gw_ref, 2 * gw_bound)):
+        excess = np.abs(got - want) - (bound + ULP32 * np.abs(want))
+        assert excess.max() <= 0, f"{name}: beyond the rounding bound by {excess.max():.3g}"
 
 
 def test_kernel_output_feeds_queued_operations():
@@ -505,14 +527,18 @@ def test_kernel_output_feeds_queued_operations():
     y = om.conv2d(nd(x), nd(w), nd(b), impl="kernel", **params)
     z = mx.nd.relu(y) * 3 - y
     y_ref = reference.conv2d(x, w, b, **pairs(params))
-    np.testing.assert_allclose(z.asnumpy(), np.maximum(y_ref, 0) * 3 - y_ref, rtol=1e-4,
-                               atol=1e-4)
+    z_ref = np.maximum(y_ref, 0) * 3 - y_ref
+    # y's rounding bound, times at most 4 (|d z / d y| <= 3 + 1), plus the two roundings of
+    # the multiplication and the subtraction.
+    y_bound = reference.conv2d_error_bound(x, w, b, **pairs(params))[0] + ULP32 * np.abs(y_ref)
+    z_bound = 4 * y_bound + ULP32 * (3 * np.abs(y_ref) + np.abs(z_ref))
+    assert np.all(np.abs(z.asnumpy() - z_ref) <= z_bound)
 
 
 class OneDNNPipeline(mx.gluon.HybridBlock):
-    """MXNet's own conv, ours, MXNet's own again, then our loss. On MXNet's CPU build the
-    outputs of its convolutions (forward) and their input gradients (backward) stay in
-    oneDNN's blocked layout, which MXNet cannot export through DLPack and which MXNet 1.9.1
+    """MXNet's own conv, ours, MXNet's own again, then our loss. Where MXNet computes with
+    oneDNN, the outputs of its convolutions (forward) and their input gradients (backward) stay
+    in oneDNN's blocked layout, which MXNet cannot export through DLPack and which MXNet 1.9.1
     hands CustomOps unconverted."""
 
     def __init__(self, conv_impl, loss_impl):
@@ -528,34 +554,79 @@ class OneDNNPipeline(mx.gluon.HybridBlock):
         return om.mse_loss(y, t, impl=self.loss_impl)
 
 
+def exact_conv_chain(x, t, layers, padding=(1, 1)):
+    """The loss and weight gradients of convolutions ``layers`` ((w, b) each, applied in order)
+    followed by the mean squared error against ``t``, in float64, for integer x, t, w and b,
+    after checking that float32 computes every one of them *exactly*, in any summation order:
+    every value is then an integer (forward, and the loss's sum of squares) or an integer
+    multiple of 2 / t.size, a power of two (the gradients), and every partial sum of any order
+    is bounded by the same sums over absolute values, which stay below 2**24 units, where
+    float32 holds every integer. Any correct float32 computation must give these values to the
+    last bit; a wrong read (an array taken in oneDNN's layout as plain, a stale or
+    unconverted buffer) cannot hide in a tolerance. Returns (loss, [gw, ...])."""
+    conv, limit, n = dict(padding=padding), 2.0 ** 24, t.size
+    assert n & (n - 1) == 0, "the mean must divide by a power of two"
+    hs, abs_hs = [np.float64(x)], [np.abs(np.float64(x))]
+    for w, b in layers:
+        hs.append(reference.conv2d(hs[-1], w, b, **conv))
+        abs_hs.append(reference.conv2d(abs_hs[-1], np.abs(w), np.abs(b), **conv))
+    d = hs.pop() - t
+    worst = {"forward": max(a.max() for a in abs_hs[1:]) + np.abs(t).max(),
+             "sum of squares": (d * d).sum()}  # nonnegative terms: partial sums <= the sum
+    unit = 2.0 / n
+    g, abs_g, grads = 2 * d / n, 2 * np.abs(d) / n, []
+    for k, ((w, _), h, abs_h) in reversed(list(enumerate(zip(layers, hs, abs_hs)))):
+        gx, gw, _ = reference.conv2d_grads(h, w, g, **conv)
+        worst_gx, worst_gw, _ = reference.conv2d_grads(abs_h, np.abs(w), abs_g, **conv)
+        worst[f"gx{k}"], worst[f"gw{k}"] = worst_gx.max() / unit, worst_gw.max() / unit
+        grads.append(gw)
+        g, abs_g = gx, worst_gx
+    beyond = {name: value for name, value in worst.items() if not value < limit}
+    assert not beyond, f"inputs too large for exact float32 sums: {beyond}"
+    return float((d * d).sum() / n), grads[::-1]
+
+
 @pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
 @pytest.mark.parametrize("impls", [("kernel", "kernel"), ("kernel", "explicit"),
                                    ("native", "native")], ids="-".join)
 def test_inputs_and_gradients_in_onednn_layout(impls, hybridize):
+    """Our impls between MXNet's own convolutions read MXNet's arrays right, whether or not
+    oneDNN is active (when it is, MXNet's convolution outputs and input gradients are in its
+    blocked layout: loader defects 2 and 3). Small integer data make every float32 result
+    exact (exact_conv_chain), so both pipelines, ours and MXNet's own, must give the exact loss
+    and weight gradients, bit for bit."""
     rng = np.random.default_rng(16)
-    x = mx.nd.array(rng.standard_normal((2, 16, 8, 8)))
-    t = mx.nd.array(rng.standard_normal((2, 16, 8, 8)))
-    y = mx.nd.Convolution(x, mx.nd.ones((16, 16, 3, 3)), kernel=(3, 3), num_filter=16,
-                          no_bias=True)
-    with pytest.raises(mx.base.MXNetError, match="MKLDNN"):  # what the adapter works around
-        y.to_dlpack_for_read()
-    results = []
+    x = rng.integers(-1, 2, (2, 16, 8, 8)).astype(np.float32)
+    t = rng.integers(-3, 4, (2, 16, 8, 8)).astype(np.float32)
+    y = mx.nd.Convolution(mx.nd.array(x), mx.nd.ones((16, 16, 3, 3)), kernel=(3, 3),
+                          num_filter=16, no_bias=True)
+    if loader.onednn_active():
+        with pytest.raises(mx.base.MXNetError, match="MKLDNN"):  # what the adapter works around
+            y.to_dlpack_for_read()
+    else:
+        y.to_dlpack_for_read()  # oneDNN off (MXNET_MKLDNN_ENABLED=0): nothing is blocked
+    # Sparse weights in {-1, 0, 1} and biases in {-1, 0, 1} keep every sum small.
+    layers = [(rng.choice([-1.0, 0.0, 1.0], size=(16, 16, 3, 3), p=[0.05, 0.9, 0.05]),
+               rng.integers(-1, 2, 16).astype(np.float64)) for _ in range(3)]
+    loss_exact, gw_exact = exact_conv_chain(x, t, layers)
     for conv_impl, loss_impl in (("framework", "autograd"), impls):
         net = OneDNNPipeline(conv_impl, loss_impl)
         net.initialize()
-        for name, param in net._collect_params_with_prefix().items():
-            param.set_data(mx.nd.array(np.random.default_rng(len(name)).standard_normal(
-                param.shape) * 0.1))
+        blocks = (net.first, net.second, net.third)
+        for block, (w, b) in zip(blocks, layers):
+            block.weight.set_data(mx.nd.array(w))
+            block.bias.set_data(mx.nd.array(b))
         if hybridize:
             net.hybridize()
         for _ in range(3):  # the race this guards against does not show every time
             with mx.autograd.record():
-                loss = net(x, t)
+                loss = net(mx.nd.array(x), mx.nd.array(t))
             loss.backward()
-        results.append([loss.asnumpy()] + [block.weight.grad().asnumpy()
-                                           for block in (net.first, net.second, net.third)])
-    for name, got, want in zip(("loss", "gw first", "gw ours", "gw third"), *results[::-1]):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=name)
+            impl = f"{conv_impl}/{loss_impl}"
+            assert loss.asnumpy()[0] == loss_exact, impl
+            for name, block, want in zip(("first", "ours", "third"), blocks, gw_exact):
+                np.testing.assert_array_equal(block.weight.grad().asnumpy(), want,
+                                              err_msg=f"{impl}: gw {name}")
 
 
 # ---- bad input at the adapter -------------------------------------------------------------------

@@ -74,9 +74,12 @@ def test_profile_covers_every_layer_and_phase(framework, model, monkeypatch):
         assert rows[name]["forward_ms"] > 0, f"{name} forward"
         assert rows[name]["backward_ms"] > 0, f"{name} backward"
     # The first layer's input needs no gradient (the trap): its backward still computes the
-    # weight gradient, about the work of its forward, not a few microseconds.
+    # weight gradient, work of the order of its forward, not the few microseconds of a range
+    # closed when the output's gradient arrives. Its forward can cost several times its
+    # backward (oneDNN reorders the input there; a loaded CPU stretches short ranges), so the
+    # bar is a tenth: the trap lands two orders of magnitude below it.
     first = expected[0]
-    assert rows[first]["backward_ms"] > 0.25 * rows[first]["forward_ms"]
+    assert rows[first]["backward_ms"] > 0.1 * rows[first]["forward_ms"]
     # NVTX mirrored the ranges: balanced, one colour per phase, layers named.
     assert len(nvtx.started) == len(nvtx.ended) > 0
     messages = {m for m, _ in nvtx.started}

@@ -4,9 +4,11 @@ training as PyTorch exactly, shown in float64 where float32 rounding cannot hide
 pre-activation within rounding of 0 can take the other side of a ReLU); the Trainer's momentum
 across learning-rate changes and weight imports; weight decay on the weights only; batch norm's
 biased running variance, updated in the backward pass; the recording scope from forward to
-loss_forward; hybridization; the DataLoader's worker batches in shared memory; and the MXNet
-1.9.1 hazards the workload works around (oneDNN's in-place weight reorder in predict, the
-kernel conv impl's backward waiting on the optimizer's writes, queued Python work at exit)."""
+loss_forward; hybridization; the DataLoader's worker batches in shared memory; and that the
+MXNet 1.9.1 hazards the adapter handles (oneDNN's in-place weight reorder in inference, the
+kernel conv impl's backward and the optimizer's queued update, queued Python work at exit: see
+ops/mxnet/loader.py and tests/test_mxnet_hazards.py) stay handled in the workloads, which keep
+no workaround of their own."""
 
 import os
 import subprocess
@@ -215,9 +217,12 @@ def test_hybridized_network_matches_imperative():
 
 
 def test_predict_leaves_the_weights_in_the_plain_layout():
-    """oneDNN's inference pass reorders conv weights in place into its blocked layout; after
-    predict they are plain again: NumPy can be imported into them, and the kernel impl in a
-    hybridized graph (a CustomOp, which would read the blocked data as plain) is right."""
+    """oneDNN's inference pass reorders conv weights in place into its blocked layout; the
+    adapter's Conv2D puts them back, so after predict (imperative) they are plain: NumPy can be
+    imported into them. A hybridized predict leaves them blocked (the graph runs the
+    convolutions without calling the layers); switching to the kernel impl puts them back, so
+    that impl in the graph (a CustomOp, which would read the blocked data as plain) is
+    right."""
     workload = build_workload("mxnet", model="resnet20", **SMALL)
     x = np.random.default_rng(1).random((2, 3, 32, 32), np.float32)
     expected = workload.predict(x)
@@ -265,10 +270,11 @@ _KERNEL_STEPS = """
 
 @pytest.mark.parametrize("hybridize", [False, True])
 def test_kernel_conv_training_neither_deadlocks_nor_hangs_at_exit(hybridize):
-    """The kernel conv impl's backward (Python on an MXNet thread) waits for every write queued
-    to the weights it reads; backward waits for it before the optimizer can queue one. At
-    exit, queued Python work is drained before MXNet's own shutdown waits on it. In a child
-    process, so a hang fails the test instead of stalling it."""
+    """The workload's training steps never wait for MXNet's engine, and the kernel conv impl's
+    backward does not wait for the weights the optimizer's queued update writes (the adapter
+    reads what its forward read); at exit, ops.mxnet drains the queued Python work before
+    MXNet's own shutdown waits on it. In a child process, so a hang fails the test instead of
+    stalling it."""
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(_KERNEL_STEPS).format(
         hybridize=hybridize)], cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)})

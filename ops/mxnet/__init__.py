@@ -31,14 +31,19 @@ the ones MXNet hands a CustomOp), so results are right, but every kernel call is
 Python waits for MXNet's queue to drain up to its inputs: the asynchrony (overlap of Python with
 queued work) is lost there. That is part of what ``kernel`` measures against ``native``.
 
-Three MXNet 1.9.1 defects are worked around in ``loader``: ``mx.autograd.Function`` drops
-gradients (the first input without one ends the hand-over; grad_req='add' is ignored), so
-``loader.Function`` corrects it; arrays its oneDNN operators leave in oneDNN's blocked layout
-cannot be exported through DLPack, so the kernel impl exports a copy of those; and a CustomOp
-fed straight from a oneDNN operator reads unconverted data, so in graphs the explicit and kernel
-impls get their data through an out-of-place copy (``loader.custom_op``). A fourth is not:
-the native operators cannot accumulate gradients (lib_api gives external operators no
-OpReqType), so grad_req='add' on their inputs is not supported, and ``Conv2D`` refuses it.
+Six MXNet 1.9.1 defects are worked around in this adapter, each documented in ``loader``'s
+docstring: ``mx.autograd.Function`` drops gradients (``loader.Function`` corrects it); arrays
+its oneDNN operators leave in oneDNN's blocked layout cannot be exported through DLPack (the
+kernel impl exports a copy of those); a CustomOp fed straight from a oneDNN operator reads
+unconverted data (in graphs the explicit and kernel impls get their data through an
+out-of-place copy, ``loader.custom_op``); the kernel impl's backward, had it waited for the
+weight, would deadlock with an optimizer update queued before it ran (it reads what its forward
+read without waiting again, so training loops need no wait of their own); MXNet's inference-mode
+convolution reorders its weight in place into oneDNN's layout (``Conv2D`` puts it back); and
+Python work still queued at exit would hang the interpreter (importing ops.mxnet registers a
+drain of MXNet's queue with ``atexit``). One is not: the native operators cannot accumulate
+gradients (lib_api gives external operators no OpReqType), so grad_req='add' on their inputs is
+not supported, and ``Conv2D`` refuses it.
 
 Kernel impls take float32/float64 and run on CPU arrays; on a GPU only ``native``
 runs our kernels (on the CUDA stream MXNet hands the operator; not yet run on a GPU).

@@ -30,8 +30,10 @@ _ANY_SHAPE = (1, 1, 1, 1)
 
 class Conv2DKernel(loader.Function):
     """conv2d, forward and backward in our kernels through ops.core, imperatively. Inputs
-    (x, w) or (x, w, b). Each kernel call waits for the arrays it reads (see
-    ``loader.dlpack_in``) and runs synchronously."""
+    (x, w) or (x, w, b). The forward waits for the arrays it reads (see ``loader.dlpack_read``)
+    and keeps them; the backward reads those without waiting again, which would deadlock with
+    an optimizer update of w queued before the backward ran (``loader``, defect 4). Each kernel
+    call runs synchronously."""
 
     def __init__(self, geometry: core.Conv2dGeometry):
         super().__init__()
@@ -41,19 +43,22 @@ class Conv2DKernel(loader.Function):
 
     def forward(self, x, w, b=None):
         y = mx.nd.empty(self.geometry.output_shape, ctx=x.context, dtype=x.dtype)
-        core.conv2d_forward(loader.dlpack_in(x), loader.dlpack_in(w), loader.dlpack_in(b),
-                            loader.dlpack_out(y), **self.params)
+        (x_in, x), (w_in, w) = loader.dlpack_read(x), loader.dlpack_read(w)
+        core.conv2d_forward(x_in, w_in, loader.dlpack_in(b), loader.dlpack_out(y),
+                            **self.params)
         self.save_for_backward(x, w)
         return y
 
     def backward(self, gy):
         x, w = self.saved_tensors
-        return _conv_grads(x, w, gy, self.needs_input_grad, self.params)
+        return _conv_grads(x, w, gy, self.needs_input_grad, self.params,
+                           read_saved=loader.dlpack_saved)
 
 
-def _conv_grads(x, w, gy, needs, params, targets=None):
+def _conv_grads(x, w, gy, needs, params, targets=None, read_saved=loader.dlpack_in):
     """(gx, gw[, gb]) from our kernels, None where ``needs`` is False; each written into
-    ``targets[i]`` when given (a CustomOp's outputs), else into a new array."""
+    ``targets[i]`` when given (a CustomOp's outputs), else into a new array. ``read_saved``
+    exports x and w: ``loader.dlpack_saved`` for what a Function's forward kept."""
     shapes = (x.shape, w.shape, (w.shape[0],))
     grads = []
     for i, want in enumerate(needs):
@@ -65,10 +70,9 @@ def _conv_grads(x, w, gy, needs, params, targets=None):
             grads.append(mx.nd.empty(shapes[i], ctx=x.context, dtype=x.dtype))
     gy_in = loader.dlpack_in(gy)
     if grads[0] is not None:
-        core.conv2d_backward_data(gy_in, loader.dlpack_in(w), loader.dlpack_out(grads[0]),
-                                  **params)
+        core.conv2d_backward_data(gy_in, read_saved(w), loader.dlpack_out(grads[0]), **params)
     if grads[1] is not None:
-        core.conv2d_backward_weight(loader.dlpack_in(x), gy_in, loader.dlpack_out(grads[1]),
+        core.conv2d_backward_weight(read_saved(x), gy_in, loader.dlpack_out(grads[1]),
                                     **params)
     if len(grads) == 3 and grads[2] is not None:
         core.conv2d_backward_bias(gy_in, loader.dlpack_out(grads[2]))
@@ -209,6 +213,11 @@ class Conv2D(mx.gluon.nn.Conv2D):
     layout="NCHW" only (NotImplementedError otherwise), and ``"native"`` refuses parameters
     with grad_req='add' (see :func:`conv2d`). ``impl`` may be reassigned; a hybridized block
     then rebuilds its graph.
+
+    Where MXNet computes with oneDNN, its inference-mode convolution reorders the weight in
+    place into oneDNN's layout; the layer puts it back after each such call, and when its impl
+    changes to one of our kernels (``loader``, defect 5), so the weight stays a plain array
+    that NumPy can be copied into and our kernels read correctly.
     """
 
     def __init__(self, channels, kernel_size, strides=(1, 1), padding=(0, 0), dilation=(1, 1),
@@ -240,6 +249,19 @@ class Conv2D(mx.gluon.nn.Conv2D):
                                       f"which take NCHW only, got {self._kwargs['layout']!r}")
         self._impl = impl
         self._clear_cached_op()
+        if impl in KERNEL_IMPLS:
+            # A hybridized parent's graph may have run MXNet's convolution in inference mode
+            # without calling this layer (``loader``, defect 5): our kernels take the weight
+            # plain.
+            for array in self._weight_arrays():
+                loader.restore_plain_layout(array)
+
+    def _weight_arrays(self):
+        """The weight's arrays, one per context; none before it is initialized."""
+        try:
+            return self.weight.list_data()
+        except (RuntimeError, mx.gluon.parameter.DeferredInitializationError):
+            return []
 
     def forward(self, x, *args):
         if self._impl == "native":
@@ -249,7 +271,13 @@ class Conv2D(mx.gluon.nn.Conv2D):
                         f"ops.mxnet.Conv2D: {param.name}: impl='native' writes gradients and "
                         f"cannot accumulate them (grad_req='add'): lib_api passes MXNet's "
                         f"OpReqType to no external operator; use impl='kernel'")
-        return super().forward(x, *args)
+        y = super().forward(x, *args)
+        if (self._impl == "framework" and isinstance(x, mx.nd.NDArray)
+                and not mx.autograd.is_training()):
+            # MXNet's convolution in inference mode reordered the weight in place into
+            # oneDNN's layout (``loader``, defect 5); put it back (waits for this convolution).
+            loader.restore_plain_layout(self.weight.data(x.context))
+        return y
 
     def hybrid_forward(self, F, x, weight, bias=None):
         if self._impl == "framework":

@@ -1,4 +1,4 @@
-"""What this MXNet can run, and what every ops.mxnet entry point shares.
+"""What this MXNet can run, and what every ops.mxnet entry point shares, MXNet's defects included.
 
 - The operator library ``ops/libdeepprof_mxnet.so`` (impl="native"), built by setup.py from
   ``csrc/mxnet_ops.cc`` against the lib_api.h of the installed mxnet wheel, is loaded here with
@@ -7,20 +7,72 @@
 - :func:`impl_support` / :func:`available_impls` tell which impls run on which context.
 - :func:`check_types` and :func:`check_like_x` are the argument checks every entry point
   shares (as in ops.torch.loader).
+- :func:`onednn_active` says whether MXNet computes with oneDNN in this process (compiled in
+  *and* not switched off with ``MXNET_MKLDNN_ENABLED=0``), probed, not assumed.
 - :class:`Function` is ``mx.autograd.Function`` with MXNet 1.9.1's gradient hand-over fixed
   (see there); the explicit and kernel impls derive from it imperatively.
 - :func:`custom_op` puts a CustomOp into a graph (the explicit and kernel impls in hybridized
   blocks) past MXNet 1.9.1's oneDNN race; :func:`kernel_target` / :func:`assign_from` honour a
-  CustomOp's write requests; :func:`dlpack_in` / :func:`dlpack_out` hand NDArrays to our
-  kernels with MXNet's asynchronous engine in mind.
+  CustomOp's write requests; :func:`dlpack_in`, :func:`dlpack_read`, :func:`dlpack_saved` and
+  :func:`dlpack_out` hand NDArrays to our kernels with MXNet's asynchronous engine in mind.
+- :func:`restore_plain_layout` undoes oneDNN's in-place reorder of a weight.
+
+MXNet 1.9.1 defects worked around in this adapter (each where it can be handled for every user
+of ops.mxnet, not in the code that uses the adapter):
+
+1. ``mx.autograd.Function`` drops gradients: its hand-over stops at the first input without a
+   gradient, and grad_req='add' is ignored. :class:`Function` corrects it.
+2. Arrays a oneDNN operator left in its blocked layout cannot be exported through DLPack:
+   :func:`dlpack_read` exports a plain copy of those.
+3. A CustomOp fed straight from a oneDNN operator reads unconverted data: in graphs the
+   explicit and kernel impls get their data through an out-of-place copy (:func:`custom_op`).
+4. Engine deadlock when training with the kernel impl imperatively. Its Function's backward
+   runs on an MXNet engine thread and is declared to MXNet as reading the output gradients
+   only, not the inputs it saved; the optimizer's update of a weight, queued by
+   ``Trainer.step`` before that backward has run, waits for the gradient the backward writes.
+   A backward that waited for the weight's pending writes (what ``to_dlpack_for_read`` does)
+   would wait for that update: neither runs, and the next call that touches the weight hangs.
+   Avoided inside the Functions, so a training loop needs no wait of its own: their forward
+   keeps the arrays it read, waited for and plain (:func:`dlpack_read`), and their backward
+   reads those without waiting again (:func:`dlpack_saved`). That is safe because every write
+   queued before the forward was finished when it read them, and the writes a training loop
+   queues after it (the optimizer's) need the gradient this backward writes, so the engine
+   runs them after it. Changing a saved input in place between forward and backward is, as in
+   every autograd, not supported (MXNet's own operators would then see the new values; ours
+   may see either). CustomOps (the kernel impl in graphs) are not affected: MXNet declares
+   their inputs as dependencies and hands them arrays of their own.
+5. oneDNN reorders a convolution's weight *in place* into its blocked layout when MXNet's own
+   convolution runs in inference mode (not ``autograd.is_training()``), and the array stays so
+   until a training-mode convolution reorders it back. A CustomOp given such a weight (the
+   kernel impl in a hybridized graph) reads garbage, the kernel impl imperatively exports a
+   copy of it on every call, and NumPy cannot be copied into it (``Parameter.set_data``).
+   ``ops.mxnet.Conv2D`` puts its weight back into the plain layout after each inference call
+   it runs with impl="framework", and when its impl changes to one of our kernels (a
+   hybridized parent's graph runs the convolution without calling the layer; the impl switch
+   still goes through it) with :func:`restore_plain_layout`, which anyone holding other
+   arrays can call. The price: oneDNN reorders the weight again at the next inference call
+   (as it does at every training call) instead of keeping its reordered copy.
+6. A hang at interpreter exit with our Python work still queued: MXNet runs the Python code of
+   CustomOps (the explicit and kernel impls in graphs) and of Functions' backward on its own
+   threads, which cannot take the GIL once the interpreter is finalizing, and MXNet's own exit
+   handler then waits for them forever (seen with the kernel impl's CustomOp). Importing
+   this module registers a drain of MXNet's queue (``mx.nd.waitall``) with ``atexit``; handlers
+   run last-registered first, and mxnet registers its shutdown when it is imported (above),
+   so the drain runs before it.
+
+A seventh is not worked around: the native operators cannot accumulate gradients (lib_api
+gives external operators no OpReqType), so grad_req='add' on their inputs is not supported;
+``Conv2D`` refuses it.
 
 Nothing here computes a loss or a convolution.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
+import sys
 import traceback
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -28,7 +80,11 @@ from typing import Dict, Optional, Tuple
 import mxnet as mx
 import numpy as np
 from mxnet import autograd as _autograd
-from mxnet.base import _LIB, MXCallbackList, NDArrayHandle, c_array, c_handle_array, check_call
+from mxnet.base import (_LIB, DLPackHandle, MXCallbackList, NDArrayHandle, c_array,
+                        c_handle_array, check_call)
+# The capsule name and destructor MXNet's own to_dlpack_for_read uses, for exports that must
+# not wait (defect 4 in the module docstring).
+from mxnet.ndarray.ndarray import _c_dlpack_deleter, _c_str_dltensor
 
 from ..impls import CONV_IMPLS, LOSS_IMPLS, UnsupportedImplError, check_float
 
@@ -38,13 +94,51 @@ NATIVE_OPS = ("deepprof_sq_error_loss", "deepprof_conv2d")
 
 _IMPLS = {"loss": LOSS_IMPLS, "conv": CONV_IMPLS}
 _CPU_TYPES = ("cpu", "cpu_pinned", "cpu_shared")  # MXNet's host-memory contexts
-# MXNet's CPU build computes many operators with oneDNN, whose outputs stay in oneDNN's blocked
-# layout until an operator without a oneDNN path needs them plain.
-_ONEDNN = mx.runtime.Features().is_enabled("MKLDNN")
 _KERNEL_ON_GPU = ("MXNet runs GPU ops on its own non-blocking CUDA streams and does not expose "
                   "them to Python, and ops.core never synchronises, so a kernel launched from "
                   "Python could race MXNet's work; impl='native' runs on the stream MXNet hands "
                   "the op")
+
+
+def _drain_engine_at_exit() -> None:
+    """Defect 6: runs MXNet's queued work while the interpreter can still run its Python parts.
+    An error in that work can no longer reach its caller: it is reported, and exit goes on."""
+    try:
+        mx.nd.waitall()
+    except mx.base.MXNetError as error:
+        print(f"ops.mxnet: queued MXNet work failed at exit: {error}", file=sys.stderr)
+
+
+atexit.register(_drain_engine_at_exit)
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_active() -> bool:
+    """True when MXNet computes with oneDNN in this process: compiled in
+    (``mx.runtime.Features``) and not switched off (``MXNET_MKLDNN_ENABLED=0``, which MXNet
+    reads once, at start). Compiled-in alone is not enough, so this asks MXNet: the output of a
+    small convolution is left in oneDNN's blocked layout, which MXNet refuses to export, only
+    when oneDNN computed it. Probed once, at the first call (not at import: MXNet fixes some
+    settings, bulking among them, at its first operator)."""
+    if not mx.runtime.Features().is_enabled("MKLDNN"):
+        return False
+    with _autograd.pause():
+        x = mx.nd.ones((1, 16, 4, 4), ctx=mx.cpu())
+        y = mx.nd.Convolution(x, mx.nd.ones((16, 16, 3, 3), ctx=mx.cpu()), kernel=(3, 3),
+                              pad=(1, 1), num_filter=16, no_bias=True)
+        return _in_onednn_layout(y)
+
+
+def _in_onednn_layout(array) -> bool:
+    """Whether ``array`` (its pending writes done) is in oneDNN's blocked layout: MXNet's refusal
+    to export it is the only public sign."""
+    try:
+        array.to_dlpack_for_read()
+    except mx.base.MXNetError as error:
+        if "MKLDNN" not in str(error):
+            raise
+        return True
+    return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -287,14 +381,16 @@ def custom_op(F, op_type: str, inputs, *, output: int = 0, data_inputs=None, **a
     path (``swapaxes`` of axis 0 with itself, which any rank has), which hands the CustomOp
     plain arrays in both passes. Parameters (a conv's weight and bias) need no copy, and must
     not get one: shape inference could not fill in an unknown in_channels through it. That is
-    a copy per data input and output: part of what a CustomOp costs in a graph here."""
-    if _ONEDNN:
+    a copy per data input and output: part of what a CustomOp costs in a graph here. Where
+    oneDNN is not active (:func:`onednn_active`) nothing is blocked and nothing is copied."""
+    copy = onednn_active()
+    if copy:
         wrap = range(len(inputs)) if data_inputs is None else data_inputs
         inputs = [F.swapaxes(a, dim1=0, dim2=0) if i in wrap else a
                   for i, a in enumerate(inputs)]
     outputs = F.Custom(*inputs, op_type=op_type, **attrs)
     result = outputs[output] if len(outputs) > 1 else outputs
-    return F.swapaxes(result, dim1=0, dim2=0) if _ONEDNN else result
+    return F.swapaxes(result, dim1=0, dim2=0) if copy else result
 
 
 def assign_from(target, req: str, result) -> None:
@@ -317,24 +413,45 @@ def kernel_target(target, req: str):
     return mx.nd.empty(target.shape, ctx=target.context, dtype=target.dtype)
 
 
-def dlpack_in(array):
-    """A read capsule for our kernels (None stays None). ``to_dlpack_for_read`` first waits
-    for MXNet's pending writes to ``array`` (the engine is asynchronous), so the kernel, which
-    runs synchronously on this thread, reads finished data.
+def _export(array):
+    """MXNet's read capsule for ``array``, without waiting for anything."""
+    handle = DLPackHandle()
+    check_call(_LIB.MXNDArrayToDLPack(array.handle, ctypes.byref(handle)))
+    return ctypes.pythonapi.PyCapsule_New(handle, _c_str_dltensor, _c_dlpack_deleter)
+
+
+def dlpack_read(array):
+    """(read capsule for our kernels, the array it views). First waits for MXNet's pending
+    writes to ``array`` (the engine is asynchronous), so the kernel, which runs synchronously on
+    this thread, reads finished data.
 
     MXNet's CPU build keeps some arrays (outputs of its own convolutions, for one) in oneDNN's
-    blocked layout, which it refuses to export; those are exported from a copy, which MXNet
-    makes in the plain layout (for the native operators MXNet reorders such inputs itself).
-    The capsule holds the copy alive.
-    """
-    if array is None:
-        return None
+    blocked layout, which it refuses to export (defect 2): those are exported from a copy, which
+    MXNet makes in the plain layout (for the native operators MXNet reorders such inputs itself).
+    The capsule holds the copy alive; a Function keeps the viewed array for its backward
+    (:func:`dlpack_saved`)."""
+    array.wait_to_read()
     try:
-        return array.to_dlpack_for_read()
+        return _export(array), array
     except mx.base.MXNetError as error:
         if "MKLDNN" not in str(error):
             raise
-    return array.copy().to_dlpack_for_read()
+    plain = array.copy()
+    plain.wait_to_read()
+    return _export(plain), plain
+
+
+def dlpack_in(array):
+    """A read capsule for our kernels (None stays None): :func:`dlpack_read`'s capsule."""
+    return None if array is None else dlpack_read(array)[0]
+
+
+def dlpack_saved(array):
+    """A read capsule, without waiting, of an array a Function's forward read through
+    :func:`dlpack_read` and kept for its backward (None stays None). Waiting there could
+    deadlock with the optimizer's queued update (defect 4 in the module docstring); the data
+    was final when the forward read it, and stays so until the backward is done."""
+    return None if array is None else _export(array)
 
 
 def dlpack_out(array):
@@ -342,3 +459,31 @@ def dlpack_out(array):
     reads and writes of ``array``; once the kernel returns, the data is final, before any later
     MXNet op on it can be queued."""
     return array.to_dlpack_for_write()
+
+
+def _wait_to_write(array) -> None:
+    check_call(_LIB.MXNDArrayWaitToWrite(array.handle))
+
+
+def restore_plain_layout(array) -> bool:
+    """Puts ``array`` back into MXNet's plain layout where oneDNN reordered it in place (defect 5
+    in the module docstring: a weight after MXNet's convolution ran in inference mode); True
+    when it had to. The same NDArray, so whatever holds it (a Parameter, a Trainer's states)
+    sees the plain data. Waits for the array's pending work: oneDNN queues its reorder while
+    the convolution runs, so a first wait for the array's readers makes sure it is queued and a
+    second that it is done. A no-op (False) where oneDNN is not active, off the CPU and for
+    sparse arrays."""
+    if not isinstance(array, mx.nd.NDArray):
+        raise TypeError(f"ops.mxnet.loader.restore_plain_layout: array: expected an "
+                        f"mx.nd.NDArray, got {type(array).__name__}")
+    if (array.context.device_type not in _CPU_TYPES or array.stype != "default"
+            or not onednn_active()):
+        return False
+    _wait_to_write(array)
+    _wait_to_write(array)
+    if not _in_onednn_layout(array):
+        return False
+    # MXNDArrayGetData queues a reorder of a blocked array to the default layout, in place,
+    # and waits for it (MXNet's c_api.cc): the array itself changes, not a copy of it.
+    check_call(_LIB.MXNDArrayGetData(array.handle, ctypes.byref(ctypes.c_void_p())))
+    return True

@@ -90,8 +90,10 @@ class SqErrorLossExplicit(loader.Function):
 
 class SqErrorLossKernel(loader.Function):
     """The loss, forward and backward in our kernels through ops.core, imperatively. ``v`` (or
-    None) is a constant NDArray. Each kernel call waits for the arrays it reads (see
-    ``loader.dlpack_in``) and runs synchronously."""
+    None) is a constant NDArray. The forward waits for the arrays it reads (see
+    ``loader.dlpack_read``) and keeps them; the backward reads those without waiting again
+    (``loader``, defect 4: t or v may be a trained parameter). Each kernel call runs
+    synchronously."""
 
     def __init__(self, v, count_factor: float):
         super().__init__()
@@ -101,8 +103,9 @@ class SqErrorLossKernel(loader.Function):
     def forward(self, x, t):
         loss = mx.nd.empty((1,), ctx=x.context, dtype=x.dtype)
         count = mx.nd.empty((1,), ctx=x.context, dtype=x.dtype)
-        core.sq_error_loss_forward(loader.dlpack_in(x), loader.dlpack_in(t),
-                                   loader.dlpack_in(self.v), loader.dlpack_out(loss),
+        (x_in, x), (t_in, t) = loader.dlpack_read(x), loader.dlpack_read(t)
+        v_in, self.v = loader.dlpack_read(self.v) if self.v is not None else (None, None)
+        core.sq_error_loss_forward(x_in, t_in, v_in, loader.dlpack_out(loss),
                                    loader.dlpack_out(count), count_factor=self.count_factor)
         self.save_for_backward(x, t, count)
         return loss
@@ -115,8 +118,8 @@ class SqErrorLossKernel(loader.Function):
         gx = mx.nd.empty(x.shape, ctx=x.context, dtype=x.dtype)  # the kernel always writes gx
         gt = mx.nd.empty(x.shape, ctx=x.context, dtype=x.dtype) if want_t else None
         core.sq_error_loss_backward(
-            loader.dlpack_in(x), loader.dlpack_in(t), loader.dlpack_in(self.v),
-            loader.dlpack_in(count), loader.dlpack_in(grad_loss), loader.dlpack_out(gx),
+            loader.dlpack_saved(x), loader.dlpack_saved(t), loader.dlpack_saved(self.v),
+            loader.dlpack_saved(count), loader.dlpack_in(grad_loss), loader.dlpack_out(gx),
             None if gt is None else loader.dlpack_out(gt), count_factor=self.count_factor)
         return (gx if want_x else None), gt
 

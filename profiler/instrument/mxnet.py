@@ -364,8 +364,8 @@ class Instrument(InstrumentBase):
     def finish_backward(self) -> None:
         """Waits for the engine and closes the pass (an NVTX range opened for a layer that did
         not come is ended). The boundaries were queued when NDArray.backward returned (before
-        a workload's backward() waits for the engine, as with the kernel conv impl); after
-        mx.autograd.backward they are queued now."""
+        anything a workload's backward() does after it); after mx.autograd.backward they are
+        queued now."""
         self._queue_backward()
         mx.nd.waitall()
         with self._lock:

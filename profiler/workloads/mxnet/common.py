@@ -22,16 +22,14 @@ pre-activation within float32 rounding of 0 to land on the other side of a ReLU 
 which changes the gradients upstream of it by up to a few percent (in float64 the two
 frameworks' steps agree to 3e-7: tests/test_workloads_mxnet.py).
 
-Two MXNet 1.9.1 hazards are worked around here (the cause is in MXNet and the ops adapter):
-``predict`` puts convolution weights back into the plain layout that oneDNN's inference pass
-reorders them out of (see ``_restore_plain_layouts``), and ``backward`` waits for the kernel
-conv impl's Python backward before the optimizer may queue a write to the weights it reads
-(see ``backward``). Queued work is drained before the interpreter exits (``atexit`` below).
+MXNet 1.9.1's hazards (the kernel conv impl's backward and the optimizer's update waiting on
+each other, oneDNN's in-place reorder of convolution weights in inference, queued Python work
+at interpreter exit) are handled by the adapter, ops.mxnet (documented in ops/mxnet/loader.py),
+for this workload as for any other user of it.
 """
 
 from __future__ import annotations
 
-import atexit
 import math
 import numbers
 from collections import OrderedDict
@@ -46,15 +44,6 @@ from ops.mxnet.loader import unavailable_impls
 
 from .. import spec
 from ..base import WorkloadBase
-
-# MXNet's CPU build computes convolutions with oneDNN (see _restore_plain_layouts).
-_ONEDNN = mx.runtime.Features().is_enabled("MKLDNN")
-
-# Work still queued at exit may include Python callbacks (the kernel and explicit impls' Functions
-# and CustomOps); once the interpreter finalizes they can no longer take the GIL, and MXNet's own
-# exit handler then waits for them forever. Handlers run last-registered first, so this drain runs
-# before MXNet's (registered when mxnet was imported, above).
-atexit.register(mx.nd.waitall)
 
 
 def batch_norm(channels: int, prefix: str) -> gluon.nn.BatchNorm:
@@ -221,17 +210,9 @@ class MXNetWorkload(WorkloadBase):
 
     def backward(self, loss) -> None:
         """Every parameter's gradient, overwritten (grad_req 'write', which our native conv
-        also requires), so old gradients need no clearing.
-
-        With the kernel conv impl it also waits until the backward has run: that impl's
-        backward (Python, on an MXNet engine thread) first waits for every write queued to the
-        weights it reads, and the Trainer's update of those weights, queued by an
-        ``optimizer_step`` before the backward had run, waits for its gradients: a deadlock.
-        Waiting here costs that impl no overlap it has: each of its kernel calls waits anyway."""
+        also requires), so old gradients need no clearing. Only queued, as MXNet does it."""
         self._end_record()
         loss.backward()
-        if self.conv_impl == "kernel":
-            mx.nd.waitall()
 
     def optimizer_step(self) -> None:
         # step(1): the loss is already the batch mean; step(batch_size) would divide again.
@@ -268,25 +249,4 @@ class MXNetWorkload(WorkloadBase):
         x = mx.nd.array(np.ascontiguousarray(images, np.float32), ctx=self.ctx,
                         dtype=np.float32)
         with autograd.pause(train_mode=False):
-            output = self.net(x).asnumpy()
-        self._restore_plain_layouts()
-        return output
-
-    def _restore_plain_layouts(self) -> None:
-        """oneDNN's inference-mode convolution reorders its weight array *in place* into its
-        blocked layout, and the array stays so. MXNet's training ops take that, but NumPy
-        cannot be copied into it (set_data), our kernel impl must export a copy of it on every
-        call, and a CustomOp (the kernel impl in a hybridized graph) reads it as if plain:
-        wrong results. A fresh copy of each such weight (``reset_ctx``, which also gives it a
-        fresh gradient buffer) puts the network back in the state training expects."""
-        if not _ONEDNN or self.ctx.device_type != "cpu":
-            return
-        mx.nd.waitall()  # the reorder is queued on the engine
-        for param in self._tensors.values():
-            try:
-                # MXNet refuses to export a blocked array: the only public test of the layout.
-                param.data(self.ctx).to_dlpack_for_read()
-            except mx.base.MXNetError as error:
-                if "MKLDNN" not in str(error):
-                    raise
-                param.reset_ctx(self.ctx)
+            return self.net(x).asnumpy()
