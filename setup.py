@@ -9,6 +9,8 @@ Environment knobs, read at build time:
                  imports at build time), 1/on (required), 0/off
   OPS_TF         the same for the TensorFlow op library (libdeepprof_tf.so)
   OPS_MXNET      the same for the MXNet external operator library (libdeepprof_mxnet.so)
+  OPS_NVTX       auto (default: emit the profiler's NVTX ranges through the NVTX C API when the
+                 nvtx3 headers are found: beside nvcc, CUDA_HOME, /usr/local/cuda), 1/on, 0/off
 
 Works with build isolation (pyproject.toml names the build requirements) and without it
 (`pip install --no-build-isolation --no-deps -e .`, as on the GPU machine against its own torch).
@@ -128,6 +130,11 @@ class CMakeBuild(build_ext):
                              "(see requirements/)")
         nvcc = _find_nvcc()
         args += _torch_args() + _tensorflow_args() + _mxnet_args()
+        args.append(f"-DOPS_NVTX={_switch('OPS_NVTX')}")
+        if nvcc:
+            # The nvtx3 headers ship in the toolkit nvcc belongs to (header-only: needed even
+            # where the CUDA half is not built).
+            args.append(f"-DOPS_NVTX_HINTS={Path(nvcc).resolve().parent.parent / 'include'}")
         if nvcc and _switch("OPS_CUDA") != "OFF":
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
         if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():

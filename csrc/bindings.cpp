@@ -761,4 +761,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv2d_cuda_emulated", &conv2d_cuda_emulated, py::arg("which"), py::arg("in0"),
         py::arg("in1"), py::arg("bias"), py::arg("out"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("multiprocessors"));
+
+  // NVTX ranges for the profiler (csrc/nvtx_ranges.cpp; stubs when built without nvtx3).
+  void register_nvtx_ranges(py::module_&);
+  register_nvtx_ranges(m);
 }

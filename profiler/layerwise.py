@@ -9,6 +9,10 @@ Examples::
 
 Writes report.json (schema: profiler.report), trace.json (Chrome trace events: Perfetto,
 chrome://tracing), flame.folded and flame.speedscope.json into --out, and prints a table.
+
+``--nsys`` runs the same profile again as a child under Nsight Systems (``nsys profile``, the
+flags for the device: profiler.nsys.tool) and adds profile.nsys-rep, profile.sqlite and the
+analysis of the capture (profiler.nsys) to --out.
 """
 
 from __future__ import annotations
@@ -54,7 +58,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     "forward/backward, loss forward/backward, optimizer, data-loader wait, "
                     "host-to-device copy and the rest, with NVTX ranges for Nsight Systems.",
         epilog="Outputs in --out: report.json, trace.json (open in https://ui.perfetto.dev), "
-               "flame.folded (flamegraph.pl), flame.speedscope.json (speedscope.app).",
+               "flame.folded (flamegraph.pl), flame.speedscope.json (speedscope.app); with "
+               "--nsys also profile.nsys-rep (Nsight Systems), profile.sqlite (its export) and "
+               "the capture's analysis: nsys.folded, nsys.speedscope.json, nsys.svg, "
+               "nsys_analysis.json. Nsight Systems: `make nsys` installs it (as root, Debian); "
+               "nsys is found through $NSYS, PATH and the usual install places.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--framework", default="torch", choices=FRAMEWORKS + ("all",),
                         help="framework to profile; 'all' runs each in its own process and "
@@ -107,6 +115,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              "starts; report.json's 'threads' records what each then used. "
                              "The default is the physical cores this process may use")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--nsys", action="store_true",
+                        help="run this profile under Nsight Systems (nsys profile: NVTX and CPU "
+                             "samples with call stacks, plus CUDA on a GPU), write "
+                             "profile.nsys-rep and profile.sqlite into --out, analyse them per "
+                             "range and print the tables; one framework, no --compare")
+    parser.add_argument("--nsys-timeout", type=_positive_int, default=1800, metavar="S",
+                        help="with --nsys: stop nsys after S seconds (nsys 2022.4 sometimes "
+                             "never finishes after the profile has ended)")
     args = parser.parse_args(argv)
     if args.overhead_iters is None:
         args.overhead_iters = args.iters
@@ -120,6 +136,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error("--compare loss=...: loss impls apply to --model deeppose")
     if args.framework == "all" and args.compare:
         parser.error("--compare runs in one framework; pick --framework")
+    if args.nsys and (args.framework == "all" or args.compare):
+        parser.error("--nsys: captures one profile; expected one --framework and no --compare, "
+                     f"got --framework {args.framework}"
+                     + (f" --compare {args.compare[0]}=..." if args.compare else ""))
     if args.out is None:
         args.out = os.path.join("runs", "layerwise", f"{args.framework}-{args.model}")
     return args
@@ -509,9 +529,92 @@ def _strip_options(argv: List[str], names) -> List[str]:
     return out
 
 
+# --------------------------------------------------------------------------- under nsys
+
+NSYS_REPORT = "profile"      # profile.nsys-rep, profile.sqlite in --out
+# Set for the child under nsys: a child that still asked for --nsys would capture itself again.
+_NSYS_CHILD = "DEEPPROF_UNDER_NSYS"
+
+
+def _nsys_device(args) -> str:
+    """The nsys flags' device without importing the framework here (the child does): an
+    explicit --device, else whether ops._C sees a CUDA device."""
+    if args.device != "auto":
+        return args.device
+    try:
+        import ops
+        return "cuda" if ops.cuda_available() else "cpu"
+    except Exception:          # no build: the child will say so
+        return "cpu"
+
+
+def run_under_nsys(args, argv: List[str]) -> int:
+    """--nsys: this same command (less --nsys) as a child under ``nsys profile``, then the
+    export to SQLite and the capture's analysis (profiler.nsys) written into --out. A missing
+    nsys is one error line naming how to install it."""
+    from profiler.nsys import tool
+
+    console = _stderr_console()
+    if os.environ.get(_NSYS_CHILD):
+        console.print(f"[red]error[/red]: --nsys: this process already runs under nsys "
+                      f"({_NSYS_CHILD} is set); not capturing again", highlight=False)
+        return 2
+    try:
+        nsys = tool.find_nsys()
+    except tool.NsysNotFound as e:
+        console.print(f"[red]error[/red]: --nsys: {e}", markup=True, highlight=False)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _nsys_device(args)
+    # The child writes the same outputs into the same --out (it is made explicit, so that a
+    # default computed elsewhere cannot differ).
+    # argparse takes any unambiguous prefix of --nsys ("--ns") for it: drop those too.
+    own = [a for a in argv if not (a.startswith("--ns") and "--nsys".startswith(a))]
+    child = [sys.executable, "-m", "profiler.layerwise",
+             *_strip_options(own, ("--out", "--nsys-timeout")),
+             "--out", str(out)]
+    console.print(f"[bold]nsys[/bold] ({device}): {nsys} profile ... "
+                  f"-o {out / NSYS_REPORT} {' '.join(child)}", highlight=False)
+    try:
+        report_path, status = tool.capture(child, out / NSYS_REPORT, device=device, nsys=nsys,
+                                           env={**os.environ, _NSYS_CHILD: "1"},
+                                           timeout_s=args.nsys_timeout)
+        sqlite = tool.export_sqlite(report_path, nsys=nsys)
+    except (tool.NsysFailed, FileNotFoundError) as e:
+        console.print(f"[red]error[/red]: --nsys: {e}", highlight=False)
+        return 1
+    console.print(f"written: {report_path}, {sqlite}", highlight=False)
+    if status != 0:
+        console.print(f"[yellow]warning[/yellow]: the profile under nsys exited with status "
+                      f"{status} (its report.json 'errors' say why); analysing what was "
+                      f"captured", highlight=False)
+    try:
+        from profiler.nsys import analyze_capture, render_tables, write_outputs
+    except ImportError as e:   # the analysis half is not installed: the capture still stands
+        console.print(f"[red]error[/red]: --nsys: captured, but the analysis is not available "
+                      f"({e})", highlight=False)
+        return 1
+    report_json = out / "report.json"
+    report = json.loads(report_json.read_text()) if report_json.exists() else None
+    try:
+        analysis = analyze_capture(sqlite, report=report)
+    except ValueError as e:    # profiler.nsys' errors are ValueErrors naming the file
+        console.print(f"[red]error[/red]: --nsys: {e}", highlight=False)
+        return 1
+    written = write_outputs(analysis, out)
+    if args.format == "table":
+        render_tables(analysis)
+    console.print(f"written: {', '.join(str(Path(p).name) for p in written.values())} in {out}",
+                  highlight=False)
+    return status
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.nsys:
+        return run_under_nsys(args, argv)
     if args.compare:
         doc = run_compare(args, args.framework)
         if args.format == "json":
