@@ -109,6 +109,7 @@ struct Array {
   py::object capsule;
   const dlpack_abi::Tensor* t = nullptr;
   bool read_only = false;
+  bool copied = false;  // the producer exported a copy: what we write there never reaches it
   DType dtype = DType::kFloat32;
   Place place;
   std::vector<int64_t> shape;
@@ -123,9 +124,119 @@ struct Array {
   }
 };
 
+// Producer types whose __dlpack__ turned out not to take max_version (NumPy 1's ndarray, ...),
+// each with the __dlpack__ it had then. Asking them for a versioned capsule again would cost a
+// raised and cleared TypeError per array per call (about 1 us: it nearly doubled the time of a
+// small NumPy 1 loss call). A type whose __dlpack__ has since been replaced is asked afresh.
+// Touched only with the GIL held; a few entries at most, never freed (a static destructor would
+// release Python objects after the interpreter is gone).
+struct LegacyProducer {
+  PyObject* type;
+  PyObject* method;
+};
+std::vector<LegacyProducer>& legacy_producers() {
+  static auto* known = new std::vector<LegacyProducer>();
+  return *known;
+}
+constexpr size_t kMaxLegacyProducers = 16;
+
+// The __dlpack__ the type of `obj` has, as a new reference (nullptr, no error set, if none).
+PyObject* type_dlpack(py::handle obj) {
+  PyObject* method = PyObject_GetAttrString(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr())),
+                                            "__dlpack__");
+  if (!method) PyErr_Clear();
+  return method;
+}
+
+bool known_legacy_producer(py::handle obj) {
+  auto& known = legacy_producers();
+  PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr()));
+  for (const LegacyProducer& p : known) {
+    if (p.type != type) continue;
+    PyObject* method = type_dlpack(obj);
+    const bool same = method == p.method;
+    Py_XDECREF(method);
+    return same;
+  }
+  return false;
+}
+
+void remember_legacy_producer(py::handle obj) {
+  auto& known = legacy_producers();
+  PyObject* method = type_dlpack(obj);
+  if (!method) return;
+  PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr()));
+  for (LegacyProducer& p : known) {
+    if (p.type == type) {  // its __dlpack__ was replaced: keep the one that refused
+      Py_DECREF(p.method);
+      p.method = method;
+      return;
+    }
+  }
+  if (known.size() >= kMaxLegacyProducers) {
+    Py_DECREF(method);
+    return;
+  }
+  Py_INCREF(type);
+  known.push_back({type, method});
+}
+
+// Calls obj.__dlpack__ asking for a versioned capsule (DLPack >= 1.0, the only kind that can say
+// an array is read-only), with the stream a CUDA producer must make its data ready on. A producer
+// whose __dlpack__ predates max_version (NumPy < 2, older CuPy) rejects the keyword with a
+// TypeError; the array API standard's answer is to ask again the legacy way. Only TypeError
+// earns that second call, and if the producer then fails too, its second error is the one
+// reported: any other error of the first call reaches the caller as the producer raised it.
+// `legacy` tells whether the legacy call was made. Raw C API instead of py::error_already_set,
+// which costs more, for the TypeError that is expected.
+py::object call_dlpack(py::handle obj, bool on_cuda, const Call& call, bool& legacy) {
+  py::object method = obj.attr("__dlpack__");
+  py::dict kwargs;
+  if (on_cuda) kwargs["stream"] = call.dlpack_stream();
+  py::tuple no_args;
+  const bool known_legacy = known_legacy_producer(obj);
+  if (!known_legacy) {
+    // Never freed: a static py::object would be destroyed after the interpreter it belongs to.
+    static const py::handle max_version = py::make_tuple(1, 0).release();
+    kwargs["max_version"] = max_version;
+    PyObject* capsule = PyObject_Call(method.ptr(), no_args.ptr(), kwargs.ptr());
+    if (capsule) return py::reinterpret_steal<py::object>(capsule);
+    if (!PyErr_ExceptionMatches(PyExc_TypeError)) throw py::error_already_set();
+    PyErr_Clear();
+    PyDict_DelItemString(kwargs.ptr(), "max_version");
+  }
+  legacy = true;
+  PyObject* capsule = PyObject_Call(method.ptr(), no_args.ptr(), kwargs.ptr());
+  if (!capsule) throw py::error_already_set();
+  // It refused max_version and took the legacy call: its type does not know max_version.
+  if (!known_legacy) remember_legacy_producer(obj);
+  return py::reinterpret_steal<py::object>(capsule);
+}
+
+// True when `obj` says it is a read-only array the NumPy way (flags.writeable is False); False
+// for anything else, and for anything whose flags cannot be read.
+bool says_read_only(py::handle obj) {
+  PyObject* flags = PyObject_GetAttrString(obj.ptr(), "flags");
+  if (!flags) {
+    PyErr_Clear();
+    return false;
+  }
+  PyObject* writeable = PyObject_GetAttrString(flags, "writeable");
+  Py_DECREF(flags);
+  if (!writeable) {
+    PyErr_Clear();
+    return false;
+  }
+  const int truth = PyObject_IsTrue(writeable);
+  Py_DECREF(writeable);
+  if (truth < 0) PyErr_Clear();
+  return truth == 0;
+}
+
 // Turns `obj` into a borrowed DLPack capsule, asking a CUDA producer to make its data ready on
 // our stream (the DLPack stream protocol).
-py::object export_capsule(py::handle obj, const std::string& name, const Call& call) {
+py::object export_capsule(py::handle obj, const std::string& name, const Call& call,
+                          bool is_output) {
   if (obj.is_none())
     call.type_error(name, "expected an array, got None");
   if (PyCapsule_CheckExact(obj.ptr())) return py::reinterpret_borrow<py::object>(obj);
@@ -135,6 +246,7 @@ py::object export_capsule(py::handle obj, const std::string& name, const Call& c
                     "DLPack capsule, got " + type_name(obj));
   }
   py::object capsule;
+  bool legacy = false;
   try {
     bool on_cuda = false;
     if (py::hasattr(obj, "__dlpack_device__")) {
@@ -147,8 +259,7 @@ py::object export_capsule(py::handle obj, const std::string& name, const Call& c
                                ", expected a (device_type, device_id) pair of ints");
       on_cuda = device[py::int_(0)].cast<int64_t>() == dlpack_abi::kCUDA;
     }
-    capsule = on_cuda ? obj.attr("__dlpack__")(py::arg("stream") = call.dlpack_stream())
-                      : obj.attr("__dlpack__")();
+    capsule = call_dlpack(obj, on_cuda, call, legacy);
   } catch (py::error_already_set& e) {
     // When the array's dtype is not one we take, that is the news (NumPy refuses to export
     // bool at all); otherwise the exporter objects to the array's state (read-only, requires
@@ -158,6 +269,17 @@ py::object export_capsule(py::handle obj, const std::string& name, const Call& c
     const std::string dtype = dtype_of(obj);
     if (!dtype.empty() && dtype != "float32" && dtype != "float64")
       call.type_error(name, msg + " (expected float32 or float64, got " + dtype + ")");
+    // A legacy producer (NumPy < 2) has no way to mark an export read-only, so it refuses to
+    // export a read-only array at all, even one we would only read.
+    if (legacy && says_read_only(obj)) {
+      if (is_output)
+        call.value_error(name, "output array is read-only; expected a writable array to write "
+                               "the result into (" + msg + ")");
+      call.value_error(name, msg + "; this producer cannot mark an array read-only in DLPack "
+                                   "(NumPy < 2 cannot), so it refuses to export a read-only "
+                                   "input: pass a writable array (np.array(x) copies it) or use "
+                                   "NumPy >= 2, whose versioned DLPack export can say read-only");
+    }
     call.value_error(name, msg);
   }
   if (!PyCapsule_CheckExact(capsule.ptr()))
@@ -169,7 +291,7 @@ py::object export_capsule(py::handle obj, const std::string& name, const Call& c
 Array borrow(py::handle obj, const std::string& name, Call& call, bool is_output) {
   Array a;
   a.name = name;
-  a.capsule = export_capsule(obj, name, call);
+  a.capsule = export_capsule(obj, name, call, is_output);
   PyObject* cap = a.capsule.ptr();
   const char* cap_name = PyCapsule_GetName(cap);
   const std::string kind = cap_name ? cap_name : "";
@@ -187,6 +309,7 @@ Array borrow(py::handle obj, const std::string& name, Call& call, bool is_output
                                  std::to_string(managed->version.minor) + " (expected 1.x)");
     a.t = &managed->dl_tensor;
     a.read_only = (managed->flags & dlpack_abi::kFlagReadOnly) != 0;
+    a.copied = (managed->flags & dlpack_abi::kFlagIsCopied) != 0;
   } else if (kind == "used_dltensor" || kind == "used_dltensor_versioned") {
     call.value_error(name, "this DLPack capsule was already consumed by another library; export "
                            "the array again");
@@ -227,7 +350,13 @@ Array borrow(py::handle obj, const std::string& name, Call& call, bool is_output
     }
   }
   if (!t.data) call.value_error(name, "DLPack tensor has a null data pointer");
-  if (is_output && a.read_only) call.value_error(name, "output array is read-only");
+  if (is_output && a.read_only)
+    call.value_error(name, "output array is read-only; expected a writable array to write the "
+                           "result into");
+  if (is_output && a.copied)
+    call.value_error(name, "the producer exported a copy of this output array (DLPack "
+                           "IS_COPIED flag), so the result would never reach it; expected the "
+                           "array's own memory");
 
   // Device.
   switch (t.device.device_type) {

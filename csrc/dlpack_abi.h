@@ -69,6 +69,8 @@ struct ManagedTensorVersioned {
   Tensor dl_tensor;
 };
 
-constexpr uint64_t kFlagReadOnly = 1ULL << 0;
+// ManagedTensorVersioned::flags bits.
+constexpr uint64_t kFlagReadOnly = 1ULL << 0;  // the consumer must not write through it
+constexpr uint64_t kFlagIsCopied = 1ULL << 1;  // the producer made a copy for this export
 
 }  // namespace dlpack_abi

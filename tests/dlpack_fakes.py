@@ -22,6 +22,7 @@ This module must not import ``ops``: it fakes a producer, it does not test anyth
 from __future__ import annotations
 
 import ctypes
+from types import SimpleNamespace
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -42,6 +43,7 @@ KDL_COMPLEX = 5
 KDL_BOOL = 6
 
 READ_ONLY_FLAG = 1 << 0
+IS_COPIED_FLAG = 1 << 1
 
 #: dtype names a test may pass as ``dtype=``, as (type code, bits, lanes).
 DTYPES: Dict[str, Tuple[int, int, int]] = {
@@ -115,6 +117,7 @@ _PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
 _KEEPALIVE: Dict[int, tuple] = {}
 
 _FROM_ARRAY = object()  # "take this field from the NumPy array"
+_BY_VERSION = object()  # "dltensor_versioned" for a versioned capsule, else "dltensor"
 
 
 def numpy_dtype_spec(dtype: np.dtype) -> Tuple[int, int, int]:
@@ -137,10 +140,11 @@ def make_capsule(array: np.ndarray, *,
                  strides: Optional[Sequence[int]] = None,
                  data=_FROM_ARRAY,
                  byte_offset: int = 0,
-                 name: Optional[bytes] = b"dltensor",
+                 name: Optional[bytes] = _BY_VERSION,
                  versioned: bool = False,
                  version: Tuple[int, int] = (1, 0),
-                 read_only: bool = False):
+                 read_only: bool = False,
+                 copied: bool = False):
     """A DLPack capsule describing ``array``'s memory, with any field overridden.
 
     device: (device type, device id), e.g. ``(KDL_CUDA, 0)`` to fake a GPU array.
@@ -150,10 +154,13 @@ def make_capsule(array: np.ndarray, *,
     strides: in elements; None (default) sends a NULL pointer, i.e. "compact row-major". Use
     :func:`element_strides` to describe a NumPy view truthfully.
     data: default the array's address; None sends a NULL pointer, an int any address.
-    name: the capsule's name (b"dltensor", b"used_dltensor", anything; None for a NULL name).
-    versioned / version / read_only: build a ``DLManagedTensorVersioned`` instead (give
-    ``name=b"dltensor_versioned"``), with that version and the read-only flag.
+    name: the capsule's name (b"dltensor", b"used_dltensor", anything; None for a NULL name);
+    default b"dltensor_versioned" for a versioned capsule, else b"dltensor".
+    versioned / version / read_only / copied: build a ``DLManagedTensorVersioned`` instead, with
+    that version and the read-only and is-copied flags.
     """
+    if name is _BY_VERSION:
+        name = b"dltensor_versioned" if versioned else b"dltensor"
     array = np.asarray(array)
     code, bits, lanes = numpy_dtype_spec(array.dtype) if dtype is None else (
         DTYPES[dtype] if isinstance(dtype, str) else dtype)
@@ -178,7 +185,7 @@ def make_capsule(array: np.ndarray, *,
     if versioned:
         managed = DLManagedTensorVersioned()
         managed.version = DLPackVersion(*version)
-        managed.flags = READ_ONLY_FLAG if read_only else 0
+        managed.flags = (READ_ONLY_FLAG if read_only else 0) | (IS_COPIED_FLAG if copied else 0)
     else:
         managed = DLManagedTensor()
     managed.dl_tensor = tensor  # copies the struct; its pointers still need shape_buf & co
@@ -203,33 +210,104 @@ def foreign_capsule(array: np.ndarray, name: bytes = b"not_a_dltensor", **fields
 class FakeArray:
     """An array-like object that exports a fake DLPack tensor through the protocol methods.
 
+    It behaves like a DLPack >= 1.0 producer (NumPy >= 2, PyTorch): asked with ``max_version``
+    >= (1, 0) it exports a versioned capsule, asked without it a legacy one, and a read-only
+    array (``read_only=True``) it refuses to export the legacy way (legacy DLPack cannot say
+    read-only), with NumPy's error. ``versioned=`` among the fields forces the capsule kind.
     Each ``__dlpack__`` call builds a fresh capsule from ``array`` and the ``make_capsule``
-    fields given here, and records the ``stream`` it was asked for in ``streams`` (the DLPack
-    stream protocol: a consumer passes its stream to a CUDA producer).
+    fields given here, and records the ``stream`` and ``max_version`` it was asked for in
+    ``streams`` and ``max_versions`` (the DLPack stream protocol: a consumer passes its stream to
+    a CUDA producer). ``flags.writeable`` answers as a NumPy array's does.
     """
 
     def __init__(self, array: np.ndarray, **fields):
         self.array = np.asarray(array)
         self.fields = fields
+        self.flags = SimpleNamespace(writeable=not fields.get("read_only", False))
         self.streams: list = []
+        self.max_versions: list = []
 
     def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        self.max_versions.append(max_version)
+        return self._export(stream, versioned=max_version is not None and
+                            tuple(max_version) >= (1, 0))
+
+    def _export(self, stream, versioned: bool):
         self.streams.append(stream)
-        return make_capsule(self.array, **self.fields)
+        fields = dict(self.fields)
+        fields.setdefault("versioned", versioned)
+        if fields.get("read_only") and not fields["versioned"]:
+            raise self._read_only_error()
+        return make_capsule(self.array, **fields)
+
+    @staticmethod
+    def _read_only_error() -> BaseException:
+        return BufferError("Cannot export readonly array since signalling readonly is "
+                           "unsupported by DLPack.")  # NumPy 2's, asked the legacy way
 
     def __dlpack_device__(self) -> Tuple[int, int]:
         return tuple(self.fields.get("device", (KDL_CPU, 0)))
 
 
+class LegacyFakeArray(FakeArray):
+    """A producer from before DLPack 1.0 (NumPy < 2, older CuPy): its ``__dlpack__`` has no
+    ``max_version`` parameter, so asking for one is Python's own TypeError, and it only
+    exports legacy capsules (refusing a read-only array with NumPy 1's error, a TypeError too)."""
+
+    def __dlpack__(self, *, stream=None):
+        return self._export(stream, versioned=False)
+
+    @staticmethod
+    def _read_only_error() -> BaseException:
+        return TypeError("NumPy currently only supports dlpack for writeable arrays")
+
+
 class RaisingArray:
-    """An array-like object whose ``__dlpack__`` raises, as a producer that cannot export."""
+    """An array-like object whose ``__dlpack__`` raises, as a producer that cannot export; each
+    call's keyword arguments are recorded in ``calls``."""
 
     def __init__(self, error: BaseException = None, device: Tuple[int, int] = (KDL_CPU, 0)):
         self.error = error if error is not None else RuntimeError("this producer cannot export")
         self.device = device
+        self.calls: list = []
 
     def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        self.calls.append(dict(stream=stream, max_version=max_version))
         raise self.error
 
     def __dlpack_device__(self) -> Tuple[int, int]:
         return self.device
+
+
+# ---- what a real producer supports --------------------------------------------------------------
+
+# Own prototypes: setting argtypes on ctypes.pythonapi's shared function objects would change
+# them for every other user in the process.
+_PyCapsule_GetName = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
+    ("PyCapsule_GetName", ctypes.pythonapi))
+_PyCapsule_GetPointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi))
+
+
+def capsule_name(capsule) -> Optional[bytes]:
+    """The name of a PyCapsule (b"dltensor", b"dltensor_versioned", ...)."""
+    return _PyCapsule_GetName(capsule)
+
+
+def numpy_exports_read_only() -> bool:
+    """Whether this NumPy can export a read-only array through DLPack: asked for DLPack >= 1.0
+    (``max_version``), it gives a versioned capsule with the read-only flag (NumPy >= 2).
+    Older ones have no ``max_version`` (TypeError) and refuse read-only arrays (BufferError).
+    Probed, not read from the version number."""
+    array = np.zeros(1, np.float32)
+    array.flags.writeable = False
+    try:
+        capsule = array.__dlpack__(max_version=(1, 0))
+    except (TypeError, BufferError):
+        return False
+    if capsule_name(capsule) != b"dltensor_versioned":
+        return False
+    # Only read: the capsule stays unconsumed, so its destructor frees the export.
+    managed = ctypes.cast(_PyCapsule_GetPointer(capsule, b"dltensor_versioned"),
+                          ctypes.POINTER(DLManagedTensorVersioned)).contents
+    return bool(managed.flags & READ_ONLY_FLAG)

@@ -662,6 +662,18 @@ for case_id, run, name, other in ALIASES:
             "outputs must not alias")
 
 
+# ---- read-only arrays ----------------------------------------------------------------------------
+# A read-only input is fine where its producer exports versioned DLPack (NumPy >= 2), which marks
+# it read-only; a legacy producer (NumPy 1) cannot export it at all, and the message says what to
+# do. The installed NumPy is probed, not assumed from its version; the fakes play both kinds of
+# producer whatever NumPy is installed. A read-only output is refused by either route.
+
+#: Whether this NumPy exports a read-only array (versioned DLPack with the read-only flag).
+NUMPY_EXPORTS_READ_ONLY = fakes.numpy_exports_read_only()
+READ_ONLY_INPUT_HINT = ("could not export it through DLPack", "cannot mark an array read-only",
+                        "pass a writable array", "NumPy >= 2")
+
+
 def _read_only(arg: str):
     def make(a):
         a[arg].setflags(write=False)
@@ -669,14 +681,71 @@ def _read_only(arg: str):
     return make
 
 
-refused("conv_fwd-y_out-numpy_read_only",
-        call("conv_fwd", y_out=lambda a: np.broadcast_to(a["y_out"], a["y_out"].shape)),
-        ValueError, at("conv_fwd", "y_out"), "could not export it through DLPack", "writeable")
-refused("loss_fwd-x-numpy_read_only", call("loss_fwd", x=_read_only("x")), ValueError,
-        at("loss_fwd", "x"), "could not export it through DLPack", "writeable")
-refused("loss_fwd-loss_out-versioned_read_only", call("loss_fwd", loss_out=capsule(
-    "loss_out", name=b"dltensor_versioned", versioned=True, read_only=True)), ValueError,
-        at("loss_fwd", "loss_out"), "output array is read-only")
+def protocol(arg: str, legacy: bool = False, **fields):
+    """``arg`` behind a fake producer: a DLPack >= 1.0 one, or a legacy one without
+    ``max_version`` (see dlpack_fakes.FakeArray / LegacyFakeArray)."""
+    producer = fakes.LegacyFakeArray if legacy else fakes.FakeArray
+    return lambda a: producer(a[arg], **fields)
+
+
+READ_ONLY_OUTPUTS = [  # (case id, call, argument, extra fragments)
+    ("conv_fwd-y_out-numpy_read_only",
+     call("conv_fwd", y_out=lambda a: np.broadcast_to(a["y_out"], a["y_out"].shape)), "y_out", ()),
+    ("loss_bwd-gx_out-numpy_read_only", call("loss_bwd", gx_out=_read_only("gx_out")), "gx_out",
+     ()),
+    ("loss_fwd-loss_out-versioned_read_only",
+     call("loss_fwd", loss_out=capsule("loss_out", versioned=True, read_only=True)), "loss_out",
+     ()),
+    ("loss_fwd-count_out-protocol_read_only",
+     call("loss_fwd", count_out=protocol("count_out", read_only=True)), "count_out", ()),
+    ("conv_bwd_bias-gb_out-legacy_read_only",
+     call("conv_bwd_bias", gb_out=protocol("gb_out", legacy=True, read_only=True)), "gb_out",
+     ("TypeError: NumPy currently only supports dlpack for writeable arrays",)),
+]
+for case_id, run, name, fragments in READ_ONLY_OUTPUTS:
+    refused(case_id, run, ValueError, at(case_id.split("-")[0], name),
+            "output array is read-only", "expected a writable array", *fragments)
+refused("conv_fwd-y_out-versioned_copied",
+        call("conv_fwd", y_out=capsule("y_out", versioned=True, copied=True)), ValueError,
+        at("conv_fwd", "y_out"), "exported a copy", "would never reach it")
+refused("loss_fwd-x-legacy_read_only", call("loss_fwd", x=protocol("x", legacy=True,
+                                                                   read_only=True)),
+        ValueError, at("loss_fwd", "x"),
+        "TypeError: NumPy currently only supports dlpack for writeable arrays",
+        *READ_ONLY_INPUT_HINT)
+if not NUMPY_EXPORTS_READ_ONLY:
+    refused("loss_fwd-x-numpy_read_only", call("loss_fwd", x=_read_only("x")), ValueError,
+            at("loss_fwd", "x"), *READ_ONLY_INPUT_HINT)
+    refused("conv_bwd_data-w-numpy_read_only", call("conv_bwd_data", w=_read_only("w")),
+            ValueError, at("conv_bwd_data", "w"), *READ_ONLY_INPUT_HINT)
+
+
+def _loss_and_conv(wrap) -> List[float]:
+    """A loss forward and a conv forward with every input passed through ``wrap``."""
+    x, t = _data((2, 3), 1), _data((2, 3), 2)
+    loss, count = _out((1,)), _out((1,))
+    core.sq_error_loss_forward(wrap(x), wrap(t), None, loss, count, count_factor=1.0)
+    cx, w, b = _data((1, 2, 5, 5), 3), _data((3, 2, 3, 3), 4), _data((3,), 5)
+    y = _out((1, 3, 3, 3))
+    core.conv2d_forward(wrap(cx), wrap(w), wrap(b), y)
+    return [float(loss[0]), float(count[0])] + y.ravel().tolist()
+
+
+def _read_only_copy(array: np.ndarray) -> np.ndarray:
+    array = array.copy()
+    array.flags.writeable = False
+    return array
+
+
+def _read_only_same_as_writable(wrap):
+    return lambda: {"got": _loss_and_conv(wrap), "want": _loss_and_conv(lambda a: a)}
+
+
+accepted("fake-valid_versioned_read_only_protocol_inputs",
+         _read_only_same_as_writable(lambda a: fakes.FakeArray(a, read_only=True)))
+if NUMPY_EXPORTS_READ_ONLY:
+    accepted("numpy-valid_read_only_inputs", _read_only_same_as_writable(_read_only_copy))
+
 refused("conv_fwd-x-torch_requires_grad", call("conv_fwd", x=torch_tensor(
     "x", lambda t: t.requires_grad_())), ValueError, at("conv_fwd", "x"),
         "could not export it through DLPack", "require gradient", needs=NEEDS_TORCH)
@@ -746,6 +815,11 @@ CAPSULES = [  # (case id, call, argument, type, fragments)
     ("conv_fwd-w-cuda_producer_raises", call("conv_fwd", w=lambda a: fakes.RaisingArray(
         BufferError("no export today"), device=(fakes.KDL_CUDA, 0))), "w", ValueError,
      ("could not export it through DLPack", "BufferError: no export today")),
+    # A TypeError earns the legacy retry (see _control_producer_asked), and the retry's
+    # own error is what the message shows.
+    ("loss_fwd-t-producer_raises_type_error", call("loss_fwd", t=lambda a: fakes.RaisingArray(
+        TypeError("no float32 today"))), "t", ValueError,
+     ("could not export it through DLPack", "TypeError: no float32 today")),
 ]
 for case_id, run, name, raises, fragments in CAPSULES:
     refused(case_id, run, raises, at(case_id.split("-")[0], name), *fragments)
@@ -881,11 +955,53 @@ def _control_same_array_twice():
     return _loss_forward(x, x, x, x)
 
 
-def _stream_asked_of_cuda_producer(stream, want):
+def _control_asks_for_versioned_dlpack():
+    x, t = _data((2, 3), 1), _data((2, 3), 2)
+    producer = fakes.FakeArray(x)
+    result = _loss_forward(producer, t, x, t)
+    # Asked once, for DLPack 1.0, and the versioned capsule it gave was read correctly.
+    asked = [n for version in producer.max_versions for n in version]
+    return {"got": result["got"] + asked, "want": result["want"] + [1, 0]}
+
+
+def _control_legacy_producer():
+    x, t = _data((2, 3), 1), _data((2, 3), 2)
+    return _loss_forward(fakes.LegacyFakeArray(x), fakes.LegacyFakeArray(t), x, t)
+
+
+def _control_producer_asked(error, want_calls):
+    """How a failing producer is asked: once for DLPack 1.0, then again the legacy way only
+    where its error is a TypeError (which may mean it does not know max_version); the call
+    fails either way. One number per call: 1 asked with max_version=(1, 0), 0 without."""
+    def run():
+        producer = fakes.RaisingArray(error)
+        with pytest.raises(ValueError):
+            call("loss_fwd", x=producer)()
+        return {"got": [int(c["max_version"] == (1, 0)) for c in producer.calls],
+                "want": want_calls}
+    return run
+
+
+def _control_upgraded_producer_asked_for_versioned():
+    """ops._C remembers producer types that refused max_version; a type whose __dlpack__ is
+    replaced by one that takes it is asked for DLPack 1.0 again (a read-only input then works)."""
+    class Upgraded(fakes.LegacyFakeArray):
+        pass
+
+    x, t = _data((2, 3), 1), _data((2, 3), 2)
+    first = _loss_forward(Upgraded(x), t, x, t)  # refuses max_version: remembered as legacy
+    Upgraded.__dlpack__ = fakes.FakeArray.__dlpack__
+    producer = Upgraded(x, read_only=True)
+    second = _loss_forward(producer, t, x, t)
+    return {"got": first["got"] + second["got"] + [len(producer.max_versions)],
+            "want": first["want"] + second["want"] + [1]}
+
+
+def _stream_asked_of_cuda_producer(stream, want, producer=fakes.FakeArray):
     """The DLPack stream a CUDA producer is asked for (the call then fails: no GPU here)."""
     def run():
         a = _valid_loss_forward()
-        x = fakes.FakeArray(a["x"], device=(fakes.KDL_CUDA, 0), data=bogus_address())
+        x = producer(a["x"], device=(fakes.KDL_CUDA, 0), data=bogus_address())
         args = [on_cuda(name)(a) for name in ("t", "loss_out", "count_out")]
         with pytest.raises(RuntimeError):
             core.sq_error_loss_forward(x, args[0], None, *args[1:], count_factor=1.0,
@@ -912,6 +1028,16 @@ accepted("loss_fwd-valid_same_array_as_x_and_t", _control_same_array_twice)
 for label, stream, want in (("None", None, 1), ("0", 0, 1), ("7", 7, 7)):
     accepted(f"fake-cuda_producer_asked_for_stream_{label}",
              _stream_asked_of_cuda_producer(stream, want), needs=("no_gpu",))
+accepted("fake-legacy_cuda_producer_asked_for_stream_7", _stream_asked_of_cuda_producer(
+    7, 7, producer=fakes.LegacyFakeArray), needs=("no_gpu",))
+accepted("fake-asks_for_versioned_dlpack", _control_asks_for_versioned_dlpack)
+accepted("fake-valid_legacy_producer", _control_legacy_producer)
+accepted("fake-upgraded_producer_asked_for_versioned",
+         _control_upgraded_producer_asked_for_versioned)
+accepted("fake-producer_error_asked_once", _control_producer_asked(
+    RuntimeError("no export today"), [1]))
+accepted("fake-producer_type_error_asked_again_legacy", _control_producer_asked(
+    TypeError("no export today"), [1, 0]))
 
 
 # ---- harness controls: a crash and a hang must show up as such ----------------------------------
