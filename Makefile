@@ -18,15 +18,60 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.ops-built
 KERNEL_SOURCES := $(wildcard csrc/*) setup.py CMakeLists.txt pyproject.toml
 
-.PHONY: run test bench profile-all setup freeze clean
+# The NumPy 2 venv (requirements/numpy2.txt) holds no build of its own: it imports the in-place
+# ops._C and ops/libdeepprof_torch.so of the main venv's build through PYTHONPATH. That is
+# sound: _C links no NumPy (arrays come through DLPack) and is built for the same Python, and
+# the torch library has no rpath and is loaded after the same torch 2.13.0 loaded libtorch.
+# A build from this venv would overwrite the main venv's files in ops/.
+NUMPY2_VENV := .venv-numpy2
+NUMPY2_PY := $(NUMPY2_VENV)/bin/python
+NUMPY2_STAMP := $(NUMPY2_VENV)/.deps-installed
+# The tests that need neither TensorFlow, MXNet nor Chainer (each of those needs numpy 1), less
+# the CPU-only rebuild of test_build.py: it compiles the same sources, with no NumPy involved,
+# and takes half a minute.
+NUMPY2_TESTS := $(wildcard tests/test_sq_error_loss.py tests/test_conv2d.py \
+	tests/test_torch_adapter.py tests/test_bad_input.py tests/test_build.py tests/test_cpu_paths.py)
+NUMPY2_DESELECT := --deselect tests/test_build.py::test_cpu_only_build_works_and_refuses_gpu_arrays
+
+# The oneDNN-flipped run: the TensorFlow and MXNet test files and the cross-framework
+# agreement whole, and the TensorFlow and MXNet cases (their ids name the framework) of the
+# files every framework shares.
+ONEDNN_TESTS := $(wildcard tests/test_*tensorflow*.py tests/test_*mxnet*.py) \
+	tests/test_cross_framework.py
+ONEDNN_SHARED_TESTS := tests/test_workloads.py tests/test_profiler_layerwise.py
+ONEDNN_SHARED_FILTER := tensorflow or mxnet or cross_framework
+# Prints 0 where TensorFlow turns oneDNN on by default here, else 1 (TF reads its setting once).
+export ONEDNN_FLIP := import os; os.environ.pop("TF_ENABLE_ONEDNN_OPTS", None); \
+	from tensorflow.python.util import _pywrap_util_port as port; \
+	print(0 if port.IsMklEnabled() else 1)
+
+.PHONY: run test test-onednn-flipped test-numpy2 bench profile-all setup freeze clean nsys
 
 ## run: the main job on its built-in default (the layer-wise profiler: PyTorch, ResNet-20)
 run: setup
 	$(PY) -m profiler.layerwise
 
-## test: the whole test suite (GPU tests skip with a reason where there is no GPU)
+## test: the whole test suite (GPU tests skip with a reason where there is no GPU), then the
+## TensorFlow and MXNet tests with oneDNN set the other way, then the NumPy 2 run
 test: setup
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-onednn-flipped
+	$(MAKE) --no-print-directory test-numpy2
+
+## test-onednn-flipped: the TensorFlow and MXNet tests once more with their oneDNN setting
+## flipped: TF_ENABLE_ONEDNN_OPTS the opposite of TensorFlow's default on this CPU (on where it
+## has AVX-512 VNNI/BF16, off elsewhere), MXNET_MKLDNN_ENABLED=0 (its default is on)
+test-onednn-flipped: setup
+	flip=$$($(PY) -c "$$ONEDNN_FLIP" 2>/dev/null | tail -n 1); \
+	echo "TF_ENABLE_ONEDNN_OPTS=$$flip MXNET_MKLDNN_ENABLED=0"; \
+	TF_ENABLE_ONEDNN_OPTS=$$flip MXNET_MKLDNN_ENABLED=0 $(PY) -m pytest -q $(ONEDNN_TESTS) \
+	  $(ONEDNN_SHARED_TESTS) -k "$(ONEDNN_SHARED_FILTER)"
+
+## test-numpy2: the framework-free and PyTorch tests under NumPy 2, in .venv-numpy2
+test-numpy2: setup $(NUMPY2_STAMP)
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} DEEPPROF_PYTEST_HARD_EXIT=1 \
+	  $(NUMPY2_PY) -m pytest -q $(NUMPY2_TESTS) \
+	  $(NUMPY2_DESELECT)
 
 ## bench: the kernel benchmark with more rounds, written to runs/bench_kernels.json
 bench: setup
@@ -35,6 +80,11 @@ bench: setup
 ## profile-all: the profiler on all four frameworks, merged (runs/layerwise/all-resnet20)
 profile-all: setup
 	$(PY) -m profiler.layerwise --framework all
+
+## nsys: install Nsight Systems (Debian's nsight-systems, as root; about a minute on a fresh
+## machine, nothing when nsys already works) for `python -m profiler.layerwise --nsys`
+nsys:
+	bash scripts/install_nsys.sh
 
 setup: $(BUILD_STAMP)
 
@@ -49,6 +99,15 @@ $(DEPS_STAMP): requirements/base.txt requirements/constraints.txt requirements/c
 $(BUILD_STAMP): $(DEPS_STAMP) $(KERNEL_SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e . $(QUIET_PIP)
 	$(PY) -c "import ops; print('ops._C built:', ops.build_info())"
+	touch $@
+
+# --no-compile: byte-compiling all of torch at install was half the install time (30 of 60 s);
+# Python compiles what the tests import on the way.
+$(NUMPY2_STAMP): requirements/numpy2.txt requirements/tools.txt
+	test -x $(NUMPY2_PY) || $(PYTHON) -m venv $(NUMPY2_VENV)
+	$(NUMPY2_PY) -m pip install -q -r requirements/tools.txt $(QUIET_PIP)
+	$(NUMPY2_PY) -m pip install -q --no-compile -r requirements/numpy2.txt $(QUIET_PIP)
+	$(NUMPY2_PY) -m pip check
 	touch $@
 
 ## freeze: rewrite requirements/constraints.txt from the current venv

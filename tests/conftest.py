@@ -9,3 +9,24 @@ measure bulked backward passes). The instrument's own switch is tested in a fres
 import os
 
 os.environ.setdefault("MXNET_EXEC_BULK_EXEC_TRAIN", "0")
+
+
+# PyTorch 2.13 under NumPy 2 (the `make test-numpy2` run) was seen to crash in the interpreter's
+# last garbage collection, after every test had passed and the summary was printed (3 of about
+# 10 runs: a torch.fx node freeing a tensor calls a null AutogradMeta hook). The verdict is in
+# by then; with DEEPPROF_PYTEST_HARD_EXIT=1 the run ends with pytest's own exit status instead
+# of running that finalisation. Only that Makefile target sets it.
+_exit_status = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("DEEPPROF_PYTEST_HARD_EXIT") == "1" and _exit_status is not None:
+        import sys
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status)
