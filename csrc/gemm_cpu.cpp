@@ -42,42 +42,13 @@ namespace {
 // 12 of them as accumulators, leaving room for the NR / kLanes B vectors and one broadcast A
 // value. (A 32-byte tile on SSE2 would need 24 registers and spill on every k step.)
 template <typename T, int kVecBytes>
-struct Tiling;
-
-template <>
-struct Tiling<float, 32> {
-  typedef float Scalar;
-  typedef float Vec __attribute__((vector_size(32)));
-  static constexpr int kLanes = 8;
-  static constexpr int MR = 6, NR = 16;
-  static constexpr int64_t KC = 256, MC = 96, NC = 2048;
-};
-
-template <>
-struct Tiling<double, 32> {
-  typedef double Scalar;
-  typedef double Vec __attribute__((vector_size(32)));
-  static constexpr int kLanes = 4;
-  static constexpr int MR = 6, NR = 8;
-  static constexpr int64_t KC = 256, MC = 96, NC = 1024;
-};
-
-template <>
-struct Tiling<float, 16> {
-  typedef float Scalar;
-  typedef float Vec __attribute__((vector_size(16)));
-  static constexpr int kLanes = 4;
-  static constexpr int MR = 6, NR = 8;
-  static constexpr int64_t KC = 256, MC = 96, NC = 2048;
-};
-
-template <>
-struct Tiling<double, 16> {
-  typedef double Scalar;
-  typedef double Vec __attribute__((vector_size(16)));
-  static constexpr int kLanes = 2;
-  static constexpr int MR = 6, NR = 4;
-  static constexpr int64_t KC = 256, MC = 96, NC = 1024;
+struct Tiling {
+  typedef T Scalar;
+  typedef T Vec __attribute__((vector_size(kVecBytes)));
+  static constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
+  static constexpr int MR = 6, NR = 2 * kLanes;  // 6 x 2 vectors: 12 accumulators
+  // The same panel bytes for float and double: 8 KiB rows of B per NC block.
+  static constexpr int64_t KC = 256, MC = 96, NC = 8192 / static_cast<int64_t>(sizeof(T));
 };
 
 // Packs op(A)[m0 : m0+mc, k0 : k0+kc] into MR-row strips laid out [strip][k][MR], zero-padding the
