@@ -75,11 +75,12 @@ def test_profile_covers_every_layer_and_phase(framework, model, monkeypatch):
         assert rows[name]["backward_ms"] > 0, f"{name} backward"
     # The first layer's input needs no gradient (the trap): its backward still computes the
     # weight gradient, work of the order of its forward, not the few microseconds of a range
-    # closed when the output's gradient arrives. Its forward can cost several times its
-    # backward (oneDNN reorders the input there; a loaded CPU stretches short ranges), so the
-    # bar is a tenth: the trap lands two orders of magnitude below it.
+    # closed when the output's gradient arrives. Its forward can cost many times its backward
+    # (oneDNN reorders the input there; MXNet without oneDNN: 8.5 ms forward, 0.62 ms
+    # backward for ResNet's 3-channel conv0; a loaded CPU stretches short ranges), so the bar
+    # is a fiftieth: the trap (microseconds) lands well below it.
     first = expected[0]
-    assert rows[first]["backward_ms"] > 0.1 * rows[first]["forward_ms"]
+    assert rows[first]["backward_ms"] > 0.02 * rows[first]["forward_ms"]
     # NVTX mirrored the ranges: balanced, one colour per phase, layers named.
     assert len(nvtx.started) == len(nvtx.ended) > 0
     messages = {m for m, _ in nvtx.started}
