@@ -292,6 +292,7 @@ def test_time_outside_our_ranges_is_reported(tmp_path, flavour):
     assert by_name(a["phases"], "step")["outside_ms"] == pytest.approx(1.0)
     assert a["outside_ranges"]["samples"] == 2
     assert a["outside_ranges"]["samples_by_library"] == {"system": 2}
+    assert a["outside_ranges"]["samples_by_when"] == {"after the last step": 2}
 
 
 def test_cpu_flame_total_equals_the_ranges_total(tmp_path, flavour):
@@ -326,6 +327,15 @@ def test_allocate_self_time_is_exact():
     ([("tensorflow::Conv2DOp::Compute", "/x/tensorflow/libtensorflow_framework.so.2")],
      "framework"),
     ([("0x7f00", "")], "other"),
+    # Generated code (oneDNN's JIT kernels) is charged to the primitive that ran it; with no
+    # caller outside generated or runtime code it stays "jit", also under an OpenMP worker.
+    ([("0x7fc07403c01d", "//anon"), ("0x7fc07403c000", "//anon"),
+      ("dnnl::impl::cpu::x64::jit_avx2_convolution_fwd_t::execute_forward", TORCH_CPU)],
+     "onednn"),
+    ([("0x7fc07403c01d", "//anon")], "jit"),
+    ([("0x7fc07403c01d", "[anon:jit]"),
+      ("gomp_thread_start", "/venv/site-packages/torch/lib/libgomp-a34b3233.so.1")], "jit"),
+    ([("gomp_barrier_wait", "/venv/site-packages/torch/lib/libgomp-a34b3233.so.1")], "openmp"),
 ])
 def test_library_classification(frames, expected):
     assert libraries.sample_library([Frame(s, m) for s, m in frames]) == expected

@@ -83,6 +83,10 @@ class Attribution:
     outside_gpu: List[GpuActivity]
     all_gpu: List[GpuActivity]
     warnings: List[str]
+    # The same samples by when they fell: before the first step (start-up, imports, building
+    # the model), between steps (the uninstrumented steps timed for the overhead, the loader
+    # between epochs), after the last step (writing the report, exit).
+    outside_samples_when: Counter = field(default_factory=Counter)
 
 
 # ----------------------------------------------------------------------------- ranges
@@ -255,7 +259,14 @@ def allocate_self_time(self_ns: int, stack_counts: Dict[Tuple[str, ...], int],
     return split_exact(self_ns, stack_counts, order)
 
 
-def _attribute_samples(nodes, segments, samples, main, period, outside: Counter) -> None:
+def _when(nodes, steps: List[int], time_ns: int) -> str:
+    if not steps or time_ns < nodes[steps[0]].start_ns:
+        return "before the first step"
+    return "after the last step" if time_ns > nodes[steps[-1]].end_ns else "between steps"
+
+
+def _attribute_samples(nodes, segments, samples, main, period, outside: Counter,
+                       steps: List[int], outside_when: Counter) -> None:
     ranged_threads = set(segments)
     per_range: Dict[int, Counter] = defaultdict(Counter)   # stack -> samples
     stack_lib: Dict[Tuple[str, ...], str] = {}
@@ -266,6 +277,7 @@ def _attribute_samples(nodes, segments, samples, main, period, outside: Counter)
             idx = _innermost(segments, key, s.time_ns)
             if idx is None:
                 outside[lib] += 1
+                outside_when[_when(nodes, steps, s.time_ns)] += 1
                 continue
             stack = tuple(frame_label(f) for f in reversed(s.frames))
             stack_lib[stack] = lib
@@ -280,6 +292,7 @@ def _attribute_samples(nodes, segments, samples, main, period, outside: Counter)
             idx = _innermost(segments, main, s.time_ns) if s.pid == main[0] else None
             if idx is None:
                 outside[lib] += 1
+                outside_when[_when(nodes, steps, s.time_ns)] += 1
             else:
                 nodes[idx].worker_samples[lib] += 1
     for node in nodes:
@@ -316,14 +329,16 @@ def attribute(capture: Capture) -> Attribution:
     segments = _self_segments(nodes)
     period = sampling_period_ns(capture.samples)
     outside_samples: Counter = Counter()
-    _attribute_samples(nodes, segments, capture.samples, main, period, outside_samples)
+    outside_when: Counter = Counter()
+    _attribute_samples(nodes, segments, capture.samples, main, period, outside_samples, steps,
+                       outside_when)
     outside_gpu = _attribute_gpu(nodes, segments, capture.gpu, main)
     negative = sum(1 for n in nodes if n.self_ns < 0)
     if negative:
         warnings.append(f"{negative} range(s) have children longer than themselves; their "
                         f"self time counts as 0")
     return Attribution(nodes, steps, main, period, outside_samples, outside_gpu,
-                       list(capture.gpu), warnings)
+                       list(capture.gpu), warnings, outside_when)
 
 
 def to_timeline(attribution: Attribution, warmup: int = 0) -> Timeline:

@@ -183,6 +183,9 @@ def outside_ranges(att: Attribution) -> Dict[str, Any]:
     steps, in threads never inside a range)."""
     return {"samples": sum(att.outside_samples.values()),
             "samples_by_library": dict(att.outside_samples.most_common()),
+            "samples_by_when": {w: att.outside_samples_when[w] for w in
+                                ("before the first step", "between steps",
+                                 "after the last step") if att.outside_samples_when[w]},
             "gpu_activities": len(att.outside_gpu),
             "gpu_device_ms": sum(a.duration_ns for a in att.outside_gpu) / _NS_PER_MS}
 

@@ -6,6 +6,7 @@ Rendering only: the numbers come from profiler.nsys.api.analyze.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Optional
 
 from rich.console import Console
@@ -13,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 _LIB_COLUMNS = 3     # libraries shown per row, largest first
+_DIRECTION = {"forward": "fwd", "backward": "bwd"}
 
 
 def _ms(x: Optional[float]) -> str:
@@ -46,10 +48,19 @@ def _gpu_cells(row: Mapping[str, Any]):
     return [_ms(g["device_ms"]), _ms(g["idle_ms"]), escape(top)]
 
 
+def _console() -> Console:
+    """stdout; where it is not a terminal (a pipe, a CI log) rich would assume 80 columns and
+    fold every row, so a wide page is assumed there instead."""
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=160)
+    return console
+
+
 def render_tables(analysis: Mapping[str, Any], console: Optional[Console] = None) -> None:
     """Prints the per-phase and per-layer tables, time outside our ranges, and the agreement
     table (with every disagreement) when a report was given."""
-    console = console or Console()
+    console = console or _console()
     steps = analysis["steps"]
     has_gpu = bool(analysis.get("gpu_activities"))
     console.print(f"[bold]nsys capture[/bold] {escape(analysis['capture'])}: "
@@ -69,18 +80,25 @@ def render_tables(analysis: Mapping[str, Any], console: Optional[Console] = None
     console.print(phases)
 
     layers = Table(title="Per layer (nsys ranges, inclusive of nested layers)")
+    # Layer names are what the table is for: never cut; the top function is cut instead.
+    name_width = max((len(r["name"]) for r in analysis["layers"]), default=5)
     for c in ["layer", "dir", "ms", "samples", "native libraries", "top function", *gpu_cols]:
         layers.add_column(c, justify="right" if c in ("ms", "samples", "device ms",
-                                                      "GPU idle ms") else "left")
+                                                      "GPU idle ms") else "left",
+                          no_wrap=c in ("layer", "dir", "top function", "top kernel"),
+                          min_width=name_width if c == "layer" else None,
+                          overflow="ellipsis", max_width=36 if c.startswith("top") else None)
     for r in analysis["layers"]:
-        cells = [escape(r["name"]), r["direction"][:3], _ms(r["ms"]), str(r["samples"]), _libs(r),
-                 _top_function(r)]
+        cells = [escape(r["name"]), _DIRECTION.get(r["direction"], r["direction"]), _ms(r["ms"]),
+                 str(r["samples"]), _libs(r), _top_function(r)]
         layers.add_row(*cells, *(_gpu_cells(r) if has_gpu else []))
     console.print(layers)
 
     out = analysis["outside_ranges"]
     by_lib = ", ".join(f"{k} {v}" for k, v in list(out["samples_by_library"].items())[:4])
-    console.print(f"Outside our ranges: {out['samples']} CPU samples ({escape(by_lib) or 'none'})"
+    by_when = ", ".join(f"{k} {v}" for k, v in out.get("samples_by_when", {}).items())
+    console.print(f"Outside our ranges: {out['samples']} CPU samples ({escape(by_lib) or 'none'}"
+                  + (f"; {by_when}" if by_when else "") + ")"
                   + (f", {out['gpu_activities']} GPU activities ({out['gpu_device_ms']:.3f} ms)"
                      if has_gpu else ""))
 
