@@ -123,6 +123,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--nsys-timeout", type=_positive_int, default=1800, metavar="S",
                         help="with --nsys: stop nsys after S seconds (nsys 2022.4 sometimes "
                              "never finishes after the profile has ended)")
+    parser.add_argument("--nsys-cpu-sampling", default="on", choices=("on", "off"),
+                        help="with --nsys: sample CPU call stacks (the per-library split of "
+                             "each range). 'off' keeps a GPU capture small: on the GPU machine "
+                             "nsys 2025.3 with CPU sampling wrote a 2 GB stream and no report "
+                             "for a five-matmul script")
     args = parser.parse_args(argv)
     if args.overhead_iters is None:
         args.overhead_iters = args.iters
@@ -572,12 +577,13 @@ def run_under_nsys(args, argv: List[str]) -> int:
     # argparse takes any unambiguous prefix of --nsys ("--ns") for it: drop those too.
     own = [a for a in argv if not (a.startswith("--ns") and "--nsys".startswith(a))]
     child = [sys.executable, "-m", "profiler.layerwise",
-             *_strip_options(own, ("--out", "--nsys-timeout")),
+             *_strip_options(own, ("--out", "--nsys-timeout", "--nsys-cpu-sampling")),
              "--out", str(out)]
     console.print(f"[bold]nsys[/bold] ({device}): {nsys} profile ... "
                   f"-o {out / NSYS_REPORT} {' '.join(child)}", highlight=False)
     try:
         report_path, status = tool.capture(child, out / NSYS_REPORT, device=device, nsys=nsys,
+                                           sample_cpu=args.nsys_cpu_sampling == "on",
                                            env={**os.environ, _NSYS_CHILD: "1"},
                                            timeout_s=args.nsys_timeout)
         sqlite = tool.export_sqlite(report_path, nsys=nsys)

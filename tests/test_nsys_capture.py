@@ -147,6 +147,24 @@ def test_nsys_flag_refuses_all_and_compare():
                               "--nsys"])
 
 
+@pytest.mark.parametrize("flag, sample_cpu", [([], True), (["--nsys-cpu-sampling", "off"], False),
+                                               (["--nsys-cpu-sampling=on"], True)])
+def test_nsys_cpu_sampling_switch_reaches_nsys_not_the_child(tmp_path, monkeypatch, flag,
+                                                             sample_cpu):
+    seen = {}
+
+    def fake_capture(child, output, **kwargs):
+        seen.update(kwargs, child=child)
+        raise tool.NsysFailed("stopped here by the test")
+
+    monkeypatch.setattr(tool, "find_nsys", lambda: "/usr/bin/nsys")
+    monkeypatch.setattr(tool, "capture", fake_capture)
+    argv = ["--nsys", "--out", str(tmp_path), *flag]
+    assert layerwise.run_under_nsys(layerwise.parse_args(argv), argv) == 1
+    assert seen["sample_cpu"] is sample_cpu
+    assert not any(a.startswith("--nsys") for a in seen["child"])
+
+
 def test_nsys_missing_is_one_clear_error(tmp_path):
     env = {**os.environ, "NSYS": str(tmp_path / "no-nsys-here")}
     proc = subprocess.run([sys.executable, "-m", "profiler.layerwise", "--nsys", "--out",
