@@ -13,6 +13,7 @@ was issued, and the recorder's CUDA events (device_clock) say when it ran.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Optional
 
@@ -126,3 +127,141 @@ class Instrument(InstrumentBase):
             else:
                 self._waiting_params[name] = waiting - 1
         return hook
+
+
+# --------------------------------------------------------------------------- a user's model
+
+class UserModel:
+    """What the Instrument needs of a workload, for a user's torch.nn.Module
+    (profiler.api.LayerProfiler): its layers with parameters of their own, named by their
+    module paths, that ``keep(name, module)`` accepts."""
+
+    framework = "torch"
+
+    def __init__(self, model, keep):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"LayerProfiler: model: expected a torch.nn.Module for framework "
+                            f"'torch', got {type(model).__module__}.{type(model).__name__}")
+        params = list(model.parameters())
+        self.model = model
+        self.device = params[0].device if params else torch.device("cpu")
+        with_params = [(name, m) for name, m in model.named_modules()
+                       if name and any(True for _ in m.parameters(recurse=False))]
+        missing = [n for n in getattr(keep, "names", ())
+                   if n not in dict(model.named_modules())]
+        if missing:
+            raise ValueError(f"LayerProfiler: layers: {missing} not in the "
+                             f"{type(model).__name__}; its layers with parameters of their "
+                             f"own: {[n for n, _ in with_params][:20]}")
+        self._layers = [(name, m) for name, m in with_params if keep(name, m)]
+        if not self._layers:
+            raise ValueError(f"LayerProfiler: layers: no layer of the "
+                             f"{type(model).__name__} was selected; layers with parameters of "
+                             f"their own: {[n for n, _ in with_params][:20]}")
+
+    def named_layers(self):
+        return self._layers
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def batch_size_of(self, output) -> int:
+        tensor = output[0] if isinstance(output, (tuple, list)) and output else output
+        shape = getattr(tensor, "shape", ())
+        return int(shape[0]) if len(shape) else 1
+
+    def version(self) -> str:
+        return torch.__version__
+
+    def device_kind(self) -> str:
+        return "cuda" if self.device.type == "cuda" else "cpu"
+
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        import platform
+        return platform.processor() or platform.machine()
+
+
+class PhaseEvents:
+    """PyTorch's own events at the step's phase boundaries, reported to ``on_event``: the
+    backward call's start and end (torch.autograd.backward, through which Tensor.backward
+    goes, wrapped while installed) and the optimizer step's start and end (torch.optim's
+    global step hooks: any optimizer)."""
+
+    def __init__(self, on_event):
+        self.on_event = on_event
+        self.notes = ["Phases: backward = torch.autograd.backward calls (Tensor.backward "
+                      "included; torch.autograd.grad is not a phase boundary); optimizer = "
+                      "torch.optim step hooks."]
+        self._original = None
+        self._handles = []
+
+    def install(self) -> None:
+        if self._original is not None:
+            return
+        original = self._original = torch.autograd.backward
+        on_event = self.on_event
+
+        @functools.wraps(original)
+        def backward(*args, **kwargs):
+            on_event("backward_start")
+            try:
+                return original(*args, **kwargs)
+            finally:
+                on_event("backward_end")
+
+        torch.autograd.backward = backward
+        from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                           register_optimizer_step_pre_hook)
+        self._handles = [
+            register_optimizer_step_pre_hook(lambda opt, a, k: on_event("optimizer_start")),
+            register_optimizer_step_post_hook(lambda opt, a, k: on_event("optimizer_end"))]
+
+    def remove(self) -> None:
+        if self._original is not None:
+            torch.autograd.backward = self._original
+            self._original = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def training_step(model, loss_fn, optimizer, device=None):
+    """The common loop's step for profiler.api.profile_training: ``step(prof, (x, t))`` moves
+    the batch to ``device`` (default: the model's), runs forward, loss, backward and the
+    optimizer, then clears the gradients (counted as 'other'); ``prof`` None runs it
+    unprofiled."""
+    if not callable(loss_fn):
+        raise TypeError(f"profile_training: loss_fn: expected a callable (output, target) -> "
+                        f"loss, got {type(loss_fn).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"profile_training: optimizer: expected a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    params = list(model.parameters())
+    target = torch.device(device) if device else (params[0].device if params
+                                                   else torch.device("cpu"))
+
+    def to_device(batch):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(f"profile_training: loader: expected batches (inputs, targets), "
+                             f"got {type(batch).__name__}"
+                             + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+        return tuple(b.to(target, non_blocking=True) if isinstance(b, torch.Tensor) else b
+                     for b in batch)
+
+    def step(prof, batch):
+        if prof is None:
+            x, t = to_device(batch)
+            loss = loss_fn(model(x), t)
+        else:
+            with prof.phase("h2d"):
+                x, t = to_device(batch)
+            loss = loss_fn(prof.mark_output(model(x)), t)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
