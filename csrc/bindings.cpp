@@ -602,6 +602,59 @@ void sq_error_loss_backward(py::handle x_obj, py::handle t_obj, py::handle v_obj
   });
 }
 
+// Forward and backward in one call: loss_out, count_out, gx_out and (optional) gt_out, with
+// grad_loss (optional one-element array; None means 1) as the upstream gradient.
+void sq_error_loss_fused(py::handle x_obj, py::handle t_obj, py::handle v_obj,
+                         py::handle loss_obj, py::handle count_obj, py::handle gx_obj,
+                         py::handle gt_obj, py::handle grad_loss_obj, double count_factor,
+                         std::optional<int64_t> stream) {
+  Call call = make_call("sq_error_loss_fused", stream);
+  check_count_factor(call, count_factor);
+  Array x = borrow(x_obj, "x", call, false);
+  Array t = borrow(t_obj, "t", call, false);
+  std::optional<Array> v = borrow_optional(v_obj, "v", call, false);
+  Array loss = borrow(loss_obj, "loss_out", call, true);
+  Array count = borrow(count_obj, "count_out", call, true);
+  Array gx = borrow(gx_obj, "gx_out", call, true);
+  std::optional<Array> gt = borrow_optional(gt_obj, "gt_out", call, true);
+  std::optional<Array> grad_loss = borrow_optional(grad_loss_obj, "grad_loss", call, false);
+  for (const Array* a : {&t, &loss, &count, &gx}) expect_dtype(call, *a, x);
+  expect_shape(call, t, x.shape, "same as x");
+  expect_shape(call, gx, x.shape, "same as x");
+  for (const std::optional<Array>* a : {&v, &gt}) {
+    if (!*a) continue;
+    expect_dtype(call, **a, x);
+    expect_shape(call, **a, x.shape, "same as x");
+  }
+  expect_scalar(call, loss);
+  expect_scalar(call, count);
+  if (grad_loss) {
+    expect_dtype(call, *grad_loss, x);
+    expect_scalar(call, *grad_loss);
+  }
+  const Array* vp = v ? &*v : nullptr;
+  const Array* gtp = gt ? &*gt : nullptr;
+  const Array* gp = grad_loss ? &*grad_loss : nullptr;
+  const std::vector<const Array*> all{&x, &t, vp, gp, &loss, &count, &gx, gtp};
+  for (const Array* out : std::vector<const Array*>{&loss, &count, &gx, gtp})
+    if (out) expect_no_overlap(call, *out, all);
+
+  run_kernel(call, x.dtype, [&](auto tag, bool cuda, void* s) {
+    using T = decltype(tag);
+    const T* vd = v ? v->data<T>() : nullptr;
+    const T* gd = grad_loss ? grad_loss->data<T>() : nullptr;
+    T* gtd = gt ? gt->data<T>() : nullptr;
+    if (cuda)
+      kernels::sq_error_loss_fused_cuda<T>(x.data<T>(), t.data<T>(), vd, x.numel, count_factor,
+                                           gd, loss.data<T>(), count.data<T>(), gx.data<T>(),
+                                           gtd, s);
+    else
+      kernels::sq_error_loss_fused_cpu<T>(x.data<T>(), t.data<T>(), vd, x.numel, count_factor,
+                                          gd, loss.data<T>(), count.data<T>(), gx.data<T>(),
+                                          gtd);
+  });
+}
+
 // ---- conv2d ------------------------------------------------------------------------------------
 
 using Pair = std::pair<int64_t, int64_t>;
@@ -875,6 +928,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("sq_error_loss_backward", &sq_error_loss_backward, py::arg("x"), py::arg("t"),
         py::arg("v"), py::arg("count"), py::arg("grad_loss"), py::arg("gx_out"),
         py::arg("gt_out"), py::arg("count_factor"), py::arg("stream") = py::none());
+  m.def("sq_error_loss_fused", &sq_error_loss_fused, py::arg("x"), py::arg("t"), py::arg("v"),
+        py::arg("loss_out"), py::arg("count_out"), py::arg("gx_out"), py::arg("gt_out"),
+        py::arg("grad_loss"), py::arg("count_factor"), py::arg("stream") = py::none());
 
   m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("b"),
         py::arg("y_out"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),

@@ -27,6 +27,11 @@ void sq_error_loss_backward_cuda(const T*, const T*, const T*, int64_t, const T*
   no_cuda();
 }
 template <typename T>
+void sq_error_loss_fused_cuda(const T*, const T*, const T*, int64_t, double, const T*, T*, T*,
+                              T*, T*, void*) {
+  no_cuda();
+}
+template <typename T>
 void conv2d_forward_cuda(const Conv2dShape&, const T*, const T*, const T*, T*, void*) {
   no_cuda();
 }
@@ -53,6 +58,8 @@ void conv2d_cuda_emulated(const char*, const Conv2dShape&, const T*, const T*, c
                                               T*, T*, void*);                              \
   template void sq_error_loss_backward_cuda<T>(const T*, const T*, const T*, int64_t,      \
                                                const T*, const T*, double, T*, T*, void*); \
+  template void sq_error_loss_fused_cuda<T>(const T*, const T*, const T*, int64_t, double,  \
+                                            const T*, T*, T*, T*, T*, void*);              \
   template void conv2d_forward_cuda<T>(const Conv2dShape&, const T*, const T*, const T*, T*, \
                                        void*);                                             \
   template void conv2d_backward_data_cuda<T>(const Conv2dShape&, const T*, const T*, T*,   \

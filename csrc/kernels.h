@@ -25,6 +25,12 @@ void sq_error_loss_forward_cpu(const T* x, const T* t, const T* v, int64_t n, do
 template <typename T>
 void sq_error_loss_backward_cpu(const T* x, const T* t, const T* v, int64_t n, const T* count,
                                 const T* grad_loss, double count_factor, T* gx, T* gt);
+// Forward and backward in one call, for when the gradient is always wanted (training): writes
+// loss, count, gx and (when gt is not null) gt, with grad_loss (a one-element array in x's
+// memory; null means 1) as the upstream gradient. Results equal forward then backward.
+template <typename T>
+void sq_error_loss_fused_cpu(const T* x, const T* t, const T* v, int64_t n, double count_factor,
+                             const T* grad_loss, T* loss, T* count, T* gx, T* gt);
 
 // ---- conv2d, NCHW, weight (Cout, Cin, kh, kw), groups = 1 ----------------------------------
 struct Conv2dShape {
@@ -91,6 +97,10 @@ template <typename T>
 void sq_error_loss_backward_cuda(const T* x, const T* t, const T* v, int64_t n, const T* count,
                                  const T* grad_loss, double count_factor, T* gx, T* gt,
                                  void* stream);
+// The same in one launch (sq_error_loss_cuda.cu); its GPU speed is not yet measured.
+template <typename T>
+void sq_error_loss_fused_cuda(const T* x, const T* t, const T* v, int64_t n, double count_factor,
+                              const T* grad_loss, T* loss, T* count, T* gx, T* gt, void* stream);
 
 template <typename T>
 void conv2d_forward_cuda(const Conv2dShape& s, const T* x, const T* w, const T* b, T* y,

@@ -9,6 +9,7 @@
 //   sq_error_loss(x, t, v?, count_factor) -> loss            user-facing, differentiable
 //   sq_error_loss_forward(...) -> (loss, count)              the forward kernel
 //   sq_error_loss_backward(g, x, t, v?, count, ...) -> (gx, gt)
+//   sq_error_loss_fused(x, t, v?, ...) -> (loss, count, gx, gt)   both in one kernel launch
 //   conv2d(x, w, b?, stride, padding, dilation) -> y         user-facing, differentiable
 //   conv2d_forward(...) -> y
 //   conv2d_backward(gy, x, w, ..., output_mask) -> (gx, gw, gb)
@@ -146,6 +147,49 @@ std::tuple<Tensor, Tensor> sq_error_loss_backward(const Tensor& grad_loss_, cons
   return {gx, gt};
 }
 
+// Loss and gradient (for an upstream gradient of 1) in one call: one kernel launch on the GPU.
+std::tuple<Tensor, Tensor, Tensor, Tensor> sq_error_loss_fused(const Tensor& x_, const Tensor& t_,
+                                                               const std::optional<Tensor>& v_,
+                                                               double count_factor,
+                                                               bool with_gt) {
+  const char* op = "deepprof::sq_error_loss_fused";
+  check_float(op, "x", x_);
+  check_device(op, x_);
+  check_like(op, "t", t_, x_, true);
+  if (v_) check_like(op, "v", *v_, x_, true);
+  TORCH_CHECK_VALUE(count_factor > 0, op, ": count_factor: expected > 0, got ", count_factor);
+  const Tensor x = x_.contiguous(), t = t_.contiguous();
+  const Tensor v = v_ ? v_->contiguous() : Tensor();
+  Tensor loss = at::empty({}, x.options()), count = at::empty({}, x.options());
+  Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor gt = with_gt ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  const KernelDeviceGuard guard(x);
+  void* stream = current_stream(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sq_error_loss_fused", [&] {
+    const scalar_t* vd = v.defined() ? v.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gtd = with_gt ? gt.mutable_data_ptr<scalar_t>() : nullptr;
+    if (x.is_cuda())
+      kernels::sq_error_loss_fused_cuda<scalar_t>(
+          x.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), vd, x.numel(),
+          count_factor, nullptr, loss.mutable_data_ptr<scalar_t>(),
+          count.mutable_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), gtd, stream);
+    else
+      kernels::sq_error_loss_fused_cpu<scalar_t>(
+          x.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), vd, x.numel(),
+          count_factor, nullptr, loss.mutable_data_ptr<scalar_t>(),
+          count.mutable_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), gtd);
+  });
+  return {loss, count, gx, gt};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> sq_error_loss_fused_meta(
+    const Tensor& x, const Tensor&, const std::optional<Tensor>&, double, bool with_gt) {
+  return {at::empty({}, x.options()), at::empty({}, x.options()),
+          at::empty_like(x, at::MemoryFormat::Contiguous),
+          with_gt ? at::empty_like(x, at::MemoryFormat::Contiguous)
+                  : at::empty({0}, x.options())};
+}
+
 std::tuple<Tensor, Tensor> sq_error_loss_forward_meta(const Tensor& x, const Tensor&,
                                                       const std::optional<Tensor>&, double) {
   return {at::empty({}, x.options()), at::empty({}, x.options())};
@@ -181,18 +225,45 @@ std::tuple<Tensor, Tensor> call_sq_error_loss_backward(const Tensor& g, const Te
   return op.call(g, x, t, v, count, count_factor, with_gt);
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> call_sq_error_loss_fused(
+    const Tensor& x, const Tensor& t, const std::optional<Tensor>& v, double count_factor,
+    bool with_gt) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("deepprof::sq_error_loss_fused", "")
+                       .typed<decltype(sq_error_loss_fused)>();
+  return op.call(x, t, v, count_factor, with_gt);
+}
+
+// When a gradient will be wanted (an input requires grad: training), forward runs the fused
+// kernel and keeps the gradient for an upstream gradient of 1; backward only scales it. A loss
+// is the root of backward, so that scale is 1 in practice: one launch per step instead of two,
+// and x, t, v need not be kept. Otherwise (inference, no grad) the forward kernel alone runs.
 class SqErrorLossFunction : public torch::autograd::Function<SqErrorLossFunction> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& t,
                         const std::optional<Tensor>& v, double count_factor) {
+    if (x.requires_grad() || t.requires_grad()) {
+      auto [loss, count, gx, gt] =
+          call_sq_error_loss_fused(x, t, v, count_factor, t.requires_grad());
+      ctx->save_for_backward({gx, t.requires_grad() ? gt : Tensor()});
+      ctx->saved_data["fused"] = true;
+      return loss;
+    }
     auto [loss, count] = call_sq_error_loss_forward(x, t, v, count_factor);
     ctx->save_for_backward({x, t, v.value_or(Tensor()), count});
     ctx->saved_data["count_factor"] = count_factor;
+    ctx->saved_data["fused"] = false;
     return loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
+    if (ctx->saved_data["fused"].toBool()) {
+      const Tensor& g = grad_outputs[0];
+      const bool want_gx = ctx->needs_input_grad(0), want_gt = ctx->needs_input_grad(1);
+      return {want_gx ? saved[0] * g : Tensor(),
+              want_gt && saved[1].defined() ? saved[1] * g : Tensor(), Tensor(), Tensor()};
+    }
     const std::optional<Tensor> v = saved[2].defined() ? std::optional<Tensor>(saved[2])
                                                        : std::nullopt;
     const bool want_gx = ctx->needs_input_grad(0), want_gt = ctx->needs_input_grad(1);
@@ -445,6 +516,8 @@ TORCH_LIBRARY(deepprof, m) {
         "-> (Tensor, Tensor)");
   m.def("sq_error_loss_backward(Tensor grad_loss, Tensor x, Tensor t, Tensor? v, "
         "Tensor count, float count_factor, bool with_gt) -> (Tensor, Tensor)");
+  m.def("sq_error_loss_fused(Tensor x, Tensor t, Tensor? v, float count_factor, bool with_gt) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("conv2d(Tensor x, Tensor w, Tensor? b, int[2] stride, int[2] padding, "
         "int[2] dilation) -> Tensor");
   m.def("conv2d_forward(Tensor x, Tensor w, Tensor? b, int[2] stride, int[2] padding, "
@@ -454,6 +527,7 @@ TORCH_LIBRARY(deepprof, m) {
 }
 
 TORCH_LIBRARY_IMPL(deepprof, CPU, m) {
+  m.impl("sq_error_loss_fused", &sq_error_loss_fused);
   m.impl("sq_error_loss_forward", &sq_error_loss_forward);
   m.impl("sq_error_loss_backward", &sq_error_loss_backward);
   m.impl("conv2d_forward", &conv2d_forward);
@@ -461,6 +535,7 @@ TORCH_LIBRARY_IMPL(deepprof, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(deepprof, CUDA, m) {
+  m.impl("sq_error_loss_fused", &sq_error_loss_fused);
   m.impl("sq_error_loss_forward", &sq_error_loss_forward);
   m.impl("sq_error_loss_backward", &sq_error_loss_backward);
   m.impl("conv2d_forward", &conv2d_forward);
@@ -468,6 +543,7 @@ TORCH_LIBRARY_IMPL(deepprof, CUDA, m) {
 }
 
 TORCH_LIBRARY_IMPL(deepprof, Meta, m) {
+  m.impl("sq_error_loss_fused", &sq_error_loss_fused_meta);
   m.impl("sq_error_loss_forward", &sq_error_loss_forward_meta);
   m.impl("sq_error_loss_backward", &sq_error_loss_backward_meta);
   m.impl("conv2d_forward", &conv2d_forward_meta);

@@ -41,6 +41,17 @@ class RawOps:
                                     count_factor=count_factor, stream=self._stream())
         return gx, gt
 
+    def sq_error_loss_fused(self, x, t, v=None, *, count_factor: float, with_gt: bool = False):
+        """(loss, count, gx, gt) in one call for an upstream gradient of 1; gt None unless
+        with_gt. See ops.core.sq_error_loss_fused."""
+        loss = self.xp.empty((), dtype=x.dtype)
+        count = self.xp.empty((), dtype=x.dtype)
+        gx = self.xp.empty_like(x)
+        gt = self.xp.empty_like(x) if with_gt else None
+        core.sq_error_loss_fused(x, t, v, loss, count, gx, gt, count_factor=count_factor,
+                                 stream=self._stream())
+        return loss, count, gx, gt
+
     def mse_loss_forward(self, x, t, v=None):
         return self.sq_error_loss_forward(x, t, v, count_factor=core.MSE_COUNT_FACTOR)
 

@@ -70,6 +70,23 @@ def sq_error_loss_backward(x, t, v, count, grad_loss, gx_out, gt_out=None, *,
                               _count_factor(fn, count_factor), _stream(fn, stream))
 
 
+def sq_error_loss_fused(x, t, v, loss_out, count_out, gx_out, gt_out=None, *,
+                        count_factor: float, grad_loss=None,
+                        stream: Optional[int] = None) -> None:
+    """Masked squared-error loss, forward and backward in one call (one kernel launch on a GPU).
+
+    Writes what :func:`sq_error_loss_forward` and then :func:`sq_error_loss_backward` would:
+    ``loss_out``, ``count_out``, ``gx_out`` and, when given, ``gt_out``. ``grad_loss`` is the
+    upstream gradient as a one-element array on x's device, or None for 1 (a loss is the root
+    of backward, so training passes None). For training steps, where the gradient is always
+    wanted: it saves the second launch and the second read of the count. GPU speed not yet
+    measured on a GPU (issue 13: ``make gpu-check``).
+    """
+    fn = "sq_error_loss_fused"
+    _C.sq_error_loss_fused(x, t, v, loss_out, count_out, gx_out, gt_out, grad_loss,
+                           _count_factor(fn, count_factor), _stream(fn, stream))
+
+
 # ---- conv2d -------------------------------------------------------------------------------------
 
 def conv2d_output_shape(x_shape: Sequence[int], w_shape: Sequence[int], *,

@@ -9,6 +9,7 @@ _ops = RawOps(_np, stream=lambda: None, name="numpy")
 
 sq_error_loss_forward = _ops.sq_error_loss_forward
 sq_error_loss_backward = _ops.sq_error_loss_backward
+sq_error_loss_fused = _ops.sq_error_loss_fused
 mse_loss_forward = _ops.mse_loss_forward
 mse_loss_backward = _ops.mse_loss_backward
 deeppose_loss_forward = _ops.deeppose_loss_forward

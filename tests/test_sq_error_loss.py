@@ -141,3 +141,86 @@ def test_shape_sweep_float64(shape, mask, factor, seed):
     assert loss == pytest.approx(ref_loss, rel=1e-12, abs=0)
     np.testing.assert_allclose(gx, ref_gx, rtol=1e-12, atol=0)
     np.testing.assert_array_equal(gt, -gx)
+
+
+# ---- fused forward + backward (sq_error_loss_fused) ----------------------------------------------
+
+def fused_all(x, t, v=None, *, count_factor, grad_loss=None, with_gt=True):
+    """(loss, count, gx, gt) from the fused call on NumPy arrays."""
+    loss, count = np.empty((), x.dtype), np.empty((), x.dtype)
+    gx = np.empty_like(x)
+    gt = np.empty_like(x) if with_gt else None
+    g = None if grad_loss is None else np.array(grad_loss, x.dtype)
+    core.sq_error_loss_fused(x, t, v, loss, count, gx, gt, count_factor=count_factor,
+                             grad_loss=g)
+    return float(loss), float(count), gx, gt
+
+
+@pytest.mark.parametrize("factor", FACTORS, ids=str)
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_fused_matches_reference_and_the_unfused_pair(dtype, shape, mask, factor):
+    x, t, v = make(shape, dtype, 11, mask)
+    k = FACTORS[factor]
+    loss, count, gx, gt = fused_all(x, t, v, count_factor=k, grad_loss=0.37)
+    ref_loss, ref_count = reference.sq_error_loss(x, t, v, k)
+    ref_gx, ref_gt = reference.sq_error_loss_grad(x, t, v, k, grad_loss=0.37)
+    rtol = 1e-6 if dtype == np.float32 else 1e-12
+    assert count == ref_count
+    assert loss == pytest.approx(ref_loss, rel=rtol)
+    np.testing.assert_allclose(gx, ref_gx, rtol=rtol * 4, atol=0)
+    np.testing.assert_allclose(gt, ref_gt, rtol=rtol * 4, atol=0)
+    # The CPU fused call is the forward and backward kernels back to back: bit for bit the same.
+    unfused = sq_error_loss_all(x, t, v, count_factor=k, grad_loss=0.37)
+    assert (loss, count) == unfused[:2]
+    np.testing.assert_array_equal(gx, unfused[2])
+    np.testing.assert_array_equal(gt, unfused[3])
+
+
+def test_fused_without_grad_loss_is_an_upstream_gradient_of_one():
+    x, t, v = make((32, 28), np.float64, 12, mask=True)
+    _, _, gx, gt = fused_all(x, t, v, count_factor=core.DEEPPOSE_COUNT_FACTOR, with_gt=False)
+    assert gt is None
+    np.testing.assert_allclose(gx, reference.sq_error_loss_grad(
+        x, t, v, core.DEEPPOSE_COUNT_FACTOR)[0], rtol=1e-13)
+
+
+def test_fused_all_masked_gives_zeros():
+    x, t, _ = make((4, 28), np.float32, 13, mask=False)
+    loss, count, gx, gt = fused_all(x, t, np.zeros_like(x), count_factor=0.5)
+    assert (loss, count) == (0.0, 0.0)
+    assert not np.any(gx) and not np.any(gt)
+
+
+def test_fused_refuses_bad_input_naming_the_argument():
+    x, t, v = make((4, 28), np.float32, 14, mask=True)
+    loss, count, gx = np.empty((), np.float32), np.empty((), np.float32), np.empty_like(x)
+
+    def call(grad_loss=None, **changes):
+        args = dict(x=x, t=t, v=v, loss_out=loss, count_out=count, gx_out=gx, gt_out=None)
+        args.update(changes)
+        core.sq_error_loss_fused(*args.values(), count_factor=0.5, grad_loss=grad_loss)
+
+    with pytest.raises(ValueError, match=r"sq_error_loss_fused: gx_out: expected shape \(4, 28\)"):
+        call(gx_out=np.empty((4, 27), np.float32))
+    with pytest.raises(ValueError, match=r"sq_error_loss_fused: gx_out: overlaps x"):
+        call(gx_out=x)
+    with pytest.raises(ValueError, match=r"sq_error_loss_fused: gx_out: overlaps gt_out"):
+        call(gt_out=gx)
+    with pytest.raises(TypeError, match=r"sq_error_loss_fused: grad_loss: expected float32 like x"):
+        call(grad_loss=np.ones((), np.float64))
+    with pytest.raises(ValueError, match=r"sq_error_loss_fused: grad_loss: expected a one-element"):
+        call(grad_loss=np.ones(2, np.float32))
+    with pytest.raises(TypeError, match=r"sq_error_loss_fused: x: expected an array, got None"):
+        call(x=None)
+    with pytest.raises(ValueError, match=r"sq_error_loss_fused: count_factor: expected a finite"):
+        core.sq_error_loss_fused(x, t, v, loss, count, gx, count_factor=-1.0)
+
+
+def test_fused_through_ops_numpy():
+    from ops import numpy as onp
+    x, t, v = make((8, 28), np.float64, 15, mask=True)
+    loss, count, gx, gt = onp.sq_error_loss_fused(x, t, v, count_factor=0.5, with_gt=True)
+    assert float(loss) == pytest.approx(reference.sq_error_loss(x, t, v, 0.5)[0], rel=1e-12)
+    np.testing.assert_array_equal(gt, -gx)
