@@ -8,14 +8,21 @@ so drift hits both alike), after warm-up, and reports both medians with their in
 range and the median of the per-round ratios (ours / PyTorch: below 1 is faster). Before timing
 a row, the outputs of both are compared: a wrong kernel is reported, never timed.
 
-  conv   forward + backward-data + backward-weight + backward-bias, against
-         aten.convolution + aten.convolution_backward (oneDNN on CPU, cuDNN on GPU), called
-         directly so no autograd bookkeeping is timed on either side; ResNet-for-CIFAR layers.
-  loss   the DeepPose loss forward + backward (ours: one fused kernel each way) against the same
-         loss composed from PyTorch ops with autograd, at batch 1..256 x 28 outputs and at 16M
-         elements; on the GPU also the achieved bandwidth beside a device-to-device copy's.
+  conv   forward, backward-data and backward-weight, each on its own row, against
+         aten.convolution / aten.convolution_backward with that one output (oneDNN on CPU,
+         cuDNN on GPU), called directly so no autograd bookkeeping is timed on either side;
+         the ResNet-for-CIFAR layers (stem, 3x3 at 16/32/64 channels, stride-2 and 1x1 shortcut
+         convs) at --batches, and DeepPose's five AlexNet convolutions at batch 32. On the GPU
+         in FP32 with TF32 off for cuDNN (the same precision as ours; issue 13's P2).
+  loss   the DeepPose loss forward + backward: our fused kernel (one launch), our forward and
+         backward kernels (two launches), PyTorch's masked composite with autograd, and
+         F.mse_loss with autograd against our fused kernel without a mask; at batch
+         1..256 x 28 outputs and at 16M elements; on the GPU also the bandwidth our kernels
+         reach beside a device-to-device copy's, measured in the same run (issue 13's P1).
 
-Timing: host wall clock (time.perf_counter) on the CPU; CUDA events on the GPU.
+Timing: host wall clock (time.perf_counter) on the CPU. On the GPU, CUDA events give the
+device time and the host clock, around the same calls, the host time spent issuing them
+(`*_host_ms`: what a launch-bound call costs the CPU).
 This is a script, not a test: it never fails on speed.
 """
 
@@ -26,11 +33,13 @@ import os
 import platform
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 import ops
 from experiments.timing import (Timer, add_threads_argument, apply_threads, interleaved,
@@ -47,6 +56,17 @@ CONV_LAYERS = [
     ("1x1/2 16->32 @32", 16, 32, 32, 1, 2, 0),
     ("1x1/2 32->64 @16", 32, 64, 16, 1, 2, 0),
 ]
+# (name, Cin, Cout, H=W, kernel, stride, padding)
+RESNET_STEM = ("3x3 3->16 @32 (stem)", 3, 16, 32, 3, 1, 1)
+# DeepPose's AlexNet convolutions (profiler/workloads/spec.py) at their input sizes, batch 32.
+DEEPPOSE_CONV_LAYERS = [
+    ("alexnet conv1 11x11/4 3->96 @220", 3, 96, 220, 11, 4, 2),
+    ("alexnet conv2 5x5 96->256 @26", 96, 256, 26, 5, 1, 2),
+    ("alexnet conv3 3x3 256->384 @12", 256, 384, 12, 3, 1, 1),
+    ("alexnet conv4 3x3 384->384 @12", 384, 384, 12, 3, 1, 1),
+    ("alexnet conv5 3x3 384->256 @12", 384, 256, 12, 3, 1, 1),
+]
+DEEPPOSE_BATCH = 32
 LOSS_BATCHES = [1, 8, 32, 128, 256]
 LOSS_OUTPUTS = 28  # 14 joints x (x, y)
 LOSS_LARGE = 1 << 24
@@ -66,16 +86,51 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def measure(group, name, device, ours, theirs, timer: Timer, args, repeat=None,
-            extra=None) -> Row:
-    """Times ours against theirs in interleaved rounds and makes the row."""
-    samples = interleaved({"ours": ours, "torch": theirs}, timer, args.rounds, args.warmup,
-                          repeat or args.repeat)
-    stats = summarize(samples, baseline="torch")
-    row = Row(group, name, device, stats["ours"]["median_ms"], stats["ours"]["iqr_ms"],
-              stats["torch"]["median_ms"], stats["torch"]["iqr_ms"], stats["ours"]["ratio"],
-              stats["ours"]["ratio_iqr"], extra or {})
-    return row
+class HostAndDeviceTimer(Timer):
+    """A Timer that also keeps, per timed function, the host time spent issuing its calls.
+
+    On the GPU the host time is the wall clock from before the first call to after the last,
+    before waiting for the device: the cost of the launches. On the CPU both are the same."""
+
+    def __init__(self, device: str):
+        super().__init__(device)
+        self.host_ms: Dict[Callable, List[float]] = {}
+
+    def __call__(self, fn: Callable[[], None], repeat: int) -> float:
+        if self.device != "cuda":
+            ms = super().__call__(fn, repeat)
+            self.host_ms.setdefault(fn, []).append(ms)
+            return ms
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        began = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        host = (time.perf_counter() - began) * 1e3 / repeat
+        end.record()
+        end.synchronize()
+        self.host_ms.setdefault(fn, []).append(host)
+        return start.elapsed_time(end) / repeat
+
+
+def timed_variants(variants: Dict[str, Callable[[], None]], timer: HostAndDeviceTimer, args,
+                   repeat=None) -> Dict[str, List[float]]:
+    """Every variant in the same interleaved rounds; returns ms per call per round."""
+    timer.host_ms.clear()
+    return interleaved(variants, timer, args.rounds, args.warmup, repeat or args.repeat)
+
+
+def make_row(group, name, device, samples, timer: HostAndDeviceTimer, variants, ours: str,
+             baseline: str, extra=None) -> Row:
+    """The row ours vs baseline from rounds in which both were timed, with host times."""
+    stats = summarize({ours: samples[ours], baseline: samples[baseline]}, baseline=baseline)
+    host = {k: statistics.median(timer.host_ms[variants[k]][-len(samples[k]):])
+            for k in (ours, baseline)}
+    extra = {**(extra or {}), "ours_host_ms": host[ours], "torch_host_ms": host[baseline]}
+    return Row(group, name, device, stats[ours]["median_ms"], stats[ours]["iqr_ms"],
+               stats[baseline]["median_ms"], stats[baseline]["iqr_ms"], stats[ours]["ratio"],
+               stats[ours]["ratio_iqr"], extra)
 
 
 def stream_of(device: str) -> Optional[int]:
@@ -84,40 +139,53 @@ def stream_of(device: str) -> Optional[int]:
 
 # ---- conv --------------------------------------------------------------------------------------
 
-def bench_conv(layer, batch: int, device: str, args, timer: Timer) -> Row:
+CONV_DIRECTIONS = ("forward", "backward-data", "backward-weight")
+
+
+def bench_conv(layer, batch: int, device: str, args, timer: HostAndDeviceTimer) -> List[Row]:
+    """One row per direction: ours against PyTorch's (cuDNN / oneDNN) computing just that."""
     name, cin, cout, size, k, stride, padding = layer
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, cin, size, size, generator=g).to(device)
     w = (torch.randn(cout, cin, k, k, generator=g) * (2.0 / (cin * k * k)) ** 0.5).to(device)
-    b = torch.randn(cout, generator=g).to(device)
     params = dict(stride=stride, padding=padding)
     y = torch.empty(core.conv2d_output_shape(x.shape, w.shape, **params), device=device)
     gy = torch.randn(y.shape, generator=g).to(device)
-    gx, gw, gb = torch.empty_like(x), torch.empty_like(w), torch.empty_like(b)
+    gx, gw = torch.empty_like(x), torch.empty_like(w)
     s = stream_of(device)
-
-    def ours():
-        core.conv2d_forward(x, w, b, y, stream=s, **params)
-        core.conv2d_backward_data(gy, w, gx, stream=s, **params)
-        core.conv2d_backward_weight(x, gy, gw, stream=s, **params)
-        core.conv2d_backward_bias(gy, gb, stream=s)
-
     conv_args = ([stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1)
     out = {}
-
-    def theirs():
-        out["y"] = torch.ops.aten.convolution(x, w, b, *conv_args)
-        out["g"] = torch.ops.aten.convolution_backward(gy, x, w, [cout], *conv_args,
-                                                       [True, True, True])
-
-    ours()
-    theirs()
-    check_close(f"conv {name} b{batch}", [y, gx, gw, gb], [out["y"], *out["g"]])
-    flops = 2 * 3 * batch * cout * y.shape[2] * y.shape[3] * cin * k * k  # fwd + 2 bwd GEMMs
-    row = measure("conv fwd+bwd", f"{name} b{batch}", device, ours, theirs, timer, args)
-    row.extra = {"ours_gflops": flops / row.ours_ms / 1e6,
-                 "torch_gflops": flops / row.torch_ms / 1e6}
-    return row
+    ours = {
+        "forward": lambda: core.conv2d_forward(x, w, None, y, stream=s, **params),
+        "backward-data": lambda: core.conv2d_backward_data(gy, w, gx, stream=s, **params),
+        "backward-weight": lambda: core.conv2d_backward_weight(x, gy, gw, stream=s, **params),
+    }
+    theirs = {
+        "forward": lambda: out.__setitem__(
+            "forward", torch.ops.aten.convolution(x, w, None, *conv_args)),
+        "backward-data": lambda: out.__setitem__(
+            "backward-data", torch.ops.aten.convolution_backward(
+                gy, x, w, None, *conv_args, [True, False, False])[0]),
+        "backward-weight": lambda: out.__setitem__(
+            "backward-weight", torch.ops.aten.convolution_backward(
+                gy, x, w, None, *conv_args, [False, True, False])[1]),
+    }
+    results = {"forward": y, "backward-data": gx, "backward-weight": gw}
+    out_h, out_w = y.shape[2], y.shape[3]
+    flops = 2 * batch * cout * out_h * out_w * cin * k * k  # one GEMM, each direction
+    rows = []
+    for direction in CONV_DIRECTIONS:
+        ours[direction]()
+        theirs[direction]()
+        check_close(f"conv {direction} {name} b{batch}", [results[direction]], [out[direction]])
+        variants = {"ours": ours[direction], "torch": theirs[direction]}
+        samples = timed_variants(variants, timer, args)
+        row = make_row(f"conv {direction}", f"{name} b{batch}", device, samples, timer,
+                       variants, "ours", "torch")
+        row.extra.update(ours_gflops=flops / row.ours_ms / 1e6,
+                         torch_gflops=flops / row.torch_ms / 1e6)
+        rows.append(row)
+    return rows
 
 
 def check_close(what: str, ours, theirs, rtol=1e-4):
@@ -134,44 +202,76 @@ def check_close(what: str, ours, theirs, rtol=1e-4):
 
 # ---- loss --------------------------------------------------------------------------------------
 
-def bench_loss(n_rows: int, n_cols: int, device: str, args, timer: Timer,
-               copy_gbps: Optional[float]) -> Row:
+def bench_loss(n_rows: int, n_cols: int, device: str, args, timer: HostAndDeviceTimer,
+               copy_gbps: Optional[float]) -> List[Row]:
+    """Our fused kernel against PyTorch's masked composite and F.mse_loss (forward + backward
+    with autograd), and our forward/backward pair against the composite, in shared rounds."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n_rows, n_cols, generator=g).to(device)
     t = torch.randn(n_rows, n_cols, generator=g).to(device)
     v = (torch.rand(n_rows, n_cols, generator=g) < 0.8).float().to(device)
     loss, count = torch.empty((), device=device), torch.empty((), device=device)
     one = torch.ones((), device=device)
-    gx = torch.empty_like(x)
+    gx, gx_pair, gx_plain = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+    loss_plain, count_plain = torch.empty((), device=device), torch.empty((), device=device)
     s = stream_of(device)
     factor = core.DEEPPOSE_COUNT_FACTOR
 
-    def ours():
-        core.sq_error_loss_forward(x, t, v, loss, count, count_factor=factor, stream=s)
-        core.sq_error_loss_backward(x, t, v, count, one, gx, count_factor=factor, stream=s)
+    def fused():
+        core.sq_error_loss_fused(x, t, v, loss, count, gx, count_factor=factor, stream=s)
 
-    xr = x.clone().requires_grad_()
+    def fused_unmasked():
+        core.sq_error_loss_fused(x, t, None, loss_plain, count_plain, gx_plain,
+                                 count_factor=core.MSE_COUNT_FACTOR, stream=s)
+
+    def pair():
+        core.sq_error_loss_forward(x, t, v, loss, count, count_factor=factor, stream=s)
+        core.sq_error_loss_backward(x, t, v, count, one, gx_pair, count_factor=factor, stream=s)
+
+    xr, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
     out = {}
 
-    def theirs():
+    def composite():
         xr.grad = None
         d = (xr - t) * v
         composed = (d * d).sum() / (v.sum() * factor)
         composed.backward()
         out["loss"] = composed.detach()
 
-    ours()
-    theirs()
-    check_close(f"loss {n_rows}x{n_cols}", [loss, gx], [out["loss"], xr.grad])
+    def mse():
+        xm.grad = None
+        plain = F.mse_loss(xm, t)
+        plain.backward()
+        out["mse"] = plain.detach()
+
+    variants = {"fused": fused, "fused_unmasked": fused_unmasked, "pair": pair,
+                "composite": composite, "mse_loss": mse}
+    for fn in variants.values():
+        fn()
+    what = f"loss {n_rows}x{n_cols}"
+    check_close(what, [loss, gx], [out["loss"], xr.grad])
+    check_close(what + " (pair)", [gx_pair], [xr.grad])
+    check_close(what + " (unmasked)", [loss_plain, gx_plain], [out["mse"], xm.grad])
     repeat = args.repeat if n_rows * n_cols >= LOSS_LARGE else args.repeat * 20
+    samples = timed_variants(variants, timer, args, repeat)
     name = f"{n_rows}x{n_cols}" if n_cols > 1 else f"{n_rows} elements"
-    row = measure("deeppose loss fwd+bwd", name, device, ours, theirs, timer, args, repeat)
-    # Bytes our two kernels must move: forward reads x, t, v; backward reads x, t, v, writes gx.
-    moved = 7 * x.numel() * x.element_size()
-    row.extra["ours_gbps"] = moved / row.ours_ms / 1e6
-    if copy_gbps:
-        row.extra["copy_gbps"] = copy_gbps
-    return row
+    size = x.numel() * x.element_size()
+    # Bytes each must move at least: fused reads x, t, v and writes gx (the unmasked one: x, t
+    # and gx); the pair reads x, t, v twice and writes gx.
+    rows = [
+        make_row("loss fused vs composite", name, device, samples, timer, variants, "fused",
+                 "composite", {"ours_gbps_min": 4 * size}),
+        make_row("loss fused vs F.mse_loss", name, device, samples, timer, variants,
+                 "fused_unmasked", "mse_loss", {"ours_gbps_min": 3 * size}),
+        make_row("loss fwd+bwd vs composite", name, device, samples, timer, variants, "pair",
+                 "composite", {"ours_gbps_min": 7 * size}),
+    ]
+    for row in rows:
+        row.extra["ours_gbps"] = row.extra.pop("ours_gbps_min") / row.ours_ms / 1e6
+        if copy_gbps:
+            row.extra["copy_gbps"] = copy_gbps
+            row.extra["fraction_of_copy"] = row.extra["ours_gbps"] / copy_gbps
+    return rows
 
 
 def copy_bandwidth_gbps(device: str, timer: Timer) -> float:
@@ -191,7 +291,7 @@ def print_header():
 
 
 def print_row(row: Row):
-    notes = ", ".join(f"{k}={v:.1f}" for k, v in row.extra.items())
+    notes = ", ".join(f"{k}={v:.3g}" for k, v in row.extra.items())
     print(f"{row.group:<24} {row.name:<22} {row.device:<5} "
           f"{row.ours_ms:>9.3f} ({row.ours_iqr_ms:>6.3f}) "
           f"{row.torch_ms:>9.3f} ({row.torch_iqr_ms:>6.3f}) "
@@ -206,6 +306,10 @@ def environment(devices) -> dict:
            "ops_build": ops.build_info(), "devices": devices}
     if "cuda" in devices:
         env["gpu"] = torch.cuda.get_device_name()
+        env["cudnn"] = {"version": torch.backends.cudnn.version(),
+                        "allow_tf32": torch.backends.cudnn.allow_tf32,
+                        "benchmark": torch.backends.cudnn.benchmark,
+                        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
     return env
 
 
@@ -220,6 +324,9 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[32, 128],
                    help="conv batch sizes (default: 32 128)")
     p.add_argument("--only", choices=["conv", "loss"], help="run one benchmark group only")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN pick its fastest algorithm per shape (default: its "
+                        "heuristics, as in training without that setting)")
     p.add_argument("--rounds", type=int, default=7,
                    help="interleaved timing rounds per row (default: 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
@@ -256,6 +363,12 @@ def main(argv=None) -> int:
             return 2
     if args.device == "cuda":
         devices = ["cuda"]
+    if "cuda" in devices:
+        # FP32 against FP32: cuDNN and cuBLAS would otherwise round through TF32 (P2 compares
+        # at the same precision).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     env = environment(devices)
     env["threads"] = threads["torch"]
     print(f"ops build: {env['ops_build']}; torch {env['torch']} with {env['torch_threads']} "
@@ -268,29 +381,36 @@ def main(argv=None) -> int:
     print_header()
     try:
         for device in devices:
-            timer = Timer(device)
-            if args.only in (None, "conv"):
-                for batch in args.batches:
-                    for layer in CONV_LAYERS:
-                        rows.append(bench_conv(layer, batch, device, args, timer))
-                        print_row(rows[-1])
+            timer = HostAndDeviceTimer(device)
             if args.only in (None, "loss"):
+                # Measured in this run, beside the loss rows that are judged against it.
                 copy_gbps = copy_bandwidth_gbps(device, timer) if device == "cuda" else None
-                for batch in LOSS_BATCHES:
-                    rows.append(bench_loss(batch, LOSS_OUTPUTS, device, args, timer, copy_gbps))
-                    print_row(rows[-1])
-                rows.append(bench_loss(LOSS_LARGE, 1, device, args, timer, copy_gbps))
-                print_row(rows[-1])
+                if copy_gbps:
+                    payload["copy_gbps"] = copy_gbps
+                    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + written)")
+                for rows_, cols in [(b, LOSS_OUTPUTS) for b in LOSS_BATCHES] + [(LOSS_LARGE, 1)]:
+                    for row in bench_loss(rows_, cols, device, args, timer, copy_gbps):
+                        rows.append(row)
+                        print_row(row)
+            if args.only in (None, "conv"):
+                layers = [(RESNET_STEM, b) for b in args.batches] + \
+                    [(layer, b) for b in args.batches for layer in CONV_LAYERS] + \
+                    [(layer, DEEPPOSE_BATCH) for layer in DEEPPOSE_CONV_LAYERS]
+                for layer, batch in layers:
+                    for row in bench_conv(layer, batch, device, args, timer):
+                        rows.append(row)
+                        print_row(row)
     finally:
         # Whatever was measured is kept, even when a later row fails.
         if args.out:
             payload["rows"] = [asdict(r) for r in rows]
             write_json(args.out, payload)
             print(f"wrote {args.out}")
-    conv = [r.ratio for r in rows if r.group.startswith("conv")]
-    if conv:
-        print(f"conv fwd+bwd, ours/torch over {len(conv)} rows: median "
-              f"{statistics.median(conv):.2f}x, worst {max(conv):.2f}x")
+    for direction in CONV_DIRECTIONS:
+        conv = [r.ratio for r in rows if r.group == f"conv {direction}"]
+        if conv:
+            print(f"conv {direction}, ours/torch over {len(conv)} rows: median "
+                  f"{statistics.median(conv):.2f}x, worst {max(conv):.2f}x")
     return 0
 
 
