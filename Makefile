@@ -45,7 +45,7 @@ export ONEDNN_FLIP := import os; os.environ.pop("TF_ENABLE_ONEDNN_OPTS", None); 
 	from tensorflow.python.util import _pywrap_util_port as port; \
 	print(0 if port.IsMklEnabled() else 1)
 
-.PHONY: run test test-onednn-flipped test-numpy2 bench profile-all setup freeze clean nsys
+.PHONY: run test test-onednn-flipped test-numpy2 bench profile-all setup freeze clean nsys gpu-check
 
 ## run: the main job on its built-in default (the layer-wise profiler: PyTorch, ResNet-20)
 run: setup
@@ -84,6 +84,19 @@ bench: setup
 ## profile-all: the profiler on all four frameworks, merged (runs/layerwise/all-resnet20)
 profile-all: setup
 	$(PY) -m profiler.layerwise --framework all
+
+## gpu-check: the prepared GPU check (scripts/gpu_check.py, README "The GPU check") on the GPU
+## machine, with its own Python (/opt/torch/.venv), under BUDGET_S seconds; DRY_RUN=1 here,
+## without a GPU: the plan, every step's command checked, the budget handling tried
+GPU_CHECK_PYTHON ?= $(firstword $(wildcard /opt/torch/.venv/bin/python) $(PY))
+BUDGET_S ?= 480
+ifeq ($(DRY_RUN),1)
+gpu-check: setup
+	$(PY) scripts/gpu_check.py --dry-run --budget-s $(BUDGET_S)
+else
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_CHECK_PYTHON) scripts/gpu_check.py --budget-s $(BUDGET_S)
+endif
 
 ## nsys: install Nsight Systems (Debian's nsight-systems, as root; about a minute on a fresh
 ## machine, nothing when nsys already works) for `python -m profiler.layerwise --nsys`
