@@ -324,6 +324,9 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[32, 128],
                    help="conv batch sizes (default: 32 128)")
     p.add_argument("--only", choices=["conv", "loss"], help="run one benchmark group only")
+    p.add_argument("--deeppose-convs", action="store_true",
+                   help="also time DeepPose's AlexNet convolutions on the CPU (always on the "
+                        "GPU; on 2 CPU cores they take seconds per call)")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="let cuDNN pick its fastest algorithm per shape (default: its "
                         "heuristics, as in training without that setting)")
@@ -395,7 +398,8 @@ def main(argv=None) -> int:
             if args.only in (None, "conv"):
                 layers = [(RESNET_STEM, b) for b in args.batches] + \
                     [(layer, b) for b in args.batches for layer in CONV_LAYERS] + \
-                    [(layer, DEEPPOSE_BATCH) for layer in DEEPPOSE_CONV_LAYERS]
+                    [(layer, DEEPPOSE_BATCH) for layer in DEEPPOSE_CONV_LAYERS
+                     if device == "cuda" or args.deeppose_convs]
                 for layer, batch in layers:
                     for row in bench_conv(layer, batch, device, args, timer):
                         rows.append(row)
