@@ -169,3 +169,74 @@ def describe_diff(label: str, variant: str, baseline: str, est: float, lo: float
         verdict = "no clear difference"
     return (f"{label}, {variant} vs {baseline}: {_fmt_pct(est)}% "
             f"[{_fmt_pct(lo)}, {_fmt_pct(hi)}] {verdict}")
+
+
+def _slope(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares slope of y over x along y's last axis (y may stack many series)."""
+    xc = x - x.mean()
+    return (y - y.mean(axis=-1, keepdims=True)) @ xc / float(xc @ xc)
+
+
+def bootstrap_slope_ci(x: Sequence[Number], y_rounds: Sequence[Sequence[Number]], *,
+                       baseline_rounds: Sequence[Sequence[Number]] = None,
+                       confidence: float = 0.95, n_resamples: int = 9999,
+                       seed: int = 0) -> Tuple[float, float, float]:
+    """Slope of y over x, with a bootstrap confidence interval over rounds.
+
+    ``y_rounds[r][i]`` is y at ``x[i]`` measured in round r (every x once per round, as
+    interleaved rounds measure them). The slope is the least-squares slope through the
+    per-x medians over rounds; the interval resamples whole rounds (the x values of one round
+    stay together, so drift between rounds cancels as in bootstrap_diff_ci) and takes the
+    percentile interval. Returns (slope, low, high) in y units per x unit.
+
+    With ``baseline_rounds`` (the same shape, measured in the same rounds) returns instead the
+    relative difference of the slope over the baseline's slope in percent, resampling the
+    rounds of both jointly (paired): (slope / baseline_slope - 1) * 100.
+    """
+    x_arr = np.asarray(x, dtype=np.float64)
+    if x_arr.ndim != 1 or x_arr.size < 2 or np.ptp(x_arr) == 0.0 or not np.all(
+            np.isfinite(x_arr)):
+        raise ValueError(f"bootstrap_slope_ci: x: expected >= 2 finite values, not all equal, "
+                         f"got {list(x_arr)}")
+
+    def as_rounds(name, rounds) -> np.ndarray:
+        arr = np.asarray(rounds, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[1] != x_arr.size or arr.shape[0] < 2:
+            raise ValueError(f"bootstrap_slope_ci: {name}: expected >= 2 rounds of "
+                             f"{x_arr.size} values (one per x), got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"bootstrap_slope_ci: {name}: expected finite numbers")
+        return arr
+
+    y = as_rounds("y_rounds", y_rounds)
+    base = None if baseline_rounds is None else as_rounds("baseline_rounds", baseline_rounds)
+    if base is not None and base.shape != y.shape:
+        raise ValueError(f"bootstrap_slope_ci: baseline_rounds: expected the shape of y_rounds "
+                         f"{y.shape}, got {base.shape}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"bootstrap_slope_ci: confidence must lie in (0, 1), got {confidence}")
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"bootstrap_slope_ci: n_resamples must be an int >= 1, got "
+                         f"{n_resamples!r}")
+
+    def effect(picks: np.ndarray) -> np.ndarray:
+        # picks: (resamples, rounds) round indices; medians over the picked rounds per x.
+        slope = _slope(x_arr, np.median(y[picks], axis=1))
+        if base is None:
+            return slope
+        base_slope = _slope(x_arr, np.median(base[picks], axis=1))
+        return (slope / base_slope - 1.0) * 100.0
+
+    rounds = y.shape[0]
+    estimate = float(effect(np.arange(rounds)[None, :])[0])
+    if not math.isfinite(estimate):
+        raise ValueError("bootstrap_slope_ci: the baseline's slope is 0; a relative difference "
+                         "needs a non-zero baseline slope")
+    rng = np.random.default_rng(seed)
+    values = effect(rng.integers(0, rounds, size=(n_resamples, rounds)))
+    if not np.all(np.isfinite(values)):
+        raise ValueError("bootstrap_slope_ci: the baseline's slope is 0 in some resamples; "
+                         "the relative interval is not finite")
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return estimate, min(float(low), estimate), max(float(high), estimate)
