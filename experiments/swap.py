@@ -1,0 +1,213 @@
+"""Study H2: the same convolution kernel swapped into every framework. How much of each
+framework's gap to PyTorch is its convolution, and how much remains (framework overhead: the
+other layers, autograd bookkeeping, optimizer, data)?
+
+    python -m experiments.swap                         # quick scale (make experiments)
+    python -m experiments.swap --full
+
+ResNet-20 at batch 128 in every framework, each in its own worker; every round visits each
+framework (rotating order) and within it the framework's own convolution ("framework") and our
+kernel registered as the framework's op ("native"; Chainer's native is its kernel FunctionNode)
+in rotating order, timing uninstrumented steps. Per round:
+
+    gap           = step(framework, own conv) - step(PyTorch, own conv)
+    gap, same conv = step(framework, our conv) - step(PyTorch, our conv)   (framework overhead)
+    conv part      = gap - gap with the same conv
+
+A few instrumented steps with our conv everywhere then split what remains by phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Dict, List, Optional
+
+from experiments import study
+from experiments.workers import Cell, Pool, interleaved_rounds, round_values
+from profiler.analysis.stats import bootstrap_diff_ci, iqr, median
+from profiler.timeline import PHASES
+
+STUDY = "swap"
+CONVS = ("framework", "native")
+QUICK = dict(model="resnet20", batch_size=128, rounds=8, steps_per_round=1, warmup=2,
+             phase_rounds=2, train_size=2048)
+FULL = dict(model="resnet20", batch_size=128, rounds=20, steps_per_round=3, warmup=3,
+            phase_rounds=5, train_size=None)
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{STUDY}",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    study.add_common_arguments(parser, STUDY)
+    parser.add_argument("--rounds", type=study.positive_int, help="override the scale's rounds")
+    parser.add_argument("--batch-size", type=study.positive_int,
+                        help="override the scale's batch")
+    args = parser.parse_args(argv)
+    args.frameworks_list = study.resolve_frameworks(parser, args, study.FRAMEWORKS)
+    if "torch" not in args.frameworks_list:
+        parser.error("--frameworks: the gaps are to PyTorch; expected torch among them")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    scale = "full" if args.full else "quick"
+    settings = dict(FULL if args.full else QUICK)
+    settings.update({k: v for k, v in (("rounds", args.rounds), ("batch_size", args.batch_size))
+                     if v is not None})
+    settings.update(frameworks=args.frameworks_list, threads=args.threads, device=args.device,
+                    convs=list(CONVS))
+    departures = ["not a published experiment: the published comparison could not swap "
+                  "kernels; ResNet-20 stands for the model"]
+    if settings["train_size"]:
+        departures.append(f"synthetic CIFAR-shaped data, {settings['train_size']} images cycled")
+    result = study.Result(STUDY, args.out, settings=settings, scale=scale,
+                          departures=departures, notes=[study.STAND_IN_NOTE])
+    try:
+        run(args, settings, result)
+    except BaseException as e:
+        result.finish(e)
+        raise
+    result.finish()
+    return 0
+
+
+def run(args, settings, result: study.Result) -> None:
+    frameworks = args.frameworks_list
+    batch = settings["batch_size"]
+    steps_needed = (settings["warmup"] * 2 + settings["rounds"] * settings["steps_per_round"]
+                    * 2 + settings["phase_rounds"] + 1)
+    with Pool(frameworks, threads=args.threads, device=args.device, log_dir=result.out) as pool:
+        warmups = {}
+        for framework in frameworks:
+            result.record_worker(framework, pool.hello[framework])
+            worker = pool.use(framework)
+            study.progress(f"{STUDY}: {framework}: build, warm up both convs")
+            built = worker.call("build", name="net", steps_needed=steps_needed, config={
+                "model": settings["model"], "batch_size": batch,
+                "train_size": settings["train_size"],
+                "test_size": batch if settings["train_size"] else None})
+            missing = {c: r for c, r in built["unavailable"]["conv"].items() if c in CONVS}
+            if missing:
+                raise RuntimeError(f"{framework}: conv impls unavailable here: {missing}")
+            warmups[framework] = {}
+            for conv in CONVS:
+                worker.call("set_impls", name="net", conv=conv)
+                warmups[framework][conv] = worker.call("steps", name="net",
+                                                       n=settings["warmup"],
+                                                       mode="plain")["step_ms"]
+        result.add_samples("warmup_step_ms", warmups)
+
+        def saved(r, samples):
+            result.add_samples("rounds", samples)
+            study.progress(f"{STUDY}: round {r + 1}/{settings['rounds']} done")
+
+        cells = {f: [Cell(c, "net", {"conv": c}) for c in CONVS] for f in frameworks}
+        samples = interleaved_rounds(pool, cells, rounds=settings["rounds"],
+                                     steps=settings["steps_per_round"], mode="plain",
+                                     on_round=saved)
+        # Where the remaining overhead sits: instrumented steps with our conv everywhere.
+        phases = interleaved_rounds(pool, {f: [Cell("native", "net", {"conv": "native"})]
+                                           for f in frameworks},
+                                    rounds=settings["phase_rounds"], steps=1,
+                                    mode="instrumented")
+        result.add_samples("phase_rounds_native", phases)
+        result.doc["settings"]["handoff_settle"] = pool.settle_summary()
+        result.doc["machine"]["worker_peak_rss_mib"] = pool.peak_rss_mib()
+        result.save()
+    analyse(args, settings, result, samples, phases)
+
+
+def analyse(args, settings, result, samples, phases) -> None:
+    frameworks = args.frameworks_list
+    step = {f: {c: round_values(samples[f][c]) for c in CONVS} for f in frameworks}
+    rounds = settings["rounds"]
+    conds = study.conditions(args, result.doc["workers"], result.doc["scale"], frameworks)
+    conds.update(batch_size=settings["batch_size"], model=settings["model"])
+    rows, decomposition = [], {}
+    for f in frameworks:
+        own, ours = step[f]["framework"], step[f]["native"]
+        row = [study.PUBLISHED_NAMES[f], study.fmt(median(own)), study.fmt(iqr(own)),
+               study.fmt(median(ours)), study.fmt(iqr(ours))]
+        if f == "torch":
+            rows.append(row + ["baseline"] * 5)
+            continue
+        gap = [own[r] - step["torch"]["framework"][r] for r in range(rounds)]
+        remaining = [ours[r] - step["torch"]["native"][r] for r in range(rounds)]
+        conv_part = [g - m for g, m in zip(gap, remaining)]
+        decomposition[f] = {"torch_ms": median(step["torch"]["framework"]),
+                            "conv_part_ms": median(conv_part),
+                            "remaining_ms": median(remaining)}
+        share = median(conv_part) / median(gap) * 100 if median(gap) else float("nan")
+        row += [f"{median(gap):.1f} ({iqr(gap):.1f})", f"{median(conv_part):.1f}",
+                f"{median(remaining):.1f} ({iqr(remaining):.1f})", f"{share:.0f}%"]
+        if rounds >= 2:
+            ratio_own = [o / t for o, t in zip(own, step["torch"]["framework"])]
+            ratio_ours = [o / t for o, t in zip(ours, step["torch"]["native"])]
+            est, lo, hi = bootstrap_diff_ci(ratio_own, ratio_ours)
+            row.append(study.fmt_ci(est, lo, hi))
+            result.add_verdict(study.judge(
+                study.Hypothesis(
+                    key=f"swap.{f}.gap_is_convolution",
+                    claim=f"{study.PUBLISHED_NAMES[f]}'s gap to PyTorch is (largely) its "
+                          f"convolution: with the same conv kernel in both, its time ratio to "
+                          f"PyTorch shrinks",
+                    effect=f"time ratio {f}/torch, same conv (ours) vs own convs",
+                    direction="lower"),
+                est, lo, hi, conds, ratio_own_conv=median(ratio_own),
+                ratio_same_conv=median(ratio_ours)))
+        else:
+            row.append("-")
+        rows.append(row)
+    result.add_table(
+        f"Decomposition of each framework's gap to PyTorch ({settings['model']}, batch "
+        f"{settings['batch_size']})",
+        ["framework", "step ms, own conv", "IQR", "step ms, our conv", "IQR",
+         "gap to PyTorch ms (IQR)", "of which convolution ms", "remaining overhead ms (IQR)",
+         "convolution share of the gap", "ratio to PyTorch, same conv vs own [95% CI]"],
+        rows, note="Medians of per-round differences (each round measures every cell). A "
+                   "negative gap means faster than PyTorch; the convolution part is what the "
+                   "gap loses when both run our kernel.")
+    phase_rows = []
+    phase_ms = {f: {p: median(round_values(phases[f]["native"], phase=p)) for p in PHASES}
+                for f in frameworks}
+    for f in frameworks:
+        if f == "torch":
+            continue
+        phase_rows.append([study.PUBLISHED_NAMES[f]] + [
+            f"{phase_ms[f][p] - phase_ms['torch'][p]:+.1f}" for p in PHASES])
+    result.add_table(
+        "Where the remaining overhead sits: per-phase difference to PyTorch with our conv in "
+        "both (ms, instrumented steps)", ["framework"] + list(PHASES), phase_rows,
+        note=f"{settings['phase_rounds']} instrumented step(s) per framework; forward and "
+             f"backward include every layer's framework overhead (batch norm, ReLU, adds, "
+             f"autograd bookkeeping); instrumentation adds its own per-layer cost.")
+    plot(result, step, decomposition, frameworks)
+
+
+def plot(result, step, decomposition, frameworks) -> None:
+    plt = study.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    names = [f for f in frameworks if f != "torch"]
+    x = range(len(names))
+    base = [decomposition[f]["torch_ms"] for f in names]
+    conv = [decomposition[f]["conv_part_ms"] for f in names]
+    rest = [decomposition[f]["remaining_ms"] for f in names]
+    ax.bar(x, base, label="PyTorch's step (own conv)", color="#999999")
+    ax.bar(x, conv, bottom=base, label="gap: convolution", color="#4c72b0")
+    ax.bar(x, rest, bottom=[b + max(c, 0) for b, c in zip(base, conv)],
+           label="gap: remaining framework overhead", color="#dd8452")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([study.PUBLISHED_NAMES[f] for f in names])
+    ax.set_ylabel("ms per step (medians)")
+    ax.set_title("Each framework's step = PyTorch's + convolution + the rest")
+    ax.legend(fontsize=8)
+    result.add_plot(fig, "swap_decomposition.png",
+                    "Stacked bars: PyTorch's step, the part of the gap that is the "
+                    "convolution, and the part that remains with the same kernel in both.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
