@@ -80,8 +80,7 @@ class _Server:
         return handler(request)
 
     def cmd_hello(self, request) -> Dict[str, object]:
-        from profiler.layerwise import framework_version
-        return {"framework": self.framework, "version": framework_version(self.framework),
+        return {"framework": self.framework, "version": _framework_version(self.framework),
                 "pid": os.getpid(), "threads": self.thread_report(self.framework, self.threads)}
 
     def cmd_build(self, request) -> Dict[str, object]:
@@ -153,6 +152,13 @@ class _Server:
 
     def cmd_quit(self, request) -> Dict[str, object]:
         return {}
+
+
+def _framework_version(framework: str) -> str:
+    if framework == "chainer":
+        from ops.chainer.loader import load_chainer
+        return load_chainer().__version__
+    return importlib.import_module(framework).__version__
 
 
 def _forward_backward_ms(runner) -> float:
