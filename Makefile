@@ -45,7 +45,7 @@ export ONEDNN_FLIP := import os; os.environ.pop("TF_ENABLE_ONEDNN_OPTS", None); 
 	from tensorflow.python.util import _pywrap_util_port as port; \
 	print(0 if port.IsMklEnabled() else 1)
 
-.PHONY: run test test-onednn-flipped test-numpy2 bench profile-all setup freeze clean nsys gpu-check
+.PHONY: run test test-onednn-flipped test-numpy2 bench profile-all experiments setup freeze clean nsys gpu-check
 
 ## run: the main job on its built-in default (the layer-wise profiler: PyTorch, ResNet-20)
 run: setup
@@ -80,6 +80,14 @@ test-numpy2: setup $(NUMPY2_STAMP)
 ## bench: the kernel benchmark with more rounds, written to runs/bench_kernels.json
 bench: setup
 	$(PY) -m experiments.bench_kernels --rounds 15 --out runs/bench_kernels.json
+
+## experiments: every study of experiments/ at the quick scale (about 30 minutes on 2 cores),
+## then runs/experiments/REPORT.md; each study is also `python -m experiments.<study>`
+EXPERIMENTS := parity resnet_depth deeppose_loss swap data_loading
+# A study that fails still leaves its result.json (the report lists it); make fails at the end.
+experiments: setup
+	status=0; for s in $(EXPERIMENTS); do $(PY) -m experiments.$$s || status=1; done; \
+	$(PY) -m experiments.report; exit $$status
 
 ## profile-all: the profiler on all four frameworks, merged (runs/layerwise/all-resnet20)
 profile-all: setup
