@@ -379,6 +379,7 @@ def profile_training(model, loader: Iterable, loss_fn: Callable, optimizer, *,
                      framework: str = "torch", steps: int = 8, warmup: int = 2,
                      overhead_steps: Optional[int] = None, device: Optional[str] = None,
                      layers: LayerFilter = None, name: Optional[str] = None,
+                     sync: bool = False,
                      progress: Optional[Callable[[int, int], None]] = None) -> Report:
     """Runs ``warmup + steps`` training steps of ``model`` on batches ``(inputs, targets)``
     from ``loader`` (cycled if it runs out), profiled, and ``overhead_steps`` (default
@@ -390,22 +391,20 @@ def profile_training(model, loader: Iterable, loss_fn: Callable, optimizer, *,
             raise ValueError(f"profile_training: {arg}: expected an int >= {least}, got "
                              f"{value!r}")
     overhead_steps = steps if overhead_steps is None else overhead_steps
-    prof = LayerProfiler(model, framework, warmup=warmup, layers=layers, name=name)
+    prof = LayerProfiler(model, framework, warmup=warmup, layers=layers, name=name, sync=sync)
     step_fn = prof._fw.training_step(model, loss_fn, optimizer, device)
     batches = _cycle(loader)
     total, done = warmup + steps + overhead_steps, 0
     try:
         for _ in range(warmup):
-            with prof.step():
-                step_fn(prof, next(batches))
+            _profiled_step(prof, step_fn, batches)
             done += 1
             if progress:
                 progress(done, total)
         block, measured, plain = max(1, min(5, steps)), 0, 0
         while measured < steps or plain < overhead_steps:
             for _ in range(min(block, steps - measured)):
-                with prof.step():
-                    step_fn(prof, next(batches))
+                _profiled_step(prof, step_fn, batches)
                 measured += 1
                 done += 1
                 if progress:
@@ -427,6 +426,13 @@ def profile_training(model, loader: Iterable, loss_fn: Callable, optimizer, *,
     return prof.report()
 
 
+def _profiled_step(prof: LayerProfiler, step_fn, batches) -> None:
+    with prof.step():
+        with prof.phase("data_wait"):     # the loader's time is the step's data wait
+            batch = next(batches)
+        step_fn(prof, batch)
+
+
 def _cycle(loader: Iterable):
     """Batches of ``loader``, starting over when it ends; a loader that yields nothing is an
     error, not a hang."""
@@ -438,3 +444,55 @@ def _cycle(loader: Iterable):
         if empty:
             raise ValueError("profile_training: loader: expected an iterable that yields "
                              "batches, got one that yielded nothing")
+
+
+# --------------------------------------------------------------------------- factories
+
+FACTORY_KEYS = ("model", "loader", "loss_fn", "optimizer")
+
+
+def load_factory(spec: str) -> Callable[[], Dict[str, Any]]:
+    """The factory named by ``spec``: "package.module:function" (imported) or
+    "path/to/file.py:function" (loaded from the file). The factory takes no arguments and
+    returns a dict with model, loader, loss_fn, optimizer (what profile_training takes), and
+    optionally framework and name."""
+    import importlib.util
+    import sys
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise ValueError(f"--model: expected a seed workload or FACTORY as "
+                         f"'package.module:function' or 'path/to/file.py:function', got "
+                         f"{spec!r}")
+    if where.endswith(".py") or "/" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise ValueError(f"--model {spec}: {path}: no such file")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules.setdefault(path.stem, module)    # pickling of its classes (loader workers)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(f"--model {spec}: cannot import {where!r}: {e}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"--model {spec}: {where} has no function {attr!r}"
+                         + ("" if factory is None else f" ({attr} is a "
+                                                       f"{type(factory).__name__})"))
+    return factory
+
+
+def build_from_factory(spec: str) -> Dict[str, Any]:
+    """Calls the factory of ``spec`` and checks what it returned."""
+    built = load_factory(spec)()
+    if not isinstance(built, dict) or any(k not in built for k in FACTORY_KEYS):
+        got = sorted(built) if isinstance(built, dict) else type(built).__name__
+        raise ValueError(f"--model {spec}: the factory must return a dict with keys "
+                         f"{list(FACTORY_KEYS)} (optionally framework, name), got {got}")
+    unknown = sorted(set(built) - set(FACTORY_KEYS) - {"framework", "name"})
+    if unknown:
+        raise ValueError(f"--model {spec}: the factory returned unknown keys {unknown}; "
+                         f"expected {list(FACTORY_KEYS)} and optionally framework, name")
+    return built

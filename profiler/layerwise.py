@@ -67,7 +67,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--framework", default="torch", choices=FRAMEWORKS + ("all",),
                         help="framework to profile; 'all' runs each in its own process and "
                              "merges the results")
-    parser.add_argument("--model", default="resnet20", choices=MODELS)
+    parser.add_argument("--model", default="resnet20", metavar="MODEL|FACTORY",
+                        help=f"a seed workload ({', '.join(MODELS)}) or your own model: "
+                             f"'package.module:function' or 'path/to/file.py:function', a "
+                             f"function returning dict(model=, loader=, loss_fn=, "
+                             f"optimizer=[, framework=, name=]) as profiler.api."
+                             f"profile_training takes them (PyTorch for now)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: cuda where the framework sees a GPU, else cpu")
     parser.add_argument("--batch-size", type=_positive_int, default=32)
@@ -131,6 +136,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.overhead_iters is None:
         args.overhead_iters = args.iters
+    args.user_model = args.model not in MODELS
+    if args.user_model:
+        _check_user_model_args(parser, args)
     if args.compare is not None:
         args.compare = _parse_compare(parser, args.compare)
     args.python = _parse_pythons(parser, args.python)
@@ -146,8 +154,30 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                      f"got --framework {args.framework}"
                      + (f" --compare {args.compare[0]}=..." if args.compare else ""))
     if args.out is None:
-        args.out = os.path.join("runs", "layerwise", f"{args.framework}-{args.model}")
+        label = (args.model.rpartition(":")[2] if args.user_model else args.model)
+        args.out = os.path.join("runs", "layerwise", f"{args.framework}-{label}")
     return args
+
+
+# Options that shape a seed workload, with nothing to act on in a user's factory.
+_SEED_ONLY = ("batch_size", "conv_impl", "loss_impl", "workers", "data", "synthetic_size",
+              "seed", "compare", "python", "pyspy")
+
+
+def _check_user_model_args(parser, args) -> None:
+    if ":" not in args.model:
+        parser.error(f"--model: expected one of {list(MODELS)} or a factory "
+                     f"'package.module:function' / 'path/to/file.py:function', got "
+                     f"{args.model!r}")
+    given = [name for name in _SEED_ONLY if getattr(args, name) != parser.get_default(name)]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        parser.error(f"{flags}: apply to the seed workloads; a factory's model, loader, loss "
+                     f"and optimizer are its own (set them in the factory), got --model "
+                     f"{args.model}")
+    if args.framework == "all":
+        parser.error(f"--framework all: a factory builds one framework's model; pass its "
+                     f"--framework, got --model {args.model}")
 
 
 def _positive_int(text: str) -> int:
@@ -616,11 +646,55 @@ def run_under_nsys(args, argv: List[str]) -> int:
     return status
 
 
+def run_user_model(args) -> dict:
+    """--model FACTORY: the factory's model profiled by profiler.api.profile_training, with
+    --iters, --warmup, --overhead-iters, --device, --threads, --sync as for a seed workload;
+    writes the report and views into --out. A run that fails half-way keeps what it measured
+    (its error in the report); one that measured nothing raises (main prints one line)."""
+    from profiler.api import build_from_factory, profile_training
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    notes: List[str] = []
+    apply_threads(args, args.framework, notes)
+    built = build_from_factory(args.model)
+    framework = built.pop("framework", args.framework)
+    if framework != args.framework:
+        raise ValueError(f"--model {args.model}: the factory says framework {framework!r}, "
+                         f"--framework is {args.framework!r}")
+    device = None if args.device == "auto" else args.device
+    progress = _Progress(f"{framework} {built.get('name', args.model)}", not args.no_progress)
+    report = profile_training(built["model"], built["loader"], built["loss_fn"],
+                              built["optimizer"], framework=framework, steps=args.iters,
+                              warmup=args.warmup, overhead_steps=args.overhead_iters,
+                              device=device, name=built.get("name"), sync=args.sync,
+                              progress=progress)
+    progress.close()
+    report.doc["notes"] += notes
+    report.doc["threads"] = threads_section(args, framework, report.doc["notes"])
+    report.save(out)
+    return report.doc
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.nsys:
         return run_under_nsys(args, argv)
+    if args.user_model:
+        try:
+            report = run_user_model(args)
+        except (ValueError, TypeError, RuntimeError) as e:
+            # Plain: rich would fold the line and read ":factory:" in a path as an emoji.
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.format == "json":
+            print(json.dumps(report, indent=1))
+        else:
+            render_table(report)
+            _stderr_console().print(f"written: {args.out}/report.json, trace.json, "
+                                    f"flame.folded, flame.speedscope.json")
+        return 1 if report["errors"] else 0
     if args.compare:
         doc = run_compare(args, args.framework)
         if args.format == "json":

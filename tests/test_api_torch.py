@@ -199,3 +199,52 @@ def test_bad_input_is_one_clear_error_each():
         profile_training(model, [x], torch.nn.functional.cross_entropy, opt, steps=2)
     prof.close()
     assert torch.autograd.backward.__module__ == "torch.autograd"
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+FACTORY = "tests/user_models/torch_cnn.py"
+
+
+def _cli(*args, timeout=300):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "profiler.layerwise", *args, "--no-progress"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def test_cli_profiles_a_factory_from_a_file(tmp_path):
+    proc = _cli("--model", f"{FACTORY}:factory", "--iters", "3", "--warmup", "1",
+                "--overhead-iters", "2", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    validate_report(report)
+    assert report["model"] == "SmallCNN" and report["iters"] == 3
+    assert [layer["name"] for layer in report["layers"]] == ["features.0", "features.3",
+                                                             "classifier"]
+    assert report["phases_ms"]["data_wait"]["mean"] > 0
+    assert report["threads"]["requested"] >= 1
+    assert (tmp_path / "trace.json").is_file()
+
+
+@pytest.mark.parametrize("spec, message", [
+    (f"{FACTORY}:nope", "has no function 'nope'"),
+    ("tests/user_models/missing.py:factory", "no such file"),
+    (f"{FACTORY}:not_a_factory", "must return a dict with keys"),
+    ("no_such_package.module:factory", "cannot import 'no_such_package.module'"),
+])
+def test_cli_bad_factory_is_one_line(tmp_path, spec, message):
+    proc = _cli("--model", spec, "--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_refuses_seed_options_with_a_factory():
+    from profiler import layerwise
+    with pytest.raises(SystemExit):
+        layerwise.parse_args(["--model", f"{FACTORY}:factory", "--batch-size", "4"])
+    with pytest.raises(SystemExit):
+        layerwise.parse_args(["--model", "resnet21"])
+    args = layerwise.parse_args(["--model", f"{FACTORY}:factory"])
+    assert args.user_model and args.out.endswith("torch-factory")
