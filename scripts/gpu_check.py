@@ -117,7 +117,10 @@ def build_plan(python: str, work: Path, *, rounds: int = 7) -> List[Step]:
     deeppose = [*profile, "--model", "deeppose", "--out", out("profile-deeppose")]
     compare = [*profile, "--model", "deeppose", "--compare", "loss=autograd,explicit,native",
                "--out", out("compare-deeppose-loss")]
+    # No CPU sampling on the GPU machine: with it nsys 2025.3 wrote a 2 GB stream and no
+    # report (shared/device/README.md).
     nsys = [*profile, "--model", "resnet20", "--nsys", "--nsys-timeout", "240",
+            "--nsys-cpu-sampling", "off",
             "--out", out("nsys-resnet20")]
     chainer_site = out("chainer", "site")
     return [
