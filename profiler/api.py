@@ -45,9 +45,6 @@ from profiler.report import (build_report, from_layer_breakdown, from_phase_brea
 from profiler.timeline import PHASES, Timeline
 
 FRAMEWORKS = ("torch", "chainer", "tensorflow", "mxnet")
-# Frameworks whose instrument module offers UserModel and PhaseEvents (the others profile
-# the seed workloads only, for now).
-USER_MODEL_FRAMEWORKS = ("torch",)
 # phase(name) takes a phase of the report, or "data" for "data_wait".
 PHASE_ALIASES = {"data": "data_wait"}
 MARKABLE_PHASES = tuple(p for p in PHASES if p != "other")
@@ -177,11 +174,6 @@ class LayerProfiler:
         if framework not in FRAMEWORKS:
             raise ValueError(f"LayerProfiler: framework: expected one of {list(FRAMEWORKS)}, "
                              f"got {framework!r}")
-        if framework not in USER_MODEL_FRAMEWORKS:
-            raise ValueError(f"LayerProfiler: framework: profiling a user's own model is "
-                             f"available for {list(USER_MODEL_FRAMEWORKS)} so far; "
-                             f"{framework} profiles the seed workloads only "
-                             f"(python -m profiler.layerwise --framework {framework})")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"LayerProfiler: warmup: expected an int >= 0, got {warmup!r}")
         if batch_size is not None and (isinstance(batch_size, bool)
@@ -189,7 +181,13 @@ class LayerProfiler:
             raise ValueError(f"LayerProfiler: batch_size: expected None or an int >= 1, got "
                              f"{batch_size!r}")
         self.framework = framework
+        # The framework's half of a user model: UserModel (what its Instrument needs of a
+        # workload), PhaseEvents (its own events at phase boundaries), training_step.
         self._fw = importlib.import_module(f"profiler.instrument.{framework}")
+        if not hasattr(self._fw, "UserModel"):
+            raise ValueError(f"LayerProfiler: framework: profiling a user's own model is not "
+                             f"available for {framework} yet; it profiles the seed workloads "
+                             f"(python -m profiler.layerwise --framework {framework})")
         self.target = self._fw.UserModel(model, _layer_filter(layers))
         self.name = name or type(model).__name__
         self.warmup = warmup
