@@ -291,6 +291,13 @@ class Result:
             "machine": machine_info(), "versions": library_versions(), "workers": {},
             "samples": {}, "tables": [], "plots": [], "verdicts": [], "notes": list(notes),
             "errors": []}
+        load_1min, cores = self.doc["machine"]["load_average_start"][0], self.doc["machine"][
+            "physical_cores"]
+        if load_1min > 0.5 * cores:
+            # Other work on the cores slows OpenMP barriers far more than its share.
+            self.note(f"the machine was busy when this study started (1-minute load "
+                      f"{load_1min:.2f} on {cores} cores): timings include that contention; "
+                      f"ratios from interleaved rounds suffer least")
         self.save()
 
     def record_worker(self, framework: str, hello: Dict[str, object]) -> None:
@@ -329,7 +336,9 @@ class Result:
         self.save()
 
     def note(self, text: str) -> None:
+        """A note kept in result.json (and REPORT.md), printed as it comes."""
         self.doc["notes"].append(text)
+        progress(f"note: {text}")
         self.save()
 
     def error(self, text: str) -> None:
