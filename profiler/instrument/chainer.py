@@ -26,7 +26,10 @@ CuPy events (device_clock) when it ran (the GPU path is unverified here).
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional
+
+import numpy
 
 from ops.chainer.loader import load_chainer
 
@@ -282,3 +285,227 @@ class Instrument(InstrumentBase):
         self._drop_frames()
         self._close_backward()
         self._pending.clear()
+
+
+# --------------------------------------------------------------------------- a user's model
+
+def _own_params(link) -> bool:
+    """Whether ``link`` holds a parameter of its own (not only through its children):
+    namedparams names a link's own parameters "/W", its children's "/child/W". Parameters
+    not initialized yet (L.Linear(None, n) sizes itself at its first call) count."""
+    return any(name.count("/") == 1 for name, _ in link.namedparams(include_uninit=True))
+
+
+def _layer_name(path: str) -> str:
+    """A link path as a layer name: "/features/0" -> "features.0", the seed workloads'
+    (and PyTorch's) dotted form, so a Chainer port's table reads like its PyTorch original."""
+    return path[1:].replace("/", ".")
+
+
+def _resolve_device(device, argument: str):
+    """A chainer Device from a Chainer specifier ("@numpy", "@cupy:0") or the CLI's names
+    ("cpu", "cuda", "cuda:N"); a ValueError naming ``argument`` otherwise."""
+    if isinstance(device, str):
+        if device == "cpu":
+            device = "@numpy"
+        elif device == "cuda" or device.startswith("cuda:"):
+            device = f"@cupy:{device.partition(':')[2] or 0}"
+    try:
+        return chainer.get_device(device)
+    except Exception as e:  # Chainer raises ValueError, or RuntimeError without CuPy
+        raise ValueError(f"profile_training: {argument}: expected 'cpu', 'cuda[:N]' or a "
+                         f"Chainer device ('@numpy', '@cupy:N'), got {device!r} ({e})") from None
+
+
+class UserModel:
+    """What the Instrument needs of a workload, for a user's chainer.Link
+    (profiler.api.LayerProfiler): its links with parameters of their own, named by their link
+    paths in dotted form ("features.0" for /features/0), that ``keep(name, link)`` accepts, in
+    Chainer's order (namedlinks: a Chain's children sorted by name, a ChainList's by index)."""
+
+    framework = "chainer"
+
+    def __init__(self, model, keep):
+        if not isinstance(model, chainer.Link):
+            raise TypeError(f"LayerProfiler: model: expected a chainer.Link (a Chain, ChainList "
+                            f"or link) for framework 'chainer', got "
+                            f"{type(model).__module__}.{type(model).__name__}")
+        self.model = model
+        self.device = model.device
+        if self.device.xp is chainer.backend.chainerx:
+            # ChainerX arrays run their backward in C++: no FunctionNode, so no FunctionHook
+            # sees a layer's backward.
+            raise ValueError(f"LayerProfiler: model: expected a model on a NumPy or CuPy "
+                             f"device, got one on {self.device} (ChainerX runs no function "
+                             f"hooks): model.to_device('@numpy') or '@cupy:N'")
+        links = [(_layer_name(path), link) for path, link in model.namedlinks(skipself=True)]
+        with_params = [(name, link) for name, link in links if _own_params(link)]
+        missing = [n for n in getattr(keep, "names", ()) if n not in dict(links)]
+        if missing:
+            raise ValueError(f"LayerProfiler: layers: {missing} not in the "
+                             f"{type(model).__name__}; its links with parameters of their own: "
+                             f"{[n for n, _ in with_params][:20]}")
+        self._layers = [(name, link) for name, link in with_params if keep(name, link)]
+        if not self._layers:
+            raise ValueError(f"LayerProfiler: layers: no layer of the {type(model).__name__} "
+                             f"was selected; links with parameters of their own: "
+                             f"{[n for n, _ in with_params][:20]}")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.xp is not numpy
+
+    def named_layers(self):
+        return self._layers
+
+    def synchronize(self) -> None:
+        # NumPy computes synchronously; CuPy queues kernels on the device.
+        if self.on_gpu:
+            self.device.device.synchronize()
+
+    def batch_size_of(self, output) -> int:
+        value = output[0] if isinstance(output, (tuple, list)) and output else output
+        shape = getattr(value, "shape", ())
+        return int(shape[0]) if len(shape) else 1
+
+    def version(self) -> str:
+        return chainer.__version__
+
+    def device_kind(self) -> str:
+        return "cuda" if self.on_gpu else "cpu"
+
+    def device_name(self) -> str:
+        if self.on_gpu:
+            cupy = chainer.backends.cuda.cupy
+            props = cupy.cuda.runtime.getDeviceProperties(self.device.device.id)
+            name = props["name"]
+            return name.decode() if isinstance(name, bytes) else str(name)
+        import platform
+        return platform.processor() or platform.machine()
+
+
+class PhaseEvents:
+    """Chainer's own events at the step's phase boundaries, reported to ``on_event``: the
+    backward call's start and end (Variable.backward and chainer.backward, wrapped while
+    installed) and the optimizer's update, from its 'pre' hooks to its 'post' hooks
+    (Optimizer.call_hooks, wrapped while installed: every GradientMethod calls it around its
+    parameter updates, so any Chainer optimizer is seen, and ``optimizer.update(lossfun)``,
+    which runs forward and backward first, splits correctly)."""
+
+    def __init__(self, on_event):
+        self.on_event = on_event
+        self.notes = ["Phases: backward = Variable.backward and chainer.backward calls "
+                      "(chainer.grad is not a phase boundary); optimizer = from the "
+                      "optimizer's 'pre' hooks (weight decay, clipping) to its 'post' hooks "
+                      "(Optimizer.call_hooks), the parameter updates between them."]
+        self._originals = None   # (Variable.backward, chainer.backward, Optimizer.call_hooks)
+        self._backward_depth = 0
+
+    def install(self) -> None:
+        if self._originals is not None:
+            return
+        variable_backward = chainer.Variable.__dict__["backward"]
+        module_backward = chainer.backward
+        call_hooks = chainer.Optimizer.__dict__["call_hooks"]
+        self._originals = (variable_backward, module_backward, call_hooks)
+        on_event = self.on_event
+
+        @functools.wraps(call_hooks)
+        def call_hooks_with_events(optimizer, timing="pre"):
+            if timing == "pre":
+                on_event("optimizer_start")   # before the 'pre' hooks: they are its work
+            try:
+                return call_hooks(optimizer, timing)
+            finally:
+                if timing == "post":
+                    on_event("optimizer_end")
+
+        chainer.Variable.backward = self._backward_with_events(variable_backward)
+        chainer.backward = self._backward_with_events(module_backward)
+        chainer.Optimizer.call_hooks = call_hooks_with_events
+
+    def remove(self) -> None:
+        if self._originals is None:
+            return
+        variable_backward, module_backward, call_hooks = self._originals
+        chainer.Variable.backward = variable_backward
+        chainer.backward = module_backward
+        chainer.Optimizer.call_hooks = call_hooks
+        self._originals = None
+
+    def _backward_with_events(self, original):
+        # One pair of events per outermost call: a backward started inside another (a
+        # function's backward that backpropagates on its own) is part of it.
+        @functools.wraps(original)
+        def backward(*args, **kwargs):
+            self._backward_depth += 1
+            if self._backward_depth == 1:
+                self.on_event("backward_start")
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._backward_depth -= 1
+                if self._backward_depth == 0:
+                    self.on_event("backward_end")
+        return backward
+
+
+def _is_example(value) -> bool:
+    return isinstance(value, tuple)
+
+
+def training_step(model, loss_fn, optimizer, device=None):
+    """The common loop's step for profiler.api.profile_training: ``step(prof, batch)`` sends
+    the batch to ``device`` (default: the model's; it must be the model's), runs the forward,
+    the loss, ``model.cleargrads()``, ``loss.backward()`` and ``optimizer.update()``; ``prof``
+    None runs it unprofiled. A batch is ``(inputs, targets)`` or a list of ``(input, target)``
+    examples as Chainer's iterators yield them, concatenated with
+    ``chainer.dataset.concat_examples`` as Chainer's StandardUpdater does (that and the
+    transfer are the h2d phase). The cleargrads runs between the loss and the backward call,
+    where Chainer's own idiom puts it: in loss_forward, about a microsecond per parameter."""
+    if not isinstance(model, chainer.Link):
+        raise TypeError(f"profile_training: model: expected a chainer.Link, got "
+                        f"{type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"profile_training: loss_fn: expected a callable (output, target) -> "
+                        f"loss Variable, got {type(loss_fn).__name__}")
+    if not isinstance(optimizer, chainer.Optimizer):
+        raise TypeError(f"profile_training: optimizer: expected a chainer.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    if getattr(optimizer, "target", None) is not model:
+        raise ValueError(f"profile_training: optimizer: expected one set up on the model "
+                         f"(optimizer.setup(model)), got one set up on "
+                         f"{type(getattr(optimizer, 'target', None)).__name__}")
+    target = model.device if device is None else _resolve_device(device, "device")
+    if target != model.device:
+        raise ValueError(f"profile_training: device: {target} is not the model's device "
+                         f"({model.device}); move the model first: model.to_device({target})")
+
+    def to_device(batch):
+        if isinstance(batch, list) and batch and all(_is_example(e) for e in batch):
+            batch = chainer.dataset.concat_examples(batch, target)
+            if isinstance(batch, tuple) and len(batch) == 2:
+                return batch
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return tuple(target.send(b) for b in batch)
+        raise ValueError(f"profile_training: loader: expected batches (inputs, targets) or "
+                         f"lists of (input, target) examples, got {type(batch).__name__}"
+                         + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+
+    def step(prof, batch):
+        if prof is None:
+            x, t = to_device(batch)
+            loss = loss_fn(model(x), t)
+        else:
+            with prof.phase("h2d"):
+                x, t = to_device(batch)
+            loss = loss_fn(prof.mark_output(model(x)), t)
+        if not isinstance(loss, chainer.Variable):
+            raise TypeError(f"profile_training: loss_fn: expected it to return a "
+                            f"chainer.Variable, got {type(loss).__name__}")
+        model.cleargrads()   # Chainer accumulates into existing gradients
+        loss.backward()
+        optimizer.update()
+        return loss
+
+    return step
