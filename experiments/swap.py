@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from experiments import study
 from experiments.workers import Cell, Pool, interleaved_rounds, round_values
