@@ -58,6 +58,9 @@ GPU (not run here): the boundaries run on CPU engine threads; MXNet 1.x complete
 operator once its stream has finished, so engine times are GPU execution times; MXNet does not
 expose its streams to Python, so there is no device clock (``device_clock()`` is None).
 
+A user's own Gluon model and loop (profiler.api): ``UserModel``, ``PhaseEvents`` (the backward
+and Trainer calls as phase boundaries) and ``training_step`` (Gluon's loop), at the end.
+
 This module must not change what the network computes: the output marker is an identity
 (outputs and gradients bit-identical, tests/test_instrument_mxnet.py), the boundaries write
 nothing, and ``remove()`` leaves no hook behind.
@@ -218,16 +221,33 @@ def push_boundary(slot: int, reads: Sequence[NDArray], writes: Sequence[NDArray]
 # one is installed: MXNet queues the whole backward pass inside that one call, and only once it
 # returns may the layer boundaries be queued behind it (see Instrument._queue_backward).
 _INSTALLED: "weakref.WeakSet[Instrument]" = weakref.WeakSet()
+# The PhaseEvents installed: told of the same call's start and end. One wrapper serves both, so
+# that installing and removing them in any order restores NDArray.backward exactly, and so that
+# the layer boundaries are queued before the backward's end is reported (whose handler waits for
+# the engine: the other way round, the held backward pass would wait for HOLD_TIMEOUT_S).
+_EVENTS: "weakref.WeakSet[PhaseEvents]" = weakref.WeakSet()
 _NDARRAY_BACKWARD = NDArray.backward
 
 
 @functools.wraps(_NDARRAY_BACKWARD)
 def _backward_then_queue_boundaries(self, *args, **kwargs):
+    events = list(_EVENTS)
+    for listener in events:
+        listener.on_event("backward_start")
     try:
         return _NDARRAY_BACKWARD(self, *args, **kwargs)
     finally:
         for instrument in list(_INSTALLED):
             instrument._queue_backward()
+        for listener in events:
+            listener.on_event("backward_end")
+
+
+def _wrap_ndarray_backward() -> None:
+    """NDArray.backward is wrapped while an Instrument or a PhaseEvents is installed, else
+    MXNet's own."""
+    NDArray.backward = (_backward_then_queue_boundaries if (_INSTALLED or _EVENTS)
+                        else _NDARRAY_BACKWARD)
 
 
 def _arrays(values) -> List[NDArray]:
@@ -338,15 +358,14 @@ class Instrument(InstrumentBase):
             self._hooks.append(block.register_forward_hook(self._layer_end))
         self._hooks.append(self.workload.net.register_forward_hook(self._network_end))
         _INSTALLED.add(self)
-        NDArray.backward = _backward_then_queue_boundaries
+        _wrap_ndarray_backward()
 
     def remove(self) -> None:
         for handle in self._hooks:
             handle.detach()
         self._hooks.clear()
         _INSTALLED.discard(self)
-        if not _INSTALLED:
-            NDArray.backward = _NDARRAY_BACKWARD
+        _wrap_ndarray_backward()
         self._ran.clear()
         self._hold.set()  # never leave a backward pass held
 
@@ -521,3 +540,266 @@ class Instrument(InstrumentBase):
             notes.append(f"No backward range for layers without a trainable parameter: "
                          f"{', '.join(missing)}.")
         return notes
+
+
+# --------------------------------------------------------------------------- a user's model
+
+def _named_blocks(block, name: str = ""):
+    """(dotted attribute path, block) of ``block`` and every block under it, parents first,
+    children in registration order: the seed workloads' layer names
+    (profiler.workloads.mxnet.common.named_blocks) and PyTorch's named_modules. Gluon 1.x has
+    no public accessor for a child's attribute name; ``_children`` maps it to the child."""
+    yield name, block
+    for child_name, child in block._children.items():
+        yield from _named_blocks(child, f"{name}.{child_name}" if name else child_name)
+
+
+def _model_context(model, function: str):
+    """The one context ``model``'s parameters live on (cpu(0) for a model without any); a
+    ValueError naming the model when they are not initialized or on several."""
+    contexts = set()
+    for param in model.collect_params().values():
+        try:
+            contexts.update(param.list_ctx())
+        except RuntimeError:   # Gluon: "Parameter ... has not been initialized"
+            raise ValueError(f"{function}: model: expected a model whose parameters are "
+                             f"initialized, got {type(model).__name__} with {param.name} not "
+                             f"initialized: call model.initialize(ctx=...) first") from None
+    if len(contexts) > 1:
+        raise ValueError(f"{function}: model: expected its parameters on one context, got "
+                         f"{sorted(map(str, contexts))}: profile one device's replica")
+    return contexts.pop() if contexts else mx.cpu(0)
+
+
+def _resolve_context(device):
+    """An MXNet context from the CLI's names ("cpu", "cuda", "cuda:N") or MXNet's ("gpu",
+    "gpu:N", an mx.Context); a ValueError naming ``device`` otherwise."""
+    if isinstance(device, mx.Context):
+        return device
+    kind, _, index = str(device).partition(":")
+    if kind in ("cpu", "cuda", "gpu") and (index.isdigit() or not index):
+        return mx.cpu(0) if kind == "cpu" else mx.gpu(int(index or 0))
+    raise ValueError(f"profile_training: device: expected 'cpu', 'cuda[:N]', 'gpu[:N]' or an "
+                     f"mx.Context, got {device!r}")
+
+
+class UserModel:
+    """What the Instrument needs of a workload, for a user's gluon.Block
+    (profiler.api.LayerProfiler): its blocks with parameters of their own, named by their
+    attribute paths ("features.0"), that ``keep(name, block)`` accepts. The model must run
+    imperatively (not hybridized): Gluon calls no per-block hook inside a cached graph."""
+
+    framework = "mxnet"
+
+    def __init__(self, model, keep):
+        if not isinstance(model, mx.gluon.Block):
+            raise TypeError(f"LayerProfiler: model: expected a mxnet.gluon.Block (a Block or "
+                            f"HybridBlock) for framework 'mxnet', got "
+                            f"{type(model).__module__}.{type(model).__name__}")
+        blocks = list(_named_blocks(model))
+        hybridized = [name or "the model" for name, block in blocks
+                      if getattr(block, "_active", False)]
+        if hybridized:
+            raise ValueError(f"LayerProfiler: model: expected an imperative (not hybridized) "
+                             f"Gluon model, got {type(model).__name__} with {hybridized[:3]} "
+                             f"hybridized (a cached graph calls no per-block hook): "
+                             f"model.hybridize(active=False) while profiling")
+        self.net = model
+        self.ctx = _model_context(model, "LayerProfiler")
+        with_params = [(name, block) for name, block in blocks if name and block._reg_params]
+        missing = [n for n in getattr(keep, "names", ()) if n not in dict(blocks)]
+        if missing:
+            raise ValueError(f"LayerProfiler: layers: {missing} not in the "
+                             f"{type(model).__name__}; its blocks with parameters of their own: "
+                             f"{[n for n, _ in with_params][:20]}")
+        self._layers = [(name, block) for name, block in with_params if keep(name, block)]
+        if not self._layers:
+            raise ValueError(f"LayerProfiler: layers: no layer of the {type(model).__name__} "
+                             f"was selected; blocks with parameters of their own: "
+                             f"{[n for n, _ in with_params][:20]}")
+
+    def named_layers(self):
+        return self._layers
+
+    def synchronize(self) -> None:
+        # MXNet queues every operator on its engine and returns: wait for all of them.
+        mx.nd.waitall()
+
+    def batch_size_of(self, output) -> int:
+        value = output[0] if isinstance(output, (tuple, list)) and output else output
+        shape = getattr(value, "shape", ())
+        return int(shape[0]) if len(shape) else 1
+
+    def version(self) -> str:
+        return mx.__version__
+
+    def device_kind(self) -> str:
+        return "cuda" if self.ctx.device_type == "gpu" else "cpu"
+
+    def device_name(self) -> str:
+        if self.ctx.device_type == "gpu":
+            return f"GPU {self.ctx.device_id} (MXNet names no device model)"
+        import platform
+        return platform.processor() or platform.machine()
+
+
+def _classes_defining(base: type, name: str) -> List[type]:
+    """``base`` and its subclasses (imported so far) whose own body defines ``name``."""
+    found, seen, stack = [], set(), [base]
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        if name in cls.__dict__:
+            found.append(cls)
+        stack.extend(cls.__subclasses__())
+    return found
+
+
+# The calls PhaseEvents reports, wrapped once for all of them while any is installed (as
+# NDArray.backward is, see _EVENTS): each installed PhaseEvents hears every call, and removing
+# them in any order leaves MXNet's own functions in place.
+_AUTOGRAD_BACKWARD = autograd.backward
+_TRAINER_METHODS: List[Tuple[type, str, object]] = []   # (class, name, its own) while wrapped
+_optimizer_depth = 0
+
+
+@functools.wraps(_AUTOGRAD_BACKWARD)
+def _autograd_backward_with_events(*args, **kwargs):
+    events = list(_EVENTS)
+    for listener in events:
+        listener.on_event("backward_start")
+    try:
+        return _AUTOGRAD_BACKWARD(*args, **kwargs)
+    finally:
+        for listener in events:
+            listener.on_event("backward_end")
+
+
+def _trainer_call_with_events(own):
+    # Only the outermost of nested calls counts: a subclass's step calling super().step, or a
+    # step calling update.
+    @functools.wraps(own)
+    def call(trainer, *args, **kwargs):
+        global _optimizer_depth
+        _optimizer_depth += 1
+        events = list(_EVENTS) if _optimizer_depth == 1 else []
+        for listener in events:
+            listener.on_event("optimizer_start")
+        try:
+            return own(trainer, *args, **kwargs)
+        finally:
+            _optimizer_depth -= 1
+            for listener in events:
+                listener.on_event("optimizer_end")
+    return call
+
+
+def _wrap_phase_calls() -> None:
+    """The phase calls are wrapped while a PhaseEvents is installed, else MXNet's own."""
+    global _optimizer_depth
+    _wrap_ndarray_backward()
+    if _EVENTS and not _TRAINER_METHODS:
+        autograd.backward = _autograd_backward_with_events
+        for method in ("step", "update"):
+            for cls in _classes_defining(mx.gluon.Trainer, method):
+                own = cls.__dict__[method]
+                _TRAINER_METHODS.append((cls, method, own))
+                setattr(cls, method, _trainer_call_with_events(own))
+    elif not _EVENTS and _TRAINER_METHODS:
+        autograd.backward = _AUTOGRAD_BACKWARD
+        for cls, method, own in _TRAINER_METHODS:
+            setattr(cls, method, own)
+        _TRAINER_METHODS.clear()
+        _optimizer_depth = 0
+
+
+class PhaseEvents:
+    """MXNet's own events at the step's phase boundaries, reported to ``on_event``: the
+    backward call's start and end (NDArray.backward, through the wrapper the Instrument also
+    uses, and mx.autograd.backward; neither calls the other in MXNet 1.9, so each call is one
+    pair of events), and the optimizer step's start and end (gluon.Trainer.step and .update,
+    and the same methods of every Trainer subclass defined before installing; the outermost of
+    nested calls counts, e.g. a subclass's step calling super().step), all wrapped while
+    installed: Gluon has no hooks of its own for either. The driver waits for MXNet's engine
+    at each of these boundaries (Instrument.phase_sync), so each phase is the time its work
+    ran."""
+
+    def __init__(self, on_event):
+        self.on_event = on_event
+        self.notes = ["Phases: backward = NDArray.backward and mx.autograd.backward calls (and "
+                      "until the engine has run the pass; mx.autograd.grad is not a phase "
+                      "boundary); optimizer = gluon.Trainer.step/update calls (any Trainer "
+                      "subclass) until the engine has run the update."]
+
+    def install(self) -> None:
+        _EVENTS.add(self)
+        _wrap_phase_calls()
+
+    def remove(self) -> None:
+        _EVENTS.discard(self)
+        _wrap_phase_calls()
+
+
+def training_step(model, loss_fn, optimizer, device=None):
+    """The common loop's step for profiler.api.profile_training, Gluon's own loop:
+    ``step(prof, (x, t))`` copies the batch to ``device`` (default: the model's context; it
+    must be the model's), runs ``out = model(x); loss = loss_fn(out, t)`` under
+    ``autograd.record()`` (the output marked inside it, so the loss phases split there),
+    ``loss.backward()`` and ``trainer.step(batch_size)`` (Gluon's losses are per sample and
+    backward sums them; the Trainer divides by the batch size); ``prof`` None runs it
+    unprofiled."""
+    if not isinstance(model, mx.gluon.Block):
+        raise TypeError(f"profile_training: model: expected a mxnet.gluon.Block, got "
+                        f"{type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"profile_training: loss_fn: expected a callable (output, target) -> "
+                        f"loss NDArray (e.g. gluon.loss.SoftmaxCrossEntropyLoss()), got "
+                        f"{type(loss_fn).__name__}")
+    if not isinstance(optimizer, mx.gluon.Trainer):
+        raise TypeError(f"profile_training: optimizer: expected a mxnet.gluon.Trainer, got "
+                        f"{type(optimizer).__name__}")
+    # Gluon 1.x has no public accessor for a Trainer's parameters; _params is its list.
+    ours = {id(p) for p in model.collect_params().values()}
+    if not any(id(p) in ours for p in getattr(optimizer, "_params", ())):
+        raise ValueError("profile_training: optimizer: expected a gluon.Trainer over the "
+                         "model's parameters (gluon.Trainer(model.collect_params(), ...)), "
+                         "got one holding none of them")
+    model_ctx = _model_context(model, "profile_training")
+    ctx = model_ctx if device is None else _resolve_context(device)
+    if ctx != model_ctx:
+        raise ValueError(f"profile_training: device: {ctx} is not the model's context "
+                         f"({model_ctx}); move the model first: "
+                         f"model.collect_params().reset_ctx({ctx})")
+
+    def to_context(batch):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(f"profile_training: loader: expected batches (inputs, targets), "
+                             f"got {type(batch).__name__}"
+                             + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+        # Worker batches arrive in cpu_shared memory: copied to the model's context too.
+        return tuple(b if isinstance(b, NDArray) and b.context == ctx
+                     else b.as_in_context(ctx) if isinstance(b, NDArray)
+                     else mx.nd.array(b, ctx=ctx, dtype=getattr(b, "dtype", None))
+                     for b in batch)
+
+    def step(prof, batch):
+        if prof is None:
+            x, t = to_context(batch)
+        else:
+            with prof.phase("h2d"):
+                x, t = to_context(batch)
+        with autograd.record():
+            out = model(x)
+            if prof is not None:
+                out = prof.mark_output(out)
+            loss = loss_fn(out, t)
+        if not isinstance(loss, NDArray):
+            raise TypeError(f"profile_training: loss_fn: expected it to return an NDArray, "
+                            f"got {type(loss).__name__}")
+        loss.backward()
+        optimizer.step(x.shape[0])
+        return loss
+
+    return step
