@@ -19,6 +19,10 @@ block's pre-activation) happens between nodes, in Chainer's backprop loop; so do
 pooling, additions and dropout, which belong to no named link; the parameters' gradients are
 stored after the last node. All of that is in the "backward" phase, outside every layer.
 
+A user's own Chainer model and loop (profiler.api): ``UserModel``, ``PhaseEvents`` (the
+backward calls and the optimizer's hooks as phase boundaries) and ``training_step`` (Chainer's
+loop), at the end.
+
 Times are host times. Chainer on NumPy computes synchronously: host ranges are compute time.
 On CuPy kernels queue asynchronously: host ranges say when work was issued, and the recorder's
 CuPy events (device_clock) when it ran (the GPU path is unverified here).
