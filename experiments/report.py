@@ -129,6 +129,12 @@ def render_study(name: str, doc: Dict[str, object], root: Path) -> List[str]:
               f"{doc.get('wall_s') or 0:.0f} s wall, started {doc['started']}. "
               f"Command: `{doc['command']}`.", "",
               "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), ""]
+    machine = doc["machine"]
+    if machine.get("worker_peak_rss_mib"):
+        lines += ["Peak memory per framework worker (MiB): " + ", ".join(
+            f"{f} {v:.0f}" for f, v in machine["worker_peak_rss_mib"].items() if v) + "; "
+            f"load average {_load(machine.get('load_average_start'))} at the start, "
+            f"{_load(machine.get('load_average_end'))} at the end.", ""]
     if doc["departures"]:
         lines += ["Where this run departs from the published settings:", ""]
         lines += [f"- {d}" for d in doc["departures"]] + [""]
