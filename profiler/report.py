@@ -27,7 +27,9 @@ warmup                int >= 0                   steps run before measuring, not
 step_ms               {samples: [number], mean,  per-step wall time of the measured steps (more
                       median, iqr: number, ...}  keys, e.g. min, max, n, may follow)
 phases_ms             {phase: {mean, median,     one entry for each of the eight
-                      iqr: number}}              ``timeline.PHASES``; the means add up to
+                      iqr: number}}              ``timeline.PHASES``, and for an optional
+                                                 phase where measured (OPTIONAL_PHASES:
+                                                 "communication"); the means add up to
                                                  step_ms.mean ("other" is the remainder)
 layers                [{name: str, type: str or  per layer in forward order: inclusive and self
                       null, forward_ms,          (minus sub-layers) times and forward calls per
@@ -72,8 +74,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from profiler.analysis.stats import summarize
-from profiler.timeline import PHASES
+from profiler.analysis.stats import describe_overhead, summarize
+from profiler.timeline import OPTIONAL_PHASES, PHASES, phases_of
 
 SCHEMA_VERSION = 1
 TOOL = "deepprof"
@@ -121,7 +123,7 @@ def from_phase_breakdown(breakdown: Mapping[str, Any]) -> Dict[str, Any]:
     summary = summarize(step["samples"])
     step_ms.update(min=summary["min_ms"], max=summary["max_ms"], n=summary["n"])
     phases_ms = {p: {k: breakdown["phases_ms"][p][k] for k in ("mean", "median", "iqr")}
-                 for p in PHASES}
+                 for p in phases_of(breakdown["phases_ms"])}
     return {"step_ms": step_ms, "phases_ms": phases_ms}
 
 
@@ -211,14 +213,15 @@ def _check_measured(doc: Mapping[str, Any]) -> None:
         _number(step, key, "step_ms")
 
     phases = _obj(doc, "phases_ms", "")
-    unknown = sorted(set(phases) - set(PHASES))
+    unknown = sorted(set(phases) - set(PHASES) - set(OPTIONAL_PHASES))
     if unknown:
-        _fail("phases_ms", f"unknown phases {unknown}; expected {list(PHASES)}")
-    for p in PHASES:
+        _fail("phases_ms", f"unknown phases {unknown}; expected {list(PHASES)} and optionally "
+                           f"{list(OPTIONAL_PHASES)}")
+    for p in phases_of(phases):
         entry = _obj(phases, p, "phases_ms")
         for key in ("mean", "median", "iqr"):
             _number(entry, key, f"phases_ms.{p}")
-    total = sum(phases[p]["mean"] for p in PHASES)
+    total = sum(phases[p]["mean"] for p in phases_of(phases))
     step_mean = step["mean"]
     if abs(total - step_mean) > _PHASE_SUM_TOLERANCE * abs(step_mean) + 1e-12:
         _fail("phases_ms", f"the phases' means add up to {total:.6g} ms but step_ms.mean is "
@@ -380,7 +383,7 @@ def _phase_table(report: Mapping[str, Any]) -> Table:
     table.add_column("phase")
     for name in ("mean", "median", "IQR", "% of step"):
         table.add_column(name, justify="right")
-    for p in PHASES:
+    for p in phases_of(report["phases_ms"]):
         e = report["phases_ms"][p]
         table.add_row(p, _ms(e["mean"]), _ms(e["median"]), _ms(e["iqr"]),
                       _pct(e["mean"], step["mean"]))
@@ -395,10 +398,12 @@ def _merged_phase_table(reports: Sequence[Mapping[str, Any]]) -> Table:
     table.add_column("phase")
     for label in _labels(reports):
         table.add_column(Text(label), justify="right")
-    for p in PHASES:
+    shown = PHASES[:-1] + tuple(p for p in OPTIONAL_PHASES
+                                if any(p in r["phases_ms"] for r in reports)) + PHASES[-1:]
+    for p in shown:
         table.add_row(p, *[f"{_ms(r['phases_ms'][p]['mean'])} "
                            f"({_pct(r['phases_ms'][p]['mean'], r['step_ms']['mean'])})"
-                           for r in reports])
+                           if p in r["phases_ms"] else "-" for r in reports])
     table.add_section()
     table.add_row(Text("step", style="bold"), *[_ms(r["step_ms"]["mean"]) for r in reports])
     return table
@@ -464,6 +469,8 @@ def render_table(report_or_reports: Union[Mapping[str, Any], Sequence[Mapping[st
         _print_errors(console, report)
         if measured:
             console.print(_phase_table(report))
+            if "overhead_verdict" in report["instrumentation"]:
+                console.print(describe_overhead(report["instrumentation"]))
             console.print(_layer_table(report, top_n, "Layers (ms per step)"))
         return
 

@@ -17,6 +17,17 @@ from typing import List, Optional
 # The eight phases of a training step; their means add up to the mean step time.
 PHASES = ("data_wait", "h2d", "forward", "loss_forward", "loss_backward", "backward",
           "optimizer", "other")
+# Phases only some runs have, listed in a report only where measured: "communication", the
+# time a distributed step waits for its gradient all-reduce after the backward computation
+# is done (profiler.api with DistributedDataParallel). Shown before "other".
+OPTIONAL_PHASES = ("communication",)
+
+
+def phases_of(phases_ms) -> tuple:
+    """The phases a report's phases_ms holds, in display order: PHASES with any optional
+    phase it has before "other"."""
+    extra = tuple(p for p in OPTIONAL_PHASES if p in phases_ms)
+    return PHASES[:-1] + extra + PHASES[-1:]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 
 from profiler.analysis.nesting import nesting_order_key, trees_by_track, walk
 from profiler.analysis.stats import iqr, median
-from profiler.timeline import PHASES, Range, Timeline
+from profiler.timeline import OPTIONAL_PHASES, PHASES, Range, Timeline
 
 _NS_PER_MS = 1e6
 _DEVICE_PREFIX = "device:"
@@ -58,14 +58,16 @@ def phase_breakdown(timeline: Timeline) -> Dict[str, object]:
     if not steps:
         raise ValueError("phase_breakdown: the timeline has no host range of kind 'step' with "
                          "step >= 0; expected one per measured step")
-    measured = PHASES[:-1]   # every phase but "other", which is what is left
+    # Every phase but "other", which is what is left, and the optional phases that occur.
+    seen = {r.name for r in timeline.ranges if r.kind == "phase" and r.step >= 0}
+    measured = PHASES[:-1] + tuple(p for p in OPTIONAL_PHASES if p in seen)
     per_step_ns: Dict[str, Dict[int, int]] = {p: defaultdict(int) for p in measured}
     for r in timeline.ranges:
         if r.kind != "phase" or r.step < 0 or _is_device(r.track):
             continue
-        if r.name not in PHASES:
+        if r.name not in PHASES and r.name not in OPTIONAL_PHASES:
             raise ValueError(f"phase_breakdown: phase range {r.name!r} (step {r.step}) is not "
-                             f"one of {PHASES}")
+                             f"one of {PHASES + OPTIONAL_PHASES}")
         if r.step not in steps:
             raise ValueError(f"phase_breakdown: phase range {r.name!r} belongs to step {r.step}, "
                              f"which has no step range")
@@ -82,7 +84,8 @@ def phase_breakdown(timeline: Timeline) -> Dict[str, object]:
                 f"({-other / _NS_PER_MS:.3f} ms over); phases overlap or leave the step"
                 for s, other in zip(order, phase_ns["other"]) if other < 0]
     return {"steps": order, "step_ms": _summary_ms(step_ns),
-            "phases_ms": {p: _summary_ms(phase_ns[p]) for p in PHASES}, "warnings": warnings}
+            "phases_ms": {p: _summary_ms(phase_ns[p]) for p in measured + ("other",)},
+            "warnings": warnings}
 
 
 def _self_ns(timeline: Timeline) -> Dict[int, int]:
