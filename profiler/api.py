@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 from profiler.analysis.flamegraph import folded_stacks, to_speedscope
 from profiler.analysis.nesting import check_nesting
 from profiler.analysis.phases import layer_breakdown, phase_breakdown
-from profiler.analysis.stats import median
+from profiler.analysis.stats import OVERHEAD_GOAL_PCT, median, overhead_summary
 from profiler.analysis.trace_events import to_chrome_trace
 from profiler.recorder import NVTX, PHASE_COLOURS, Recorder
 from profiler.report import (build_report, from_layer_breakdown, from_phase_breakdown,
@@ -52,6 +52,7 @@ MARKABLE_PHASES = tuple(p for p in PHASES if p != "other")
 # The automatic phase that follows each boundary.
 _AFTER = {"step_start": "forward", "mark_output": "loss_forward",
           "backward_start": "loss_backward", "output_grad": "backward",
+          "communication_wait": "communication",
           "backward_end": "other", "optimizer_start": "optimizer", "optimizer_end": "other"}
 
 LayerFilter = Union[None, Callable[[str, Any], bool], Sequence[str]]
@@ -120,10 +121,11 @@ class _PhaseCursor:
         self.boundaries = []
         self._open("forward", self.recorder.now_ns())
 
-    def boundary(self, event: str) -> None:
+    def boundary(self, event: str, at_ns: Optional[int] = None) -> None:
         """An event of the step (a key of _AFTER): closes the open automatic phase and opens
-        the next one, unless the user marks that phase by hand."""
-        now = self.recorder.now_ns()
+        the next one, unless the user marks that phase by hand. ``at_ns``: when it happened,
+        if earlier than now (never before the open phase began)."""
+        now = self.recorder.now_ns() if at_ns is None else max(at_ns, self.since_ns)
         self.boundaries.append(event)
         self._close(now)
         self._open(_AFTER[event], now)
@@ -199,6 +201,11 @@ class LayerProfiler:
         self.cursor = _PhaseCursor(self.recorder)
         self.instrument.on_output_grad = self._output_grad
         self.events = self._fw.PhaseEvents(self._event)
+        # Distributed data parallel: when the last gradient bucket's all-reduce was launched,
+        # every gradient was computed; the rest of the backward call is the wait for it.
+        self._last_communication_ns: Optional[int] = None
+        watch = getattr(self.target, "watch_communication", None)
+        self.communication_note = watch(self._communication_launch) if watch else None
         self.steps_done = 0
         self.step_ms: List[float] = []            # measured, instrumented
         self.plain_step_ms: List[float] = []      # measured, uninstrumented
@@ -304,6 +311,8 @@ class LayerProfiler:
             f"backward call, the output's gradient, the optimizer step) and phases marked by "
             f"hand ({', '.join(sorted(self.cursor.manual)) or 'none'}); 'other' is the rest."]
         notes += self.events.notes
+        if self.communication_note:
+            notes.append(self.communication_note)
         errors = list(self.errors)
         breakdown = phase_breakdown(self.timeline)
         errors += [f"phase accounting: {w}" for w in breakdown["warnings"]]
@@ -313,7 +322,8 @@ class LayerProfiler:
         sections["instrumentation"] = {
             "instrumented_step_ms_median": median(inst),
             "uninstrumented_step_ms_median": median(plain) if plain else None,
-            "overhead_pct": (median(inst) / median(plain) - 1) * 100 if plain else None,
+            **overhead_summary(inst, plain,
+                               goal_pct=OVERHEAD_GOAL_PCT[self.target.device_kind()]),
             "instrumented_step_ms": inst, "uninstrumented_step_ms": plain}
         doc = build_report(
             framework=self.framework, framework_version=self.target.version(),
@@ -348,9 +358,16 @@ class LayerProfiler:
             return
         if event == "backward_end":
             self.instrument.finish_backward()
+            if self._last_communication_ns is not None:
+                self.cursor.boundary("communication_wait", self._last_communication_ns)
+                self._last_communication_ns = None
         if self.instrument.phase_sync:
             self.target.synchronize()
         self.cursor.boundary(event)
+
+    def _communication_launch(self) -> None:
+        if self._in_step and self.recorder.enabled:
+            self._last_communication_ns = self.recorder.now_ns()
 
     def _output_grad(self) -> None:
         if self._in_step:

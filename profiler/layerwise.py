@@ -34,7 +34,8 @@ from typing import Dict, List, Optional
 from profiler.analysis.flamegraph import folded_stacks, to_speedscope
 from profiler.analysis.nesting import check_nesting
 from profiler.analysis.phases import layer_breakdown, phase_breakdown
-from profiler.analysis.stats import bootstrap_diff_ci, describe_diff, iqr, median
+from profiler.analysis.stats import (OVERHEAD_GOAL_PCT, bootstrap_diff_ci, describe_diff,
+                                     iqr, median, overhead_summary)
 from profiler.analysis.trace_events import to_chrome_trace
 from profiler.report import (build_report, from_layer_breakdown, from_phase_breakdown,
                              render_comparison, render_table, render_variant_phases,
@@ -372,7 +373,7 @@ def run_one(args, framework: str) -> dict:
         if args.sync:
             notes.append("--sync: the device was synchronised at every range boundary; "
                          "ranges are complete but the GPU could not run ahead of the host.")
-        fields.update(_measured_sections(result, errors))
+        fields.update(_measured_sections(result, errors, device))
         _write_views(out, result.timeline, fields, errors)
     try:
         fields["threads"] = threads_section(args, framework, notes)
@@ -387,7 +388,7 @@ def run_one(args, framework: str) -> dict:
     return report
 
 
-def _measured_sections(result, errors: List[str]) -> dict:
+def _measured_sections(result, errors: List[str], device: str) -> dict:
     try:
         breakdown = phase_breakdown(result.timeline)
     except ValueError as e:          # no measured step completed
@@ -397,13 +398,10 @@ def _measured_sections(result, errors: List[str]) -> dict:
     sections = from_phase_breakdown(breakdown)
     sections["layers"] = from_layer_breakdown(layer_breakdown(result.timeline))
     inst, plain = result.instrumented_step_ms, result.uninstrumented_step_ms
-    overhead = None
-    if inst and plain:
-        overhead = (median(inst) / median(plain) - 1) * 100
     sections["instrumentation"] = {
         "instrumented_step_ms_median": median(inst) if inst else None,
         "uninstrumented_step_ms_median": median(plain) if plain else None,
-        "overhead_pct": overhead,
+        **overhead_summary(inst, plain, goal_pct=OVERHEAD_GOAL_PCT[device]),
         "instrumented_step_ms": inst, "uninstrumented_step_ms": plain}
     return sections
 
@@ -654,10 +652,15 @@ def run_user_model(args) -> dict:
     from profiler.api import build_from_factory, profile_training
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     notes: List[str] = []
+    rank = _start_distributed(args, notes)
+    if rank is not None:
+        out = out / f"rank{rank}"
+    out.mkdir(parents=True, exist_ok=True)
     apply_threads(args, args.framework, notes)
     built = build_from_factory(args.model)
+    if rank is not None:
+        built["model"] = _data_parallel(built["model"])
     framework = built.pop("framework", args.framework)
     if framework != args.framework:
         raise ValueError(f"--model {args.model}: the factory says framework {framework!r}, "
@@ -673,7 +676,51 @@ def run_user_model(args) -> dict:
     report.doc["notes"] += notes
     report.doc["threads"] = threads_section(args, framework, report.doc["notes"])
     report.save(out)
+    if rank is not None:
+        from profiler import distributed
+        gathered = distributed.gather_to_rank0(report)
+        if rank == 0:
+            distributed.write_merged(gathered, Path(args.out))
+            args.merged = distributed.merge(gathered)
     return report.doc
+
+
+def _start_distributed(args, notes: List[str]) -> Optional[int]:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): joins the process group (gloo on
+    the CPU, NCCL on GPUs) unless the caller did, and returns this rank; else None. Each
+    rank's default --threads is its share of the cores."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if args.framework != "torch":
+        raise ValueError(f"--framework {args.framework}: several ranks (WORLD_SIZE "
+                         f"{os.environ['WORLD_SIZE']}) are profiled for torch.distributed "
+                         f"only")
+    import torch
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    if args.threads == physical_cores() and local > 1:
+        args.threads = max(1, physical_cores() // local)
+        notes.append(f"threads: {args.threads} per rank, the cores shared by {local} ranks "
+                     f"on this machine")
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    notes.append(f"rank {dist.get_rank()} of {dist.get_world_size()} "
+                 f"({dist.get_backend()})")
+    return dist.get_rank()
+
+
+def _data_parallel(model):
+    """The factory's model in DistributedDataParallel (as it is if already wrapped)."""
+    import torch
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if isinstance(model, ddp):
+        return model
+    params = list(model.parameters())
+    on_gpu = bool(params) and params[0].device.type == "cuda"
+    return ddp(model, device_ids=[params[0].device.index] if on_gpu else None)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -682,15 +729,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.nsys:
         return run_under_nsys(args, argv)
     if args.user_model:
+        args.merged = None
         try:
             report = run_user_model(args)
         except (ValueError, TypeError, RuntimeError) as e:
             # Plain: rich would fold the line and read ":factory:" in a path as an emoji.
             print(f"error: {e}", file=sys.stderr)
             return 2
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if args.format == "json":
-            print(json.dumps(report, indent=1))
-        else:
+            print(json.dumps(args.merged or report, indent=1))
+        elif args.merged is not None:        # rank 0 of several: the merged table
+            from profiler.distributed import render_merged
+            render_merged(args.merged)
+            _stderr_console().print(f"written: {args.out}/merged_report.json, "
+                                    f"trace_ranks.json, rank*/report.json")
+        elif not distributed:                # the other ranks leave the printing to rank 0
             render_table(report)
             _stderr_console().print(f"written: {args.out}/report.json, trace.json, "
                                     f"flame.folded, flame.speedscope.json")

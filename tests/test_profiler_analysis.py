@@ -578,3 +578,29 @@ def test_render_comparison_prints_the_lines():
     line = stats.describe_diff("loss backward", "explicit", "autograd", -3.1, -4.0, -2.2)
     rep.render_comparison([line], console)
     assert line in console.export_text()
+
+
+# ----------------------------------------------------------------------------- overhead
+
+def test_overhead_verdicts_on_known_samples():
+    from profiler.analysis.stats import describe_overhead, overhead_summary
+    plain = [100.0, 101.0, 99.0, 100.5, 99.5, 100.0]
+    # 2% slower, tight: the interval lies below a 5% goal.
+    within = overhead_summary([p * 1.02 for p in plain], plain, goal_pct=5.0)
+    assert within["overhead_verdict"] == "within the goal"
+    assert within["overhead_pct"] == pytest.approx(2.0)
+    low, high = within["overhead_ci_pct"]
+    assert low - 1e-9 <= 2.0 <= high + 1e-9 and high < 5.0
+    # 12% slower, tight: over the goal.
+    assert overhead_summary([p * 1.12 for p in plain], plain,
+                            goal_pct=5.0)["overhead_verdict"] == "over the goal"
+    # Steps varying by +-30%: the interval is wider than the goal, nothing can be said.
+    noisy = [70.0, 130.0, 100.0, 72.0, 128.0, 101.0]
+    assert overhead_summary(noisy, plain, goal_pct=5.0)["overhead_verdict"] == "not measurable"
+    # Straddling the goal with a narrow interval.
+    straddle = [p * f for p, f in zip(plain, (1.03, 1.07, 1.05, 1.04, 1.06, 1.05))]
+    assert overhead_summary(straddle, plain, goal_pct=5.0)["overhead_verdict"] == "inconclusive"
+    none = overhead_summary([1.0], [], goal_pct=3.0)
+    assert none["overhead_verdict"] == "not measured" and none["overhead_pct"] is None
+    assert "not measured" in describe_overhead(none)
+    assert describe_overhead(within).startswith("instrumentation overhead: +2.0% [")

@@ -240,3 +240,50 @@ def bootstrap_slope_ci(x: Sequence[Number], y_rounds: Sequence[Sequence[Number]]
     tail = (1.0 - confidence) / 2.0 * 100.0
     low, high = np.percentile(values, [tail, 100.0 - tail])
     return estimate, min(float(low), estimate), max(float(high), estimate)
+
+
+# The instrumentation's overhead budget, in percent of the uninstrumented step.
+OVERHEAD_GOAL_PCT = {"cpu": 5.0, "cuda": 3.0}
+
+
+def overhead_summary(instrumented_ms: Sequence[Number], plain_ms: Sequence[Number], *,
+                     goal_pct: float) -> Dict[str, object]:
+    """The instrumentation's overhead: the instrumented steps' median over the uninstrumented
+    ones', in percent, with a bootstrap 95% interval (paired when the counts are equal: the
+    runner times them in alternating blocks, so step i of each block shares its drift), and a
+    verdict against ``goal_pct``: "within the goal" (the interval lies below it), "over the
+    goal" (above it), "not measurable" (the interval is wider than the goal: the steps vary
+    more than the overhead to be measured) or "inconclusive" (it straddles the goal).
+
+    Returns {"overhead_pct", "overhead_ci_pct": [low, high] or None, "overhead_goal_pct",
+    "overhead_verdict"}; with fewer than two steps of either kind, no interval and the
+    verdict "not measured"."""
+    out: Dict[str, object] = {"overhead_pct": None, "overhead_ci_pct": None,
+                              "overhead_goal_pct": goal_pct, "overhead_verdict": "not measured"}
+    if not instrumented_ms or not plain_ms:
+        return out
+    out["overhead_pct"] = (median(instrumented_ms) / median(plain_ms) - 1) * 100
+    if len(instrumented_ms) < 2 or len(plain_ms) < 2:
+        return out
+    est, low, high = bootstrap_diff_ci(plain_ms, instrumented_ms)
+    out["overhead_ci_pct"] = [low, high]
+    if high - low > goal_pct:
+        out["overhead_verdict"] = "not measurable"
+    elif high <= goal_pct:
+        out["overhead_verdict"] = "within the goal"
+    elif low > goal_pct:
+        out["overhead_verdict"] = "over the goal"
+    else:
+        out["overhead_verdict"] = "inconclusive"
+    return out
+
+
+def describe_overhead(summary: Dict[str, object]) -> str:
+    """One line for a table: "instrumentation overhead: +2.1% [-0.4, +4.0] of the step (goal
+    5%): within the goal"."""
+    est, ci = summary.get("overhead_pct"), summary.get("overhead_ci_pct")
+    if est is None:
+        return "instrumentation overhead: not measured (no uninstrumented steps)"
+    interval = f" [{_fmt_pct(ci[0])}, {_fmt_pct(ci[1])}]" if ci else ""
+    return (f"instrumentation overhead: {_fmt_pct(est)}%{interval} of the step (goal "
+            f"{summary['overhead_goal_pct']:g}%): {summary['overhead_verdict']}")

@@ -162,6 +162,35 @@ class UserModel:
     def named_layers(self):
         return self._layers
 
+    def watch_communication(self, on_launch) -> Optional[str]:
+        """For a DistributedDataParallel model: a communication hook that calls ``on_launch``
+        as each gradient bucket's all-reduce is launched (the last launch means every
+        gradient is computed) and wraps the all-reduce in an NVTX range, then runs DDP's
+        default all-reduce. Returns a note for the report (None for a plain model)."""
+        ddp = torch.nn.parallel.DistributedDataParallel
+        if not isinstance(self.model, ddp):
+            return None
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        from profiler.recorder import NVTX
+
+        def allreduce(state, bucket):
+            on_launch()
+            token = NVTX.start(f"allreduce (bucket {bucket.index()})", "blue")
+
+            def done(future):
+                NVTX.end(token)
+                return future.value()
+            return default_hooks.allreduce_hook(state, bucket).then(done)
+
+        try:
+            self.model.register_comm_hook(None, allreduce)
+        except RuntimeError as e:     # DDP takes one hook per model: the user's stays
+            return (f"communication: not measured: the model has a communication hook of its "
+                    f"own ({e}); the all-reduce wait counts in 'backward'")
+        return ("communication: from the launch of the last gradient bucket's all-reduce "
+                "(every gradient computed) to the end of the backward call (DDP waits there "
+                "for every all-reduce); all-reduces run in NVTX ranges 'allreduce (bucket i)'.")
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
