@@ -248,3 +248,13 @@ def test_cli_refuses_seed_options_with_a_factory():
         layerwise.parse_args(["--model", "resnet21"])
     args = layerwise.parse_args(["--model", f"{FACTORY}:factory"])
     assert args.user_model and args.out.endswith("torch-factory")
+
+
+def test_a_loader_that_cannot_start_over_says_so():
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    one_pass = (b for b in batches(2))
+    report = profile_training(model, one_pass, torch.nn.functional.cross_entropy, opt,
+                              steps=4, warmup=0, overhead_steps=0)
+    assert report["iters"] == 2
+    assert any("ran out after 2 batches" in e for e in report["errors"])
