@@ -20,7 +20,8 @@ from profiler.report import validate_report  # noqa: E402
 
 # What PhaseEvents replaces while installed, as it was before any test: checked after each
 # profiler is closed (the very function objects, not look-alikes).
-ORIGINAL_GRADIENT = vars(tf.GradientTape)["gradient"]
+TAPE_METHODS = ("gradient", "jacobian", "batch_jacobian")
+ORIGINAL_TAPE = {name: vars(tf.GradientTape)[name] for name in TAPE_METHODS}
 
 
 def optimizer_methods():
@@ -29,7 +30,7 @@ def optimizer_methods():
 
 
 def assert_restored(before):
-    assert vars(tf.GradientTape)["gradient"] is ORIGINAL_GRADIENT
+    assert all(vars(tf.GradientTape)[name] is ORIGINAL_TAPE[name] for name in TAPE_METHODS)
     after = optimizer_methods()
     assert all(after[key] is original for key, original in before.items())
 
@@ -232,6 +233,11 @@ def test_phase_events_fire_once_per_outermost_call_and_are_put_back():
         traced_step()                          # traced: no boundaries, a note
         assert events == []
         assert any("while a graph was traced" in n for n in phase_events.notes)
+        # A Jacobian's row-by-row gradients (eager without pfor) are no boundaries either.
+        with tf.GradientTape(persistent=True) as tape:
+            y = tf.stack([w * w, w * 3.0])
+        tape.jacobian(y, w, experimental_use_pfor=False)
+        assert events == []
     finally:
         phase_events.remove()
     assert_restored(before)

@@ -490,13 +490,15 @@ class PhaseEvents:
       apply, and every optimizer's update goes through an ``apply`` (BaseOptimizer's, or an
       override such as LossScaleOptimizer's, which calls its inner optimizer's apply). Each is
       replaced on every optimizer class loaded at install time that defines it, so a
-      user-defined optimizer's override counts too.
+      user-defined optimizer's override counts too (one defined after install is no
+      boundary itself; the base apply it calls is).
 
     Only the outermost call of each kind is a boundary (apply_gradients -> apply -> inner
-    apply fires once; a tape.gradient computed inside another's backward is part of it).
-    Calls while a graph is traced (tf.function; tape.jacobian's vectorisation) are no
-    boundaries: their Python runs once, at tracing, not when the work runs; the report notes
-    that it happened. Single-threaded, as a training step is."""
+    apply fires once; a tape.gradient computed inside another's backward is part of it);
+    tape.jacobian and batch_jacobian are none (replaced too, only to say so). Calls while a
+    graph is traced (tf.function) are no boundaries: their Python runs once, at tracing, not
+    when the work runs; the report notes that it happened. Single-threaded, as a training
+    step is."""
 
     def __init__(self, on_event):
         self.on_event = on_event
@@ -512,6 +514,10 @@ class PhaseEvents:
             return
         self._wrapped.replace(tf.GradientTape, "gradient",
                               lambda original: self._boundary(original, "backward"))
+        # A Jacobian computes gradients row by row (eagerly without pfor): no boundaries.
+        for name in ("jacobian", "batch_jacobian"):
+            self._wrapped.replace(tf.GradientTape, name,
+                                  lambda original: self._inside(original, "backward"))
         for cls in _optimizer_classes():
             for name in ("apply_gradients", "apply"):
                 if name in vars(cls):
@@ -528,9 +534,10 @@ class PhaseEvents:
 
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
-            if depth[phase] or not tf.executing_eagerly():
-                if not tf.executing_eagerly():
-                    self._note_traced(phase)
+            if depth[phase]:                  # inside the outermost call: part of its phase
+                return original(*args, **kwargs)
+            if not tf.executing_eagerly():
+                self._note_traced(phase)
                 return original(*args, **kwargs)
             depth[phase] += 1
             on_event(f"{phase}_start")
@@ -541,13 +548,26 @@ class PhaseEvents:
                 on_event(f"{phase}_end")
         return wrapper
 
+    def _inside(self, original, phase):
+        """``original`` counted as inside a call of ``phase``: no boundary in it."""
+        depth = self._depth
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            depth[phase] += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                depth[phase] -= 1
+        return wrapper
+
     def _note_traced(self, phase) -> None:
         if not self._traced_noted:
             self._traced_noted = True
             what = "tape.gradient" if phase == "backward" else "the optimizer's apply"
-            self.notes.append(f"{what} ran while a graph was traced (tf.function, or "
-                              f"TensorFlow's own: tape.jacobian): that work is not split into "
-                              f"phases or layers; its time falls into the phase around it.")
+            self.notes.append(f"{what} ran while a graph was traced (a tf.function): that "
+                              f"work is not split into phases or layers; its time falls into "
+                              f"the phase around it.")
 
 
 _SCALAR_HINT = ("a scalar (Keras' loss objects, e.g. keras.losses.SparseCategoricalCrossentropy"
