@@ -396,7 +396,8 @@ class UserModel:
             raise ValueError(f"LayerProfiler: layers: {missing} not in the "
                              f"{type(model).__name__}; its layers with weights of their own: "
                              f"{[n for n, _ in with_weights][:20]}")
-        weightless = [n for n in names if n not in dict(with_weights)]
+        weighted = {name for name, _ in with_weights}
+        weightless = [n for n in names if n not in weighted]
         if weightless:
             raise ValueError(f"LayerProfiler: layers: {weightless} have no weights of their "
                              f"own (a container's time is its sublayers'); layers with weights "
