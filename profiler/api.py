@@ -467,3 +467,54 @@ def _cycle(loader: Iterable):
                              f"yields nothing when iterated again (a generator or a one-pass "
                              f"iterator); pass a re-iterable loader (a list, a DataLoader, "
                              f"an iterator with repeat=True) or fewer steps")
+
+# --------------------------------------------------------------------------- factories
+
+FACTORY_KEYS = ("model", "loader", "loss_fn", "optimizer")
+
+
+def load_factory(spec: str) -> Callable[[], Dict[str, Any]]:
+    """The factory named by ``spec``: "package.module:function" (imported) or
+    "path/to/file.py:function" (loaded from the file). The factory takes no arguments and
+    returns a dict with model, loader, loss_fn, optimizer (what profile_training takes), and
+    optionally framework and name."""
+    import importlib.util
+    import sys
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise ValueError(f"--model: expected a seed workload or FACTORY as "
+                         f"'package.module:function' or 'path/to/file.py:function', got "
+                         f"{spec!r}")
+    if where.endswith(".py") or "/" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise ValueError(f"--model {spec}: {path}: no such file")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules.setdefault(path.stem, module)    # pickling of its classes (loader workers)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(f"--model {spec}: cannot import {where!r}: {e}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"--model {spec}: {where} has no function {attr!r}"
+                         + ("" if factory is None else f" ({attr} is a "
+                                                       f"{type(factory).__name__})"))
+    return factory
+
+
+def build_from_factory(spec: str) -> Dict[str, Any]:
+    """Calls the factory of ``spec`` and checks what it returned."""
+    built = load_factory(spec)()
+    if not isinstance(built, dict) or any(k not in built for k in FACTORY_KEYS):
+        got = sorted(built) if isinstance(built, dict) else type(built).__name__
+        raise ValueError(f"--model {spec}: the factory must return a dict with keys "
+                         f"{list(FACTORY_KEYS)} (optionally framework, name), got {got}")
+    unknown = sorted(set(built) - set(FACTORY_KEYS) - {"framework", "name"})
+    if unknown:
+        raise ValueError(f"--model {spec}: the factory returned unknown keys {unknown}; "
+                         f"expected {list(FACTORY_KEYS)} and optionally framework, name")
+    return built
