@@ -258,3 +258,11 @@ def test_a_loader_that_cannot_start_over_says_so():
                               steps=4, warmup=0, overhead_steps=0)
     assert report["iters"] == 2
     assert any("ran out after 2 batches" in e for e in report["errors"])
+
+
+def test_the_api_is_importable_from_the_package():
+    from profiler import LayerProfiler as from_package
+    assert from_package is LayerProfiler
+    import profiler
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        profiler.nope
