@@ -9,8 +9,10 @@ import os
 import sqlite3
 import stat
 import subprocess
+import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -247,3 +249,40 @@ def test_real_capture_holds_every_range(tmp_path):
     # Every range closed, and all on the profiled process' threads (globalTid holds the pid).
     assert all(end is not None and end >= start for _, _, start, end in rows)
     assert len({tid >> 24 & 0xFFFFFF for _, tid, _, _ in rows}) == 1
+
+
+def test_sigterm_stops_nsys_and_its_agent(tmp_path):
+    # A stand-in nsys that starts a detached "agent" named as nsys 2022.4 names it (the
+    # profile's pid at the end of its session name) and then never finishes.
+    fake = tmp_path / "nsys"
+    fake.write_text("#!/bin/bash\n"
+                    f"setsid {sys.executable} -c 'import time; time.sleep(600)' --start-agent "
+                    "--session-name=profile-python-$$ &\n"
+                    "exec sleep 600\n")
+    fake.chmod(0o755)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from profiler.nsys import tool; "
+         f"tool.capture(['true'], sys.argv[1], nsys={str(fake)!r})", str(tmp_path / "p")],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+    def agents():
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read()
+            except OSError:
+                continue
+            if b"--start-agent" in args and \
+                    b"--session-name=profile-python-" in args and b"time.sleep(600)" in args:
+                found.append(int(entry))
+        return found
+
+    deadline = time.monotonic() + 60
+    while not agents() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert agents(), "the stand-in agent never started"
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    assert agents() == []

@@ -18,7 +18,9 @@ import glob
 import os
 import re
 import shutil
+import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
@@ -155,15 +157,23 @@ def capture(command: Sequence[str], output: PathLike, *, device: str = "cpu",
     proc = subprocess.Popen(cmd, env=None if env is None else dict(env), cwd=cwd, text=True,
                             stdout=subprocess.PIPE if quiet else None,
                             stderr=subprocess.PIPE if quiet else None)
+    # A SIGTERM (timeout(1), a CI runner, a batch system) must stop nsys and its agent too:
+    # the agent runs detached and, left behind, spins on a core for good.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        _stop_agent(proc.pid)
+        _stop(proc)
         raise NsysFailed(f"nsys profile ran past timeout_s={timeout_s} s and was stopped (nsys "
                          f"2022.4 sometimes never finishes after the profiled process exits; "
                          f"run it again): {' '.join(cmd)}") from None
+    except BaseException:       # Ctrl-C, SIGTERM: stop what was started, then go on failing
+        _stop(proc)
+        raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     proc.stdout, proc.stderr = stdout, stderr
     if not report.exists():
         left = sorted(p.name for p in output.parent.glob(output.name + ".*"))
@@ -172,6 +182,20 @@ def capture(command: Sequence[str], output: PathLike, *, device: str = "cpu",
                          f"QdstrmImporter: see scripts/install_nsys.sh): {' '.join(cmd)}"
                          + (f"\n{_tail(proc.stdout)}\n{_tail(proc.stderr)}" if quiet else ""))
     return report, proc.returncode
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived while nsys ran (raised after nsys and its agent were stopped)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(128 + signum)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.communicate()
+    _stop_agent(proc.pid)
 
 
 def _stop_agent(nsys_pid: int) -> None:
