@@ -151,9 +151,9 @@ def analyse(args, settings, result, samples, phases) -> None:
             result.add_verdict(study.judge(
                 study.Hypothesis(
                     key=f"swap.{f}.gap_is_convolution",
-                    claim=f"{study.PUBLISHED_NAMES[f]}'s gap to PyTorch is (largely) its "
+                    claim=f"part of {study.PUBLISHED_NAMES[f]}'s gap to PyTorch is its "
                           f"convolution: with the same conv kernel in both, its time ratio to "
-                          f"PyTorch shrinks",
+                          f"PyTorch shrinks (the table gives the share)",
                     effect=f"time ratio {f}/torch, same conv (ours) vs own convs",
                     direction="lower"),
                 est, lo, hi, conds, ratio_own_conv=median(ratio_own),
