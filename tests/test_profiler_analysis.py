@@ -597,6 +597,11 @@ def test_overhead_verdicts_on_known_samples():
     # Steps varying by +-30%: the interval is wider than the goal, nothing can be said.
     noisy = [70.0, 130.0, 100.0, 72.0, 128.0, 101.0]
     assert overhead_summary(noisy, plain, goal_pct=5.0)["overhead_verdict"] == "not measurable"
+    # A wide interval that lies wholly above the goal still says so.
+    slow_noisy = [p * f for p, f in zip(plain, (1.10, 1.30, 1.12, 1.28, 1.11, 1.29))]
+    wide = overhead_summary(slow_noisy, plain, goal_pct=5.0)
+    assert wide["overhead_ci_pct"][1] - wide["overhead_ci_pct"][0] > 5.0
+    assert wide["overhead_verdict"] == "over the goal"
     # Straddling the goal with a narrow interval.
     straddle = [p * f for p, f in zip(plain, (1.03, 1.07, 1.05, 1.04, 1.06, 1.05))]
     assert overhead_summary(straddle, plain, goal_pct=5.0)["overhead_verdict"] == "inconclusive"

@@ -252,8 +252,9 @@ def overhead_summary(instrumented_ms: Sequence[Number], plain_ms: Sequence[Numbe
     ones', in percent, with a bootstrap 95% interval (paired when the counts are equal: the
     runner times them in alternating blocks, so step i of each block shares its drift), and a
     verdict against ``goal_pct``: "within the goal" (the interval lies below it), "over the
-    goal" (above it), "not measurable" (the interval is wider than the goal: the steps vary
-    more than the overhead to be measured) or "inconclusive" (it straddles the goal).
+    goal" (above it), else "not measurable" (the interval straddles the goal and is wider
+    than it: the steps vary more than the overhead to be measured) or "inconclusive" (it
+    straddles the goal, narrower than it).
 
     Returns {"overhead_pct", "overhead_ci_pct": [low, high] or None, "overhead_goal_pct",
     "overhead_verdict"}; with fewer than two steps of either kind, no interval and the
@@ -267,12 +268,12 @@ def overhead_summary(instrumented_ms: Sequence[Number], plain_ms: Sequence[Numbe
         return out
     est, low, high = bootstrap_diff_ci(plain_ms, instrumented_ms)
     out["overhead_ci_pct"] = [low, high]
-    if high - low > goal_pct:
-        out["overhead_verdict"] = "not measurable"
+    if low > goal_pct:
+        out["overhead_verdict"] = "over the goal"
     elif high <= goal_pct:
         out["overhead_verdict"] = "within the goal"
-    elif low > goal_pct:
-        out["overhead_verdict"] = "over the goal"
+    elif high - low > goal_pct:
+        out["overhead_verdict"] = "not measurable"
     else:
         out["overhead_verdict"] = "inconclusive"
     return out
