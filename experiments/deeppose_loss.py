@@ -175,6 +175,21 @@ def analyse_h1(args, settings, result, samples) -> None:
                                          direction="higher" if impl == "explicit"
                                          else "lower"),
                         est, lo, hi, conds))
+                    # The same claim through its mechanism: the step as it would be if only its
+                    # loss-backward phase changed (per round: the autograd step plus the
+                    # phase's change). The whole step's noise is many times the phase, so this
+                    # is the measurement that can say "no effect" at this scale.
+                    through = [a + (b - c) for a, b, c in
+                               zip(step["autograd"], loss_bwd[impl], loss_bwd["autograd"])]
+                    est, lo, hi = bootstrap_diff_ci(step["autograd"], through)
+                    result.add_verdict(study.judge(
+                        study.Hypothesis(
+                            key=f"deeppose_loss.{framework}.{impl}_vs_autograd_loss_phase",
+                            claim=f"{study.PUBLISHED_NAMES[framework]}: {claim}",
+                            effect=f"DeepPose step through its loss-backward phase, {impl} vs "
+                                   f"autograd",
+                            direction="higher" if impl == "explicit" else "lower"),
+                        est, lo, hi, conds))
             rows.append(cells)
     result.add_table(
         "H1: DeepPose loss impls, loss-backward phase and whole step (instrumented steps)",

@@ -264,3 +264,24 @@ def test_validate_result_names_the_missing_key():
     with pytest.raises(ValueError, match="schema"):
         study.validate_result({"study": "x"})
     assert not math.isnan(study.extrapolate_epoch_s(0.0))
+
+
+def test_deeppose_loss_judges_the_step_through_its_loss_phase(tiny_runs):
+    # The mechanism's verdict: the autograd step of each round plus the round's change of the
+    # loss-backward phase, against the autograd step, paired by round.
+    from profiler.analysis.stats import bootstrap_diff_ci
+    doc = json.loads((tiny_runs / "deeppose_loss" / "result.json").read_text())
+    rounds = doc["samples"]["h1_rounds"]["torch"]
+
+    def per_round(impl, phase=None):
+        return [float(np.median(r["phases_ms"][phase] if phase else r["step_ms"]))
+                for r in rounds[impl]]
+    base = per_round("autograd")
+    through = [a + b - c for a, b, c in zip(base, per_round("native", "loss_backward"),
+                                             per_round("autograd", "loss_backward"))]
+    record = next(v for v in doc["verdicts"]
+                  if v["key"] == "deeppose_loss.torch.native_vs_autograd_loss_phase")
+    assert record["estimate_pct"] == pytest.approx(bootstrap_diff_ci(base, through)[0])
+    assert record["direction"] == "lower"
+    assert "deeppose_loss.chainer.explicit_vs_autograd_loss_phase" in {
+        v["key"] for v in doc["verdicts"]}
