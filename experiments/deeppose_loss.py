@@ -73,13 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                           f"(rendered on access)")
     result = study.Result(STUDY, args.out, settings=settings, scale=scale,
                           departures=departures)
-    try:
-        run(args, settings, result)
-    except BaseException as e:
-        result.finish(e)
-        raise
-    result.finish()
-    return 0
+    return result.run(run, args, settings, result)
 
 
 def run(args, settings, result: study.Result) -> None:

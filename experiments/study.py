@@ -359,6 +359,17 @@ class Result:
     def save(self) -> None:
         write_json(self.path, self.doc)
 
+    def run(self, measure, *args) -> int:
+        """Calls ``measure(*args)`` and finishes the result whether it completes or fails
+        half-way (the error recorded, then raised again); 0 for the study's exit status."""
+        try:
+            measure(*args)
+        except BaseException as e:
+            self.finish(e)
+            raise
+        self.finish()
+        return 0
+
 
 REQUIRED_KEYS = {"schema": str, "study": str, "status": str, "started": str, "scale": str,
                  "departures": list, "settings": dict, "machine": dict, "versions": dict,

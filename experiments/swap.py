@@ -65,13 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         departures.append(f"synthetic CIFAR-shaped data, {settings['train_size']} images cycled")
     result = study.Result(STUDY, args.out, settings=settings, scale=scale,
                           departures=departures, notes=[study.STAND_IN_NOTE])
-    try:
-        run(args, settings, result)
-    except BaseException as e:
-        result.finish(e)
-        raise
-    result.finish()
-    return 0
+    return result.run(run, args, settings, result)
 
 
 def run(args, settings, result: study.Result) -> None:
