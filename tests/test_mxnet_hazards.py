@@ -204,3 +204,13 @@ def test_onednn_active_follows_what_mxnet_does(enabled):
     """, MXNET_MKLDNN_ENABLED=enabled)
     compiled, active = done.stdout.split()[-2:]
     assert active == str(compiled == "True" and enabled == "1"), done.stdout
+
+
+def test_mxnet_after_tensorflow_is_an_import_error_not_a_crash():
+    # Defect 8: `import tensorflow; import mxnet` kills the interpreter inside libmxnet.so.
+    pytest.importorskip("tensorflow")
+    proc = subprocess.run([sys.executable, "-c", "import tensorflow; import ops.mxnet"],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "ImportError: ops.mxnet: TensorFlow is already imported" in proc.stderr

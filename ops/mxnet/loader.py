@@ -64,6 +64,12 @@ A seventh is not worked around: the native operators cannot accumulate gradients
 gives external operators no OpReqType), so grad_req='add' on their inputs is not supported;
 ``Conv2D`` refuses it.
 
+An eighth is turned from a crash into an error: MXNet 1.9.1 imported into a process that has
+already imported TensorFlow 2.17 dies inside ``import mxnet`` (SIGSEGV loading libmxnet.so,
+or SIGFPE; here with oneDNN on or off in either, and with PyTorch imported in between), while
+MXNet first and TensorFlow after works. Nothing in Python can catch that, so this module
+refuses with an ImportError before it imports mxnet; import MXNet (or ops.mxnet) first.
+
 Nothing here computes a loss or a convolution.
 """
 
@@ -77,8 +83,13 @@ import traceback
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-import mxnet as mx
-import numpy as np
+if "mxnet" not in sys.modules and "tensorflow" in sys.modules:
+    raise ImportError("ops.mxnet: TensorFlow is already imported in this process, and MXNet "
+                      "1.9.1 crashes the interpreter when imported after it (defect 8 in "
+                      "ops/mxnet/loader.py); import mxnet (or ops.mxnet) before tensorflow")
+
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
 from mxnet import autograd as _autograd
 from mxnet.base import (_LIB, DLPackHandle, MXCallbackList, NDArrayHandle, c_array,
                         c_handle_array, check_call)
