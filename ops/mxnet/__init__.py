@@ -51,8 +51,9 @@ runs our kernels (on the CUDA stream MXNet hands the operator; not yet run on a 
 ValueError, an unavailable one an ``ops.impls.UnsupportedImplError``.
 """
 
+# The loader first: it refuses, before mxnet is imported, what would crash the interpreter.
+from .loader import available_impls, impl_support  # noqa: I001
 from .conv import Conv2D, conv2d
-from .loader import available_impls, impl_support
 from .loss import deeppose_loss, mse_loss
 
 __all__ = ["mse_loss", "deeppose_loss", "conv2d", "Conv2D", "impl_support", "available_impls"]
