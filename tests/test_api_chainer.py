@@ -14,6 +14,7 @@ import threadpoolctl
 from ops.chainer.loader import load_chainer
 from profiler.api import LayerProfiler, profile_training
 from profiler.report import validate_report
+from tests.user_model_checks import check_layers_nest_in_phases, profile_factory_cli
 
 chainer = load_chainer()
 F, L = chainer.functions, chainer.links
@@ -55,16 +56,6 @@ def sgd(model, lr=0.01):
 def hooks_removed() -> bool:
     return (chainer.Variable.backward is ORIGINAL_BACKWARD
             and chainer.Optimizer.call_hooks is ORIGINAL_CALL_HOOKS)
-
-
-def check_layers_nest_in_phases(report) -> None:
-    """Each layer range nests in its phase: forward layers add up within the forward phase,
-    backward layers within the two backward phases; the first layer's backward is seen."""
-    phases, layers = report["phases_ms"], report["layers"]
-    assert sum(layer["forward_ms"] for layer in layers) <= phases["forward"]["mean"]
-    assert sum(layer["backward_ms"] for layer in layers) <= (
-        phases["backward"]["mean"] + phases["loss_backward"]["mean"])
-    assert all(layer["backward_ms"] > 0 for layer in layers), layers
 
 
 def test_readme_example_runs_as_written(tmp_path):
@@ -277,25 +268,12 @@ def test_bad_input_is_one_clear_error_each():
 
 # ----------------------------------------------------------------------------- the CLI
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 FACTORY = "tests/user_models/chainer_cnn.py"
 
 
 def test_cli_profiles_a_factory_from_a_file(tmp_path):
-    import subprocess
-    import sys
-    proc = subprocess.run(
-        [sys.executable, "-m", "profiler.layerwise", "--framework", "chainer", "--model",
-         f"{FACTORY}:factory", "--iters", "3", "--warmup", "1", "--overhead-iters", "2",
-         "--out", str(tmp_path), "--no-progress"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-    validate_report(report)
-    assert report["framework"] == "chainer" and report["model"] == "SmallCNN"
-    assert report["iters"] == 3 and report["batch_size"] == 32
+    report = profile_factory_cli("chainer", f"{FACTORY}:factory", tmp_path)
+    assert report["model"] == "SmallCNN" and report["batch_size"] == 32
     assert [layer["name"] for layer in report["layers"]] == ["features.0", "features.1",
                                                              "classifier"]
     check_layers_nest_in_phases(report)
-    assert report["phases_ms"]["data_wait"]["mean"] > 0
-    assert (tmp_path / "trace.json").is_file()

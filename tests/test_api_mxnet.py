@@ -23,6 +23,7 @@ from mxnet.gluon import nn  # noqa: E402
 import profiler.instrument.mxnet as instrument_mxnet  # noqa: E402
 from profiler.api import LayerProfiler, profile_training  # noqa: E402
 from profiler.report import validate_report  # noqa: E402
+from tests.user_model_checks import check_layers_nest_in_phases, profile_factory_cli  # noqa: E402
 
 ORIGINAL = (mx.nd.NDArray.backward, autograd.backward, gluon.Trainer.step, gluon.Trainer.update)
 
@@ -65,16 +66,6 @@ def sgd(net, trainer=gluon.Trainer) -> gluon.Trainer:
 def hooks_removed() -> bool:
     return ((mx.nd.NDArray.backward, autograd.backward, gluon.Trainer.step,
              gluon.Trainer.update) == ORIGINAL and SleepyTrainer.step is SLEEPY_STEP)
-
-
-def check_layers_nest_in_phases(report) -> None:
-    """Each layer range nests in its phase: forward layers add up within the forward phase,
-    backward layers within the two backward phases; the first layer's backward is seen."""
-    phases, layers = report["phases_ms"], report["layers"]
-    assert sum(layer["forward_ms"] for layer in layers) <= phases["forward"]["mean"]
-    assert sum(layer["backward_ms"] for layer in layers) <= (
-        phases["backward"]["mean"] + phases["loss_backward"]["mean"])
-    assert all(layer["backward_ms"] > 0 for layer in layers), layers
 
 
 def test_readme_example_runs_as_written(tmp_path):
@@ -307,26 +298,13 @@ def test_bad_input_is_one_clear_error_each():
 
 # ----------------------------------------------------------------------------- the CLI
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 FACTORY = "tests/user_models/mxnet_cnn.py"
 
 
 def test_cli_profiles_a_factory_from_a_file(tmp_path):
-    import subprocess
-    import sys
-    proc = subprocess.run(
-        [sys.executable, "-m", "profiler.layerwise", "--framework", "mxnet", "--model",
-         f"{FACTORY}:factory", "--iters", "3", "--warmup", "1", "--overhead-iters", "2",
-         "--out", str(tmp_path), "--no-progress"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-    validate_report(report)
-    assert report["framework"] == "mxnet" and report["model"] == "SmallCNN"
-    assert report["iters"] == 3 and report["batch_size"] == 32
+    report = profile_factory_cli("mxnet", f"{FACTORY}:factory", tmp_path)
+    assert report["model"] == "SmallCNN" and report["batch_size"] == 32
     assert [layer["name"] for layer in report["layers"]] == ["features.0", "features.3",
                                                              "classifier"]
     check_layers_nest_in_phases(report)
-    assert report["phases_ms"]["data_wait"]["mean"] > 0
     assert not any("WARNING" in note for note in report["notes"])   # bulking is off
-    assert (tmp_path / "trace.json").is_file()

@@ -17,6 +17,7 @@ keras = pytest.importorskip("keras")
 from profiler.api import LayerProfiler, profile_training  # noqa: E402
 from profiler.instrument import tensorflow as instrument_tf  # noqa: E402
 from profiler.report import validate_report  # noqa: E402
+from tests.user_model_checks import profile_factory_cli  # noqa: E402
 
 # What PhaseEvents replaces while installed, as it was before any test: checked after each
 # profiler is closed (the very function objects, not look-alikes).
@@ -429,28 +430,12 @@ def test_bad_input_is_one_clear_error_each():
 
 # ----------------------------------------------------------------------------- the CLI
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 FACTORY = "tests/user_models/tensorflow_cnn.py"
 
 
-def _cli(*args, timeout=300):
-    import subprocess
-    import sys
-    return subprocess.run([sys.executable, "-m", "profiler.layerwise", *args, "--no-progress"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
-
-
 def test_cli_profiles_a_keras_factory_from_a_file(tmp_path):
-    proc = _cli("--framework", "tensorflow", "--model", f"{FACTORY}:factory", "--iters", "3",
-                "--warmup", "1", "--overhead-iters", "2", "--out", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-    validate_report(report)
-    assert report["framework"] == "tensorflow"
-    assert report["model"] == "SmallCNN" and report["iters"] == 3
+    report = profile_factory_cli("tensorflow", f"{FACTORY}:factory", tmp_path)
+    assert report["model"] == "SmallCNN"
     assert [layer["name"] for layer in report["layers"]] == [
         "block1/conv", "block1/bn", "block2/conv", "block2/bn", "classifier"]
     assert all(layer["backward_ms"] > 0 for layer in report["layers"])
-    assert report["phases_ms"]["data_wait"]["mean"] > 0
-    assert report["instrumentation"]["overhead_pct"] is not None
-    assert (tmp_path / "trace.json").is_file()
