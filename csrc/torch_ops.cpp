@@ -78,17 +78,24 @@ void check_device(const char* op, const Tensor& x) {
                     x.sizes());
 }
 
+// What every loss op takes: x (float, on a CPU or CUDA device, not empty), t and v (optional)
+// like it, and a positive count_factor.
+void check_loss_inputs(const char* op, const Tensor& x, const Tensor& t,
+                       const std::optional<Tensor>& v, double count_factor) {
+  check_float(op, "x", x);
+  check_device(op, x);
+  check_like(op, "t", t, x, true);
+  if (v) check_like(op, "v", *v, x, true);
+  TORCH_CHECK_VALUE(count_factor > 0, op, ": count_factor: expected > 0, got ", count_factor);
+}
+
 // ---- masked squared-error loss -----------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> sq_error_loss_forward(const Tensor& x_, const Tensor& t_,
                                                  const std::optional<Tensor>& v_,
                                                  double count_factor) {
   const char* op = "deepprof::sq_error_loss_forward";
-  check_float(op, "x", x_);
-  check_device(op, x_);
-  check_like(op, "t", t_, x_, true);
-  if (v_) check_like(op, "v", *v_, x_, true);
-  TORCH_CHECK_VALUE(count_factor > 0, op, ": count_factor: expected > 0, got ", count_factor);
+  check_loss_inputs(op, x_, t_, v_, count_factor);
   const Tensor x = x_.contiguous(), t = t_.contiguous();
   const Tensor v = v_ ? v_->contiguous() : Tensor();
   Tensor loss = at::empty({}, x.options()), count = at::empty({}, x.options());
@@ -115,10 +122,7 @@ std::tuple<Tensor, Tensor> sq_error_loss_backward(const Tensor& grad_loss_, cons
                                                   const Tensor& count_, double count_factor,
                                                   bool with_gt) {
   const char* op = "deepprof::sq_error_loss_backward";
-  check_float(op, "x", x_);
-  check_device(op, x_);
-  check_like(op, "t", t_, x_, true);
-  if (v_) check_like(op, "v", *v_, x_, true);
+  check_loss_inputs(op, x_, t_, v_, count_factor);
   check_like(op, "count", count_, x_, false);
   check_like(op, "grad_loss", grad_loss_, x_, false);
   TORCH_CHECK_VALUE(count_.numel() == 1 && grad_loss_.numel() == 1, op,
@@ -153,11 +157,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sq_error_loss_fused(const Tensor& x_,
                                                                double count_factor,
                                                                bool with_gt) {
   const char* op = "deepprof::sq_error_loss_fused";
-  check_float(op, "x", x_);
-  check_device(op, x_);
-  check_like(op, "t", t_, x_, true);
-  if (v_) check_like(op, "v", *v_, x_, true);
-  TORCH_CHECK_VALUE(count_factor > 0, op, ": count_factor: expected > 0, got ", count_factor);
+  check_loss_inputs(op, x_, t_, v_, count_factor);
   const Tensor x = x_.contiguous(), t = t_.contiguous();
   const Tensor v = v_ ? v_->contiguous() : Tensor();
   Tensor loss = at::empty({}, x.options()), count = at::empty({}, x.options());
