@@ -7,7 +7,7 @@ The flow reads one way: workloads -> instrumentation -> ``timeline`` -> ``analys
 # The public API for a user's own model (profiler.api), importable as
 # ``from profiler import LayerProfiler`` without importing it (and NumPy, SciPy) for every
 # other use of the package.
-_API = ("LayerProfiler", "profile_training", "Report")
+_API = ("LayerProfiler", "profile_training", "compare_training", "Report")
 
 
 def __getattr__(name):

@@ -1,5 +1,6 @@
 """Profile a user's own model and training loop: ``LayerProfiler`` around the loop the user
-already has, ``profile_training`` for the common loop run for them.
+already has, ``profile_training`` for the common loop run for them, ``compare_training`` for
+variants of it (e.g. two conv implementations) in interleaved rounds.
 
     prof = LayerProfiler(model, framework="torch", warmup=2)
     for x, t in loader:
@@ -29,15 +30,18 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from profiler.analysis.flamegraph import folded_stacks, to_speedscope
 from profiler.analysis.nesting import check_nesting
 from profiler.analysis.phases import layer_breakdown, phase_breakdown
-from profiler.analysis.stats import OVERHEAD_GOAL_PCT, median, overhead_summary
+from profiler.analysis.stats import (OVERHEAD_GOAL_PCT, interleaved_order, median,
+                                     overhead_summary)
 from profiler.analysis.trace_events import to_chrome_trace
 from profiler.recorder import NVTX, PHASE_COLOURS, Recorder
 from profiler.report import (build_report, from_layer_breakdown, from_phase_breakdown,
@@ -441,6 +445,117 @@ def profile_training(model, loader: Iterable, loss_fn: Callable, optimizer, *,
     return prof.report()
 
 
+@dataclass
+class Comparison:
+    """What compare_training measured. reports: each variant's report (a variant with no
+    measured step has none); step_round: {variant: {measured step: its round}}; errors: what
+    stopped the run early, naming the variant; notes: how the variants were run."""
+    reports: Dict[str, Report]
+    step_round: Dict[str, Dict[int, int]]
+    errors: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+def compare_training(builds: Dict[str, Dict[str, Any]], *, framework: str = "torch",
+                     rounds: int = 5, steps_per_round: int = 2, warmup: int = 2,
+                     device: Optional[str] = None, layers: LayerFilter = None,
+                     sync: bool = False,
+                     progress: Optional[Callable[[int, int], None]] = None) -> Comparison:
+    """Variants of one training setup, profiled in interleaved rounds. ``builds`` maps each
+    variant's name to what profile_training takes for it: dict(model=, loader=, loss_fn=,
+    optimizer=[, name=]); the first variant is the baseline.
+
+    Each variant gets its own LayerProfiler and runs ``warmup`` steps first; then each of
+    ``rounds`` rounds runs ``steps_per_round`` measured steps of every variant, the order
+    rotating from round to round (profiler.analysis.stats.interleaved_order), so drift and the
+    cost of going first hit every variant alike. Every step is instrumented (the variants
+    carry the same instruments, so no uninstrumented steps are timed). Returns a Comparison;
+    profiler.analysis.variants.compare_variants turns its timelines and rounds into the
+    per-phase differences. A run that fails half-way keeps what was measured (its error in
+    ``errors`` and in that variant's report); one that measured nothing raises.
+    """
+    if not isinstance(builds, dict) or len(builds) < 2:
+        got = f"{len(builds)} variant(s)" if isinstance(builds, dict) else type(builds).__name__
+        raise ValueError(f"compare_training: builds: expected a dict of at least two "
+                         f"variants (name -> dict(model=, loader=, loss_fn=, optimizer=)), "
+                         f"got {got}")
+    for arg, value, least in (("rounds", rounds, 1), ("steps_per_round", steps_per_round, 1),
+                              ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"compare_training: {arg}: expected an int >= {least}, got "
+                             f"{value!r}")
+    variants = list(builds)
+    for variant, build in builds.items():
+        _check_build(f"compare_training: builds[{variant!r}]", build)
+    profs: Dict[str, LayerProfiler] = {}
+    steps, batches = {}, {}
+    try:
+        for variant, build in builds.items():
+            prof = profs[variant] = LayerProfiler(build["model"], framework, warmup=warmup,
+                                                  layers=layers, name=build.get("name"),
+                                                  sync=sync)
+            steps[variant] = prof._fw.training_step(build["model"], build["loss_fn"],
+                                                    build["optimizer"], device)
+            batches[variant] = _cycle(build["loader"])
+    except Exception:
+        for prof in profs.values():
+            prof.close()
+        raise
+    step_round: Dict[str, Dict[int, int]] = {v: {} for v in variants}
+    errors: List[str] = []
+    total, done = (warmup + rounds * steps_per_round) * len(variants), 0
+    # (variant, steps, round): each variant's warm-up (no round), then the rounds.
+    plan = [(v, warmup, None) for v in variants] + [
+        (v, steps_per_round, r) for r, order in enumerate(interleaved_order(variants, rounds))
+        for v in order]
+    for variant, count, round_index in plan:
+        prof = profs[variant]
+        try:
+            for _ in range(count):
+                _profiled_step(prof, steps[variant], batches[variant])
+                if round_index is not None:
+                    step_round[variant][len(prof.step_ms) - 1] = round_index
+                done += 1
+                if progress:
+                    progress(done, total)
+        except Exception as e:           # keep what was measured
+            if not any(p.step_ms for p in profs.values()):
+                raise
+            errors.append(f"{variant}: {type(e).__name__}: {e}")
+            prof.errors.append(f"{type(e).__name__}: {e}")
+            break
+        finally:
+            # One variant's hooks at a time: the framework's events (e.g. the wrapped
+            # torch.autograd.backward) are global, and two profilers' wrappers would stack.
+            prof.close()
+    how = (f"Compared in interleaved rounds: variants {variants} (the first the baseline), "
+           f"{warmup} warm-up step(s) each, then {rounds} round(s) of {steps_per_round} "
+           f"step(s) per variant, the order rotating each round.")
+    reports = {}
+    for variant, prof in profs.items():
+        if not prof.step_ms:
+            errors.append(f"{variant}: no measured step")
+            continue
+        report = reports[variant] = prof.report()
+        report.doc["notes"].append(f"Variant {variant!r}. {how}")
+    # What the instruments measure is the same for every variant: the first one's notes.
+    first = profs[variants[0]]
+    notes = list(first.instrument.notes) + list(first.events.notes) + [how]
+    return Comparison(reports, step_round, errors, notes)
+
+
+def _check_build(where: str, build: Any) -> None:
+    """A variant's build holds what profile_training takes, and nothing else."""
+    if not isinstance(build, dict) or any(k not in build for k in FACTORY_KEYS):
+        got = sorted(build) if isinstance(build, dict) else type(build).__name__
+        raise ValueError(f"{where}: expected a dict with keys {list(FACTORY_KEYS)} "
+                         f"(optionally name), got {got}")
+    unknown = sorted(set(build) - set(FACTORY_KEYS) - {"name"})
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; expected {list(FACTORY_KEYS)} and "
+                         f"optionally name")
+
+
 def _profiled_step(prof: LayerProfiler, step_fn, batches) -> None:
     with prof.step():
         with prof.phase("data_wait"):     # the loader's time is the step's data wait
@@ -508,13 +623,48 @@ def load_factory(spec: str) -> Callable[[], Dict[str, Any]]:
 
 def build_from_factory(spec: str) -> Dict[str, Any]:
     """Calls the factory of ``spec`` and checks what it returned."""
-    built = load_factory(spec)()
+    return _checked_factory_result(f"--model {spec}", load_factory(spec)())
+
+
+def build_variants(spec: str, key: str, variants: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """The factory of ``spec`` called once per variant with the keyword argument
+    ``key=variant`` (``--compare KEY=A,B,...``), each result checked as build_from_factory
+    checks it; {variant: its build}, in the given order. A factory that takes no keyword
+    ``key`` (neither a parameter of that name nor **kwargs) is refused before any call; one
+    that raises for a variant is a ValueError naming the variant."""
+    factory = load_factory(spec)
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):      # a builtin or C callable: the call will tell
+        signature = None
+    if signature is not None:
+        params = signature.parameters.values()
+        named = signature.parameters.get(key)
+        if not (any(p.kind is p.VAR_KEYWORD for p in params)
+                or (named is not None and named.kind in (named.POSITIONAL_OR_KEYWORD,
+                                                         named.KEYWORD_ONLY))):
+            listed = ", ".join(("*" if p.kind is p.VAR_POSITIONAL else "") + p.name
+                               for p in params)
+            raise ValueError(f"--compare {key}=...: the factory {spec} takes no keyword "
+                             f"{key!r} (its parameters: {listed or 'none'})")
+    builds = {}
+    for variant in variants:
+        try:
+            built = factory(**{key: variant})
+        except Exception as e:
+            raise ValueError(f"--compare {key}={variant}: the factory {spec} raised "
+                             f"{type(e).__name__}: {e}") from e
+        builds[variant] = _checked_factory_result(f"--model {spec} ({key}={variant})", built)
+    return builds
+
+
+def _checked_factory_result(where: str, built: Any) -> Dict[str, Any]:
     if not isinstance(built, dict) or any(k not in built for k in FACTORY_KEYS):
         got = sorted(built) if isinstance(built, dict) else type(built).__name__
-        raise ValueError(f"--model {spec}: the factory must return a dict with keys "
+        raise ValueError(f"{where}: the factory must return a dict with keys "
                          f"{list(FACTORY_KEYS)} (optionally framework, name), got {got}")
     unknown = sorted(set(built) - set(FACTORY_KEYS) - {"framework", "name"})
     if unknown:
-        raise ValueError(f"--model {spec}: the factory returned unknown keys {unknown}; "
+        raise ValueError(f"{where}: the factory returned unknown keys {unknown}; "
                          f"expected {list(FACTORY_KEYS)} and optionally framework, name")
     return built

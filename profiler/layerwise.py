@@ -6,6 +6,8 @@ Examples::
     python -m profiler.layerwise --framework chainer
     python -m profiler.layerwise --framework all --model resnet20
     python -m profiler.layerwise --framework torch --model deeppose --compare loss=autograd,native
+    python -m profiler.layerwise --model tests/user_models/torch_cnn.py:factory \
+        --compare conv=torch,kernel
 
 Writes report.json (schema: profiler.report), trace.json (Chrome trace events: Perfetto,
 chrome://tracing), flame.folded and flame.speedscope.json into --out, and prints a table.
@@ -20,8 +22,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import keyword
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -34,14 +38,12 @@ from typing import Dict, List, Optional
 from profiler.analysis.flamegraph import folded_stacks, to_speedscope
 from profiler.analysis.nesting import check_nesting
 from profiler.analysis.phases import layer_breakdown, phase_breakdown
-from profiler.analysis.stats import (OVERHEAD_GOAL_PCT, bootstrap_diff_ci, describe_diff,
-                                     iqr, median, overhead_summary)
+from profiler.analysis.stats import OVERHEAD_GOAL_PCT, median, overhead_summary
 from profiler.analysis.trace_events import to_chrome_trace
 from profiler.report import (build_report, from_layer_breakdown, from_phase_breakdown,
                              render_comparison, render_table, render_variant_phases,
                              validate_report,
                              write_json_atomic)
-from profiler.timeline import PHASES
 from ops.threads import physical_cores, set_cpu_threads, thread_report
 
 FRAMEWORKS = ("torch", "chainer", "tensorflow", "mxnet")
@@ -73,7 +75,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              f"'package.module:function' or 'path/to/file.py:function', a "
                              f"function returning dict(model=, loader=, loss_fn=, "
                              f"optimizer=[, framework=, name=]) as profiler.api."
-                             f"profile_training takes them (PyTorch for now)")
+                             f"profile_training takes them; with --compare KEY=A,B,... the "
+                             f"factory is called once per variant with KEY=variant")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: cuda where the framework sees a GPU, else cpu")
     parser.add_argument("--batch-size", type=_positive_int, default=32)
@@ -98,10 +101,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--sync", action="store_true",
                         help="synchronise the device at every range boundary (simple, "
                              "serialising) instead of reading events once per step")
-    parser.add_argument("--compare", default=None, metavar="KIND=A,B,...",
-                        help="compare impls in interleaved rounds, e.g. "
-                             "loss=autograd,explicit,kernel,native or conv=framework,native; "
-                             "the first is the baseline")
+    parser.add_argument("--compare", default=None, metavar="KEY=A,B,...",
+                        help="compare variants in interleaved rounds, the first the baseline: "
+                             "for a seed workload its impls, loss=autograd,explicit,kernel,"
+                             "native or conv=framework,native; for a factory any keyword "
+                             "argument it takes, called once per variant with KEY=variant "
+                             "(a string), e.g. conv=torch,kernel; each variant's report goes "
+                             "to --out/<variant>/")
     parser.add_argument("--rounds", type=_positive_int, default=5,
                         help="rounds of --compare (each runs every variant)")
     parser.add_argument("--steps-per-round", type=_positive_int, default=2)
@@ -141,12 +147,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.user_model:
         _check_user_model_args(parser, args)
     if args.compare is not None:
-        args.compare = _parse_compare(parser, args.compare)
+        args.compare = (_parse_factory_compare(parser, args.compare) if args.user_model
+                        else _parse_compare(parser, args.compare))
     args.python = _parse_pythons(parser, args.python)
     if args.model != "deeppose" and args.loss_impl != "autograd":
         parser.error(f"--loss-impl: {args.model} trains with the framework's softmax "
                      f"cross-entropy; loss impls apply to --model deeppose")
-    if args.compare and args.compare[0] == "loss" and args.model != "deeppose":
+    if (args.compare and not args.user_model and args.compare[0] == "loss"
+            and args.model != "deeppose"):
         parser.error("--compare loss=...: loss impls apply to --model deeppose")
     if args.framework == "all" and args.compare:
         parser.error("--compare runs in one framework; pick --framework")
@@ -162,7 +170,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 # Options that shape a seed workload, with nothing to act on in a user's factory.
 _SEED_ONLY = ("batch_size", "conv_impl", "loss_impl", "workers", "data", "synthetic_size",
-              "seed", "compare", "python", "pyspy")
+              "seed", "python", "pyspy")
 
 
 def _check_user_model_args(parser, args) -> None:
@@ -209,6 +217,24 @@ def _parse_compare(parser, text: str):
         parser.error(f"--compare: expected at least two distinct {kind} impls from "
                      f"{list(known[kind])}, got {variants}")
     return kind, variants
+
+
+def _parse_factory_compare(parser, text: str):
+    """--compare KEY=A,B,... for a factory: KEY a keyword argument (a Python identifier),
+    at least two distinct variants, each usable as the folder of its report in --out."""
+    key, sep, names = text.partition("=")
+    if not sep or not key.isidentifier() or keyword.iskeyword(key):
+        parser.error(f"--compare: expected KEY=A,B,... with KEY a keyword argument of the "
+                     f"factory (a Python identifier), got {text!r}")
+    variants = [n.strip() for n in names.split(",") if n.strip()]
+    if len(variants) < 2 or len(set(variants)) != len(variants):
+        parser.error(f"--compare {key}=...: expected at least two distinct variants, got "
+                     f"{variants}")
+    bad = [v for v in variants if not re.fullmatch(r"\w[\w.+-]*", v)]
+    if bad:
+        parser.error(f"--compare {key}=...: each variant names its report's folder in --out; "
+                     f"expected letters, digits and _ . + - (not first: . + -), got {bad}")
+    return key, variants
 
 
 def _parse_pythons(parser, items: List[str]) -> Dict[str, str]:
@@ -456,6 +482,7 @@ def _stop_pyspy(handle, notes: List[str]) -> None:
 def run_compare(args, framework: str) -> dict:
     """--compare: the variants in interleaved rounds; per phase, median and spread per
     variant and each variant's difference to the first with a bootstrap 95% interval."""
+    from profiler.analysis.variants import compare_variants
     from profiler.runner import compare
     from profiler.workloads import WorkloadConfig, build_workload
 
@@ -474,40 +501,9 @@ def run_compare(args, framework: str) -> dict:
                       steps_per_round=args.steps_per_round, warmup=args.warmup,
                       sync=args.sync, progress=progress)
     progress.close()
-    per_round: Dict[str, Dict[str, List[float]]] = {}
-    for variant, timeline in outcome["timelines"].items():
-        try:
-            breakdown = phase_breakdown(timeline)
-        except ValueError:
-            continue
-        rounds = outcome["step_round"][variant]
-        series = {"step": breakdown["step_ms"]["samples"],
-                  **{p: breakdown["phases_ms"][p]["samples"] for p in PHASES}}
-        # One value per round (the round's median), so samples pair across variants.
-        per_round[variant] = {
-            name: [median([v for s, v in zip(breakdown["steps"], values) if rounds[s] == r])
-                   for r in sorted(set(rounds.values()))]
-            for name, values in series.items()}
-    lines, table = [], {}
-    baseline = variants[0]
-    for name in ["step"] + list(PHASES):
-        table[name] = {v: {"median_ms": median(per_round[v][name]),
-                           "iqr_ms": iqr(per_round[v][name]) if len(per_round[v][name]) > 1
-                           else 0.0} for v in per_round}
-        for variant in variants[1:]:
-            if baseline in per_round and variant in per_round and len(
-                    per_round[variant][name]) >= 2:
-                label = name.replace("_", " ")
-                try:
-                    est, lo, hi = bootstrap_diff_ci(per_round[baseline][name],
-                                                    per_round[variant][name])
-                except ValueError as e:     # e.g. a phase that took 0 ms in the baseline
-                    lines.append(f"{label}, {variant} vs {baseline}: no ratio ({e})")
-                    continue
-                lines.append(describe_diff(label, variant, baseline, est, lo, hi))
     doc = {"framework": framework, "model": args.model, "device": device, "kind": kind,
            "variants": variants, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
-           "phases_ms": table, "per_round_ms": per_round, "differences": lines,
+           **compare_variants(outcome["timelines"], outcome["step_round"], variants),
            "threads": threads_section(args, framework, notes),
            "errors": outcome["errors"], "notes": notes + outcome["notes"]}
     out = Path(args.out)
@@ -661,10 +657,7 @@ def run_user_model(args) -> dict:
     built = build_from_factory(args.model)
     if rank is not None:
         built["model"] = _data_parallel(built["model"])
-    framework = built.pop("framework", args.framework)
-    if framework != args.framework:
-        raise ValueError(f"--model {args.model}: the factory says framework {framework!r}, "
-                         f"--framework is {args.framework!r}")
+    framework = _factory_framework(args, built)
     device = None if args.device == "auto" else args.device
     progress = _Progress(f"{framework} {built.get('name', args.model)}", not args.no_progress)
     report = profile_training(built["model"], built["loader"], built["loss_fn"],
@@ -683,6 +676,60 @@ def run_user_model(args) -> dict:
             distributed.write_merged(gathered, Path(args.out))
             args.merged = distributed.merge(gathered)
     return report.doc
+
+
+def run_user_compare(args) -> dict:
+    """--model FACTORY --compare KEY=A,B,...: the factory built once per variant (called with
+    KEY=variant), the variants run by profiler.api.compare_training in interleaved rounds
+    (--rounds, --steps-per-round, --warmup) and compared as run_compare compares a seed
+    workload's impls; writes comparison.json into --out and each variant's report (and its
+    views) into --out/<variant>/. Bad input (a factory without KEY, one that raises for a
+    variant) raises before anything runs (main prints one line)."""
+    from profiler.analysis.variants import compare_variants
+    from profiler.api import build_variants, compare_training
+
+    key, variants = args.compare
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"--compare {key}=...: compares variants in one process; under "
+                         f"torchrun (WORLD_SIZE {os.environ['WORLD_SIZE']}) profile one "
+                         f"variant per run instead")
+    out = Path(args.out)
+    notes: List[str] = []
+    apply_threads(args, args.framework, notes)
+    builds = build_variants(args.model, key, variants)
+    for built in builds.values():
+        _factory_framework(args, built)
+    device = None if args.device == "auto" else args.device
+    progress = _Progress(f"{args.framework} {key} compare", not args.no_progress)
+    comparison = compare_training(builds, framework=args.framework, rounds=args.rounds,
+                                  steps_per_round=args.steps_per_round, warmup=args.warmup,
+                                  device=device, sync=args.sync, progress=progress)
+    progress.close()
+    threads = threads_section(args, args.framework, notes)
+    for variant, report in comparison.reports.items():
+        report.doc["notes"] += notes
+        report.doc["threads"] = threads
+        report.save(out / variant)
+    measured = next(iter(comparison.reports.values()))   # compare_training raised if none
+    doc = {"framework": args.framework, "model": args.model,
+           "device": measured.doc["device"]["kind"], "kind": key, "variants": variants,
+           "rounds": args.rounds, "steps_per_round": args.steps_per_round,
+           **compare_variants({v: r.timeline for v, r in comparison.reports.items()},
+                              comparison.step_round, variants),
+           "threads": threads, "errors": comparison.errors,
+           "notes": notes + comparison.notes}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "comparison.json", doc)
+    return doc
+
+
+def _factory_framework(args, built: dict) -> str:
+    """The framework a factory's build says (removed from it), which must be --framework."""
+    framework = built.pop("framework", args.framework)
+    if framework != args.framework:
+        raise ValueError(f"--model {args.model}: the factory says framework {framework!r}, "
+                         f"--framework is {args.framework!r}")
+    return framework
 
 
 def _start_distributed(args, notes: List[str]) -> Optional[int]:
@@ -728,6 +775,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.nsys:
         return run_under_nsys(args, argv)
+    if args.user_model and args.compare:
+        try:
+            doc = run_user_compare(args)
+        except (ValueError, TypeError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)    # plain, as below
+            return 2
+        return _print_comparison(args, doc)
     if args.user_model:
         args.merged = None
         try:
@@ -750,15 +804,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                     f"flame.folded, flame.speedscope.json")
         return 1 if report["errors"] else 0
     if args.compare:
-        doc = run_compare(args, args.framework)
-        if args.format == "json":
-            print(json.dumps(doc, indent=1))
-        else:
-            render_variant_phases(doc["phases_ms"])
-            render_comparison(doc["differences"], title=f"{args.framework} {args.model}: "
-                                                        f"{doc['kind']} impls vs "
-                                                        f"{doc['variants'][0]}")
-        return 1 if doc["errors"] else 0
+        return _print_comparison(args, run_compare(args, args.framework))
     if args.framework == "all":
         reports = run_all(args, argv)
         if args.format == "json":
@@ -774,6 +820,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         _stderr_console().print(f"written: {args.out}/report.json, trace.json, flame.folded, "
                                 f"flame.speedscope.json")
     return 1 if report["errors"] else 0
+
+
+def _print_comparison(args, doc: dict) -> int:
+    """A comparison's tables (or its JSON); the exit status: 1 if it has errors."""
+    if args.format == "json":
+        print(json.dumps(doc, indent=1))
+    else:
+        what = "variants" if args.user_model else "impls"
+        render_variant_phases(doc["phases_ms"])
+        render_comparison(doc["differences"], title=f"{doc['framework']} {doc['model']}: "
+                                                    f"{doc['kind']} {what} vs "
+                                                    f"{doc['variants'][0]}")
+        if args.user_model:
+            _stderr_console().print(f"written: {args.out}/comparison.json, and per variant "
+                                    f"report.json, trace.json, flame.folded, "
+                                    f"flame.speedscope.json in "
+                                    f"{', '.join(v + '/' for v in doc['variants'])}",
+                                    highlight=False, soft_wrap=True)
+    return 1 if doc["errors"] else 0
 
 
 if __name__ == "__main__":

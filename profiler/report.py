@@ -487,7 +487,8 @@ def render_comparison(lines: Sequence[str], console: Optional[Console] = None, *
                       title: str = "Differences (variant vs baseline, 95% CI)") -> None:
     """Print describe_diff lines as one table, colouring the verdicts."""
     console = console or Console()
-    table = Table(title=title, show_header=False)
+    # Text, not a str: a title naming a factory ("file.py:factory") is no emoji code.
+    table = Table(title=Text(title, style="table.title"), show_header=False)
     table.add_column("comparison")
     for line in lines:
         # Text, not markup: the interval's brackets must not be read as rich style tags.

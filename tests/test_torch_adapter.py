@@ -1,6 +1,7 @@
 """ops.torch: every impl of every function against the NumPy float64 reference and against each
 other, PyTorch's own checkers (gradcheck, opcheck, torch.compile), the Conv2d layer against
-torch.nn.Conv2d, and bad input refused at the adapter."""
+torch.nn.Conv2d (swap_conv2d putting it in a model's place), and bad input refused at the
+adapter."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import ops
 from ops import reference
 from ops import torch as ot
 from ops.impls import CONV_IMPLS, LOSS_IMPLS, UnsupportedImplError
-from tests.kernel_calls import assert_conv2d_matches_reference
+from tests.kernel_calls import assert_conv2d_matches_reference, assert_conv_results_agree
 
 NATIVE = ot.impl_support("loss")["native"]
 needs_native = pytest.mark.skipif(NATIVE is not None, reason=f"no native ops: {NATIVE}")
@@ -246,6 +247,93 @@ def test_conv2d_layer_refuses_what_our_kernels_cannot_do():
     with pytest.raises(ValueError, match="impl: expected one of"):
         ot.Conv2d(4, 4, 3, impl="cudnn")
     ot.Conv2d(4, 4, 3, groups=2, padding_mode="reflect")  # the framework impl does it all
+
+
+def run_layer(layer, x, gy):
+    """(y, gx, gw, gb) of ``layer`` on float32 NumPy x with output gradient gy, as NumPy."""
+    layer.zero_grad(set_to_none=True)
+    xt = torch.tensor(x, requires_grad=True)
+    y = layer(xt)
+    y.backward(torch.tensor(gy))
+    grads = [xt.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad]
+    return [None if g is None else g.detach().numpy() for g in [y] + grads]
+
+
+@pytest.mark.parametrize("impl", ["kernel", "native"])
+def test_swap_conv2d_puts_our_layer_in_place_with_the_same_results(impl):
+    if impl == "native" and ot.impl_support("conv")["native"]:
+        pytest.skip(ot.impl_support("conv")["native"])
+    torch.manual_seed(10)
+    ours_already = ot.Conv2d(4, 4, 1)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Sequential(torch.nn.Conv2d(5, 4, (3, 2), stride=2, dilation=(1, 2),
+                                            bias=False)),
+        ours_already).eval()
+    originals = {name: layer for name, layer in model.named_modules()
+                 if type(layer) is torch.nn.Conv2d}
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)   # built before the swap
+    assert ot.swap_conv2d(model, impl=impl) is model
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert model[3] is ours_already and ours_already.impl == "framework"
+    rng = np.random.default_rng(11)
+    for name, original in originals.items():
+        twin = model.get_submodule(name)
+        assert type(twin) is ot.Conv2d and twin.impl == impl and not twin.training
+        assert twin.weight is original.weight and twin.bias is original.bias
+        # Each layer alone, in float32: its results and the original's within the rounding
+        # bound of each other (reference.conv2d_error_bound, as the impls are compared).
+        x = rng.standard_normal((2, original.in_channels, 9, 10)).astype(np.float32)
+        gy = rng.standard_normal(tuple(original(torch.tensor(x)).shape)).astype(np.float32)
+        w = original.weight.detach().numpy()
+        b = None if original.bias is None else original.bias.detach().numpy()
+        geometry = dict(stride=original.stride, padding=original.padding,
+                        dilation=original.dilation)
+        ours, theirs = run_layer(twin, x, gy), run_layer(original, x, gy)
+        assert_conv_results_agree(ours[:3] + [None], theirs[:3] + [None], x, w, b, gy,
+                                  geometry)
+        if b is not None:
+            # gb sums gy over batch and pixels: the same bound, n terms in float32 each way.
+            terms = gy.shape[0] * gy.shape[2] * gy.shape[3]
+            bound = np.abs(gy.astype(np.float64)).sum(axis=(0, 2, 3)) * (terms + 2) * 2.0 ** -23
+            assert np.all(np.abs(ours[3] - theirs[3].astype(np.float64)) <= 2 * bound), name
+    # The optimizer built before the swap still trains the swapped model's weights.
+    before = model[0].weight.detach().clone()
+    model(torch.randn(1, 3, 8, 8)).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(model[0].weight, before)
+    # A Conv2d on its own is replaced, and returned.
+    alone = torch.nn.Conv2d(2, 2, 3)
+    swapped = ot.swap_conv2d(alone, impl=impl)
+    assert type(swapped) is ot.Conv2d and swapped.weight is alone.weight
+
+
+def test_swap_conv2d_refuses_what_our_kernels_cannot_do_naming_the_layer():
+    def model(**inner):
+        return torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3),
+                                   torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, **inner)))
+
+    grouped = model(groups=2)
+    with pytest.raises(NotImplementedError, match=r"ops.torch.swap_conv2d: layer 1.0: groups: "
+                                                  r"impl='kernel' supports groups=1 only, got 2"):
+        ot.swap_conv2d(grouped)
+    assert type(grouped[0]) is torch.nn.Conv2d       # checked before anything is replaced
+    with pytest.raises(NotImplementedError, match=r"layer 1.0: padding_mode: impl='native'"):
+        ot.swap_conv2d(model(padding_mode="reflect"), impl="native")
+    with pytest.raises(NotImplementedError, match=r"layer 0.0: padding: 'same' with an even"):
+        ot.swap_conv2d(torch.nn.Sequential(torch.nn.Sequential(
+            torch.nn.Conv2d(4, 4, 2, padding="same"))))
+    with pytest.raises(TypeError, match=r"layer \(the module itself\): weight: impl='kernel' "
+                                        r"runs our kernels, which take float32 or float64, got "
+                                        r"float16"):
+        ot.swap_conv2d(torch.nn.Conv2d(4, 4, 3).half())
+    with pytest.raises(TypeError, match="module: expected a torch.nn.Module, got Tensor"):
+        ot.swap_conv2d(torch.ones(1))
+    with pytest.raises(ValueError, match="ops.torch.swap_conv2d: impl: expected one of"):
+        ot.swap_conv2d(model(), impl="cudnn")
+    framework = ot.swap_conv2d(model(groups=2), impl="framework")  # PyTorch's conv does it all
+    assert framework[1][0].impl == "framework" and framework[1][0].groups == 2
 
 
 # ---- bad input at the adapter -------------------------------------------------------------------

@@ -4,6 +4,7 @@
     loss = ops_torch.deeppose_loss(x, t, v, impl="native")
     y = ops_torch.conv2d(x, w, b, padding=1, impl="kernel")
     layer = ops_torch.Conv2d(16, 32, 3, padding=1, impl="native")   # a torch.nn.Conv2d
+    model = ops_torch.swap_conv2d(model, impl="kernel")   # its torch.nn.Conv2d layers, ours
 
 Loss impls: "autograd" (torch primitives), "explicit" (autograd.Function, hand-written backward
 in torch ops), "kernel" (autograd.Function calling our kernels through DLPack), "native" (our
@@ -14,8 +15,9 @@ unavailable one an ops.impls.UnsupportedImplError. Kernels run on PyTorch's curr
 and never synchronise the host.
 """
 
-from .conv import Conv2d, conv2d
+from .conv import Conv2d, conv2d, swap_conv2d
 from .loader import available_impls, impl_support
 from .loss import deeppose_loss, mse_loss
 
-__all__ = ["mse_loss", "deeppose_loss", "conv2d", "Conv2d", "impl_support", "available_impls"]
+__all__ = ["mse_loss", "deeppose_loss", "conv2d", "Conv2d", "swap_conv2d", "impl_support",
+           "available_impls"]

@@ -1,5 +1,6 @@
 """conv2d in PyTorch, three ways (ops.impls): ``conv2d`` with ``impl`` = "framework" |
-"kernel" | "native", and ``Conv2d``, a drop-in ``torch.nn.Conv2d`` with an ``impl`` argument.
+"kernel" | "native", ``Conv2d``, a drop-in ``torch.nn.Conv2d`` with an ``impl`` argument, and
+``swap_conv2d``, which puts ``Conv2d`` in place of the ``torch.nn.Conv2d`` layers of a model.
 
 NCHW input, (Cout, Cin, kh, kw) weights, stride/padding/dilation an int or a pair, groups = 1
 for our kernels.
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import core
-from ..impls import CONV_IMPLS, check_impl
+from ..impls import CONV_IMPLS, check_float, check_impl
 from .loader import check_like_x, check_types, cuda_stream, native_ops, unavailable_impls
 
 
@@ -100,27 +101,19 @@ class Conv2d(torch.nn.Conv2d):
     @impl.setter
     def impl(self, impl: str) -> None:
         check_impl("ops.torch.Conv2d", impl, CONV_IMPLS, {})
-        if impl != "framework":
-            if self.groups != 1:
-                raise NotImplementedError(f"ops.torch.Conv2d: groups: impl={impl!r} supports "
-                                          f"groups=1 only, got {self.groups}")
-            if self.padding_mode != "zeros":
-                raise NotImplementedError(f"ops.torch.Conv2d: padding_mode: impl={impl!r} "
-                                          f"supports 'zeros' only, got {self.padding_mode!r}")
-        self._kernel_padding = self._symmetric_padding(impl)
+        limit = _kernel_limit(self, impl)
+        if limit:
+            raise NotImplementedError(f"ops.torch.Conv2d: {limit}")
+        self._kernel_padding = self._symmetric_padding()
         self._impl = impl
 
-    def _symmetric_padding(self, impl: str):
+    def _symmetric_padding(self):
         if not isinstance(self.padding, str):
             return tuple(self.padding)
         if self.padding == "valid":
             return (0, 0)
-        extents = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-        if impl != "framework" and any(e % 2 for e in extents):
-            raise NotImplementedError(f"ops.torch.Conv2d: padding: 'same' with an even dilated "
-                                      f"kernel extent pads asymmetrically, which "
-                                      f"impl={impl!r} does not support")
-        return tuple(e // 2 for e in extents)
+        # 'same' (the framework impl pads an even extent itself, asymmetrically).
+        return tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.impl == "framework":
@@ -130,3 +123,73 @@ class Conv2d(torch.nn.Conv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, impl={self.impl!r}"
+
+
+def _kernel_limit(layer: torch.nn.Conv2d, impl: str) -> Optional[str]:
+    """Why ``impl`` cannot run ``layer``'s convolution ("argument: reason"), or None. Our
+    kernels take one group, zero padding, and the same padding on both sides."""
+    if impl == "framework":
+        return None
+    if layer.groups != 1:
+        return f"groups: impl={impl!r} supports groups=1 only, got {layer.groups}"
+    if layer.padding_mode != "zeros":
+        return (f"padding_mode: impl={impl!r} supports 'zeros' only, got "
+                f"{layer.padding_mode!r}")
+    if layer.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(layer.dilation,
+                                                                       layer.kernel_size)):
+        return (f"padding: 'same' with an even dilated kernel extent pads asymmetrically, "
+                f"which impl={impl!r} does not support")
+    return None
+
+
+def swap_conv2d(module: torch.nn.Module, impl: str = "kernel") -> torch.nn.Module:
+    """Puts :class:`Conv2d` running ``impl`` in place of every plain ``torch.nn.Conv2d`` in
+    ``module`` (``module`` itself included) and returns the module, or the replacement when
+    ``module`` is itself a Conv2d.
+
+    Each replacement holds the original's Parameter objects (an optimizer already built over
+    the model keeps training them) and its geometry, padding mode and train/eval mode. Hooks
+    registered on a replaced layer do not carry over. Subclasses of ``torch.nn.Conv2d``, ours
+    included, are left as they are: their forward need not be the plain convolution.
+
+    Every layer is checked before any is replaced, so a refusal leaves ``module`` unchanged:
+    a layer our kernels cannot run (groups > 1, a padding mode other than zeros, an
+    asymmetric 'same' padding: NotImplementedError; weights other than float32/float64:
+    TypeError; ``impl`` unavailable on the layer's device: ops.impls.UnsupportedImplError)
+    is refused naming its path in the module.
+    """
+    function = "ops.torch.swap_conv2d"
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"{function}: module: expected a torch.nn.Module, got "
+                        f"{type(module).__name__}")
+    check_impl(function, impl, CONV_IMPLS, {})
+    twins = {}                     # id(original) -> replacement
+    for path, layer in module.named_modules():
+        if type(layer) is not torch.nn.Conv2d or id(layer) in twins:
+            continue
+        where = f"{function}: layer {path or '(the module itself)'}"
+        check_impl(where, impl, CONV_IMPLS, unavailable_impls("conv", layer.weight.device))
+        check_float(where, impl, "weight", str(layer.weight.dtype).replace("torch.", ""))
+        limit = _kernel_limit(layer, impl)
+        if limit:
+            raise NotImplementedError(f"{where}: {limit}")
+        twins[id(layer)] = _twin(layer, impl)
+    if id(module) in twins:
+        return twins[id(module)]
+    for parent in list(module.modules()):
+        # _modules, not named_children(): a layer registered twice keeps both places.
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in twins:
+                setattr(parent, name, twins[id(child)])
+    return module
+
+
+def _twin(layer: torch.nn.Conv2d, impl: str) -> Conv2d:
+    """A Conv2d running ``impl`` that shares ``layer``'s parameters."""
+    # Built on the meta device: its own weights would be thrown away at once.
+    twin = Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                  stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                  groups=layer.groups, bias=layer.bias is not None,
+                  padding_mode=layer.padding_mode, device="meta", impl=impl)
+    twin.weight, twin.bias = layer.weight, layer.bias
+    return twin.train(layer.training)

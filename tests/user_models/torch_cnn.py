@@ -19,11 +19,22 @@ class SmallCNN(torch.nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-def factory(samples: int = 256, batch_size: int = 32):
+# conv= values: torch.nn.Conv2d's own convolution, or ops.torch.Conv2d's impls.
+CONVS = {"torch": None, "kernel": "kernel", "native": "native"}
+
+
+def factory(samples: int = 256, batch_size: int = 32, conv: str = "torch"):
     """What profile_training takes: the model, a DataLoader of random CIFAR-sized images, the
-    loss and an optimizer."""
+    loss and an optimizer. ``conv``: "torch" (the model as written), or "kernel" / "native"
+    (its Conv2d layers swapped for ours, same weights), for ``--compare conv=torch,kernel``."""
+    if conv not in CONVS:
+        raise ValueError(f"torch_cnn.factory: conv: expected one of {list(CONVS)}, got "
+                         f"{conv!r}")
     torch.manual_seed(0)
     model = SmallCNN()
+    if CONVS[conv]:
+        from ops.torch import swap_conv2d
+        model = swap_conv2d(model, impl=CONVS[conv])
     data = torch.utils.data.TensorDataset(torch.randn(samples, 3, 32, 32),
                                           torch.randint(0, 10, (samples,)))
     return dict(model=model, name="SmallCNN",
