@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
 
-from profiler.analysis.stats import interleaved_order
+from profiler.analysis.stats import interleaved_order, overhead_schedule
 from profiler.instrument import instrument_for
 from profiler.recorder import NVTX, Recorder
 from profiler.timeline import Timeline
@@ -139,7 +139,7 @@ class StepRunner:
 def profile(workload, *, warmup: int, iters: int, overhead_iters: int, sync: bool = False,
             progress: Optional[Callable[[int, int], None]] = None) -> RunResult:
     """Warm-up steps, then ``iters`` instrumented steps and ``overhead_iters`` uninstrumented
-    ones in alternating blocks (so drift hits both alike)."""
+    ones, alternating step by step (stats.overhead_schedule: load and drift hit both alike)."""
     runner = StepRunner(workload, steps_needed=warmup + iters + overhead_iters, sync=sync)
     result = RunResult(runner.timeline, notes=list(runner.instrument.notes))
     total, done = warmup + iters + overhead_iters, 0
@@ -149,21 +149,16 @@ def profile(workload, *, warmup: int, iters: int, overhead_iters: int, sync: boo
             done += 1
             if progress:
                 progress(done, total)
-        block = max(1, min(5, iters))
-        step = 0
-        while step < iters or len(result.uninstrumented_step_ms) < overhead_iters:
-            for _ in range(min(block, iters - step)):
-                result.instrumented_step_ms.append(runner.instrumented_step(step))
-                step += 1
-                done += 1
-                if progress:
-                    progress(done, total)
-            with runner.uninstrumented():
-                for _ in range(min(block, overhead_iters - len(result.uninstrumented_step_ms))):
+        for instrumented in overhead_schedule(iters, overhead_iters):
+            if instrumented:
+                result.instrumented_step_ms.append(
+                    runner.instrumented_step(len(result.instrumented_step_ms)))
+            else:
+                with runner.uninstrumented():     # hooks off and back on, outside the timing
                     result.uninstrumented_step_ms.append(runner.plain_step())
-                    done += 1
-                    if progress:
-                        progress(done, total)
+            done += 1
+            if progress:
+                progress(done, total)
     except Exception as e:   # keep what was measured: the caller reports the error beside it
         result.errors.append(f"{type(e).__name__}: {e}")
     finally:

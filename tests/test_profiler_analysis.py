@@ -271,6 +271,17 @@ def test_interleaved_order_rotates_the_start():
         stats.interleaved_order(["A", "B"], -1)
 
 
+def test_overhead_schedule_pairs_neighbours_and_alternates_who_goes_first():
+    assert stats.overhead_schedule(3, 3) == [True, False, False, True, True, False]
+    assert stats.overhead_schedule(3, 1) == [True, False, True, True]
+    assert stats.overhead_schedule(1, 3) == [True, False, False, False]
+    assert stats.overhead_schedule(2, 0) == [True, True]
+    assert stats.overhead_schedule(0, 0) == []
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="overhead_schedule: plain: expected an int >= 0"):
+            stats.overhead_schedule(2, bad)
+
+
 def test_bootstrap_detects_a_ten_percent_slowdown():
     rng = np.random.default_rng(42)
     a = 10.0 + rng.normal(0.0, 0.2, 40)

@@ -98,6 +98,31 @@ def test_uninstrumented_steps_record_nothing(monkeypatch):
     assert len(steps) == 1 and len(result.uninstrumented_step_ms) == 2
 
 
+def test_overhead_steps_alternate_with_measured_ones(monkeypatch):
+    """Instrumented and plain steps run in neighbouring pairs (stats.overhead_schedule), the
+    hooks off for exactly the plain ones."""
+    import profiler.runner as runner_module
+    order = []
+    plain, instrumented = runner_module.StepRunner.plain_step, \
+        runner_module.StepRunner.instrumented_step
+
+    def plain_step(self):
+        order.append(("plain", bool(self.instrument._handles)))
+        return plain(self)
+
+    def instrumented_step(self, step):
+        order.append(("inst", bool(self.instrument._handles)))
+        return instrumented(self, step)
+    monkeypatch.setattr(runner_module.StepRunner, "plain_step", plain_step)
+    monkeypatch.setattr(runner_module.StepRunner, "instrumented_step", instrumented_step)
+    workload = build_workload("torch", model="resnet20", **TINY)
+    result = profile(workload, warmup=1, iters=3, overhead_iters=3)
+    assert result.errors == []
+    assert order == [("inst", True), ("inst", True), ("plain", False), ("plain", False),
+                     ("inst", True), ("inst", True), ("plain", False)]
+    assert [r.step for r in result.timeline.ranges if r.kind == "step"] == [-1, 0, 1, 2]
+
+
 def test_compare_interleaves_variants():
     workload = build_workload("torch", model="deeppose", **TINY)
     outcome = compare(workload, kind="loss", variants=["autograd", "native"], rounds=2,

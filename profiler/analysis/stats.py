@@ -67,6 +67,26 @@ def interleaved_order(variants: Sequence[str], rounds: int) -> List[List[str]]:
     return [[variants[(r + i) % k] for i in range(k)] for r in range(rounds)]
 
 
+def overhead_schedule(instrumented: int, plain: int) -> List[bool]:
+    """The order of instrumented (True) and uninstrumented (False) steps for timing the
+    instrumentation's overhead: adjacent pairs, instrumented first in even pairs and second in
+    odd ones (IP PI IP ...), then what one kind has left over.
+
+    A step here varies by 10-20% from the next under a shared machine's load; pairs of
+    neighbouring steps share their moment's load, which the paired bootstrap
+    (bootstrap_diff_ci) then cancels, and alternating who goes first keeps a cost of following
+    the other kind (a cold cache after installing or removing hooks) from biasing one side.
+    """
+    for name, value in (("instrumented", instrumented), ("plain", plain)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"overhead_schedule: {name}: expected an int >= 0, got {value!r}")
+    pairs = min(instrumented, plain)
+    order: List[bool] = []
+    for k in range(pairs):
+        order += [True, False] if k % 2 == 0 else [False, True]
+    return order + [True] * (instrumented - pairs) + [False] * (plain - pairs)
+
+
 # Statistics with a numpy twin that reduces along an axis, so the bootstrap can evaluate all
 # resamples at once instead of calling back into Python thousands of times.
 _VECTORIZED: Dict[Callable, Callable] = {median: np.median, np.median: np.median,
@@ -250,8 +270,8 @@ def overhead_summary(instrumented_ms: Sequence[Number], plain_ms: Sequence[Numbe
                      goal_pct: float) -> Dict[str, object]:
     """The instrumentation's overhead: the instrumented steps' median over the uninstrumented
     ones', in percent, with a bootstrap 95% interval (paired when the counts are equal: the
-    runner times them in alternating blocks, so step i of each block shares its drift), and a
-    verdict against ``goal_pct``: "within the goal" (the interval lies below it), "over the
+    runner times them in neighbouring pairs, overhead_schedule, so pair i shares its load), and
+    a verdict against ``goal_pct``: "within the goal" (the interval lies below it), "over the
     goal" (above it), else "not measurable" (the interval straddles the goal and is wider
     than it: the steps vary more than the overhead to be measured) or "inconclusive" (it
     straddles the goal, narrower than it).
