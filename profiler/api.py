@@ -41,7 +41,7 @@ from profiler.analysis.flamegraph import folded_stacks, to_speedscope
 from profiler.analysis.nesting import check_nesting
 from profiler.analysis.phases import layer_breakdown, phase_breakdown
 from profiler.analysis.stats import (OVERHEAD_GOAL_PCT, interleaved_order, median,
-                                     overhead_summary)
+                                     overhead_schedule, overhead_summary)
 from profiler.analysis.trace_events import to_chrome_trace
 from profiler.recorder import NVTX, PHASE_COLOURS, Recorder
 from profiler.report import (build_report, from_layer_breakdown, from_phase_breakdown,
@@ -231,9 +231,11 @@ class LayerProfiler:
         index = self.steps_done - self.warmup          # < 0: warm-up
         measured = index >= 0
         rec = self.recorder
-        began = time.perf_counter_ns()
+        # Hooks go on and off outside the timed step: a loop that installs them once pays
+        # that once, not per step.
         if not instrumented:
             self._uninstall()
+            began = time.perf_counter_ns()
             try:
                 yield self
                 self.target.synchronize()
@@ -244,6 +246,7 @@ class LayerProfiler:
                 self.plain_step_ms.append((time.perf_counter_ns() - began) / 1e6)
             return
         self._install()
+        began = time.perf_counter_ns()
         rec.enabled = True
         rec.start_step(len(self.step_ms) if measured else -1)
         token = rec.begin("step", "step")
@@ -402,8 +405,8 @@ def profile_training(model, loader: Iterable, loss_fn: Callable, optimizer, *,
                      progress: Optional[Callable[[int, int], None]] = None) -> Report:
     """Runs ``warmup + steps`` training steps of ``model`` on batches ``(inputs, targets)``
     from ``loader`` (cycled if it runs out), profiled, and ``overhead_steps`` (default
-    ``steps``) uninstrumented steps in alternating blocks for the overhead; returns the
-    report. A run that fails half-way returns the report of the steps measured so far, its
+    ``steps``) uninstrumented steps for the overhead, alternating step by step
+    (stats.overhead_schedule); returns the report. A run that fails half-way returns the report of the steps measured so far, its
     error in ``errors``; one that measured nothing raises."""
     for arg, value, least in (("steps", steps, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -420,21 +423,15 @@ def profile_training(model, loader: Iterable, loss_fn: Callable, optimizer, *,
             done += 1
             if progress:
                 progress(done, total)
-        block, measured, plain = max(1, min(5, steps)), 0, 0
-        while measured < steps or plain < overhead_steps:
-            for _ in range(min(block, steps - measured)):
+        for instrumented in overhead_schedule(steps, overhead_steps):
+            if instrumented:
                 _profiled_step(prof, step_fn, batches)
-                measured += 1
-                done += 1
-                if progress:
-                    progress(done, total)
-            for _ in range(min(block, overhead_steps - plain)):
+            else:
                 with prof.step(instrumented=False):
                     step_fn(None, next(batches))
-                plain += 1
-                done += 1
-                if progress:
-                    progress(done, total)
+            done += 1
+            if progress:
+                progress(done, total)
     except Exception as e:           # keep what was measured
         if not prof.step_ms:
             prof.close()
