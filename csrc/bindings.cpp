@@ -950,4 +950,7 @@ PYBIND11_MODULE(_C, m) {
   // NVTX ranges for the profiler (csrc/nvtx_ranges.cpp; stubs when built without nvtx3).
   void register_nvtx_ranges(py::module_&);
   register_nvtx_ranges(m);
+  // Clock marks taken by C callbacks on a framework's threads (csrc/engine_marks.cpp).
+  void register_engine_marks(py::module_&);
+  register_engine_marks(m);
 }

@@ -122,6 +122,28 @@ void range_end(std::uint64_t) { not_built("nvtx_range_end"); }
 
 }  // namespace
 
+// For C callbacks on a framework's threads (csrc/engine_marks.cpp), which must not throw: an
+// unknown event, or a build without the NVTX C API, starts nothing and returns 0.
+std::uint64_t nvtx_range_start_quiet(std::int64_t event) {
+#if defined(OPS_WITH_NVTX)
+  Events& e = events();
+  if (event < 0 || static_cast<std::size_t>(event) >= e.count.load(std::memory_order_acquire))
+    return 0;
+  return nvtxDomainRangeStartEx(e.domain, &e.attributes[event]);
+#else
+  (void)event;
+  return 0;
+#endif
+}
+
+void nvtx_range_end_quiet(std::uint64_t range_id) {
+#if defined(OPS_WITH_NVTX)
+  if (range_id != 0) nvtxDomainRangeEnd(events().domain, range_id);
+#else
+  (void)range_id;
+#endif
+}
+
 // Called at the end of PYBIND11_MODULE in bindings.cpp.
 void register_nvtx_ranges(py::module_& m) {
 #if defined(OPS_WITH_NVTX)

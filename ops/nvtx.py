@@ -45,9 +45,9 @@ def colour_argb(colour: str) -> int:
     raise ValueError(f"colour: expected one of {sorted(COLOURS)} or '#RRGGBB', got {colour!r}")
 
 
-def start_range(message: str, colour: str = "blue") -> int:
-    """Starts a range named ``message`` on the calling thread; returns its id for end_range
-    (which may be called from another thread). Raises RuntimeError where not built()."""
+def register(message: str, colour: str = "blue") -> int:
+    """The event index of (``message``, ``colour``), registered once: what C code starting
+    ranges itself takes (csrc/engine_marks.cpp). Raises RuntimeError where not built()."""
     event = _events.get((message, colour))
     if event is None:
         if not isinstance(message, str):
@@ -55,7 +55,14 @@ def start_range(message: str, colour: str = "blue") -> int:
         # A race between two threads registering the same pair is harmless: the shim returns
         # the same index for the same pair.
         event = _events[(message, colour)] = _C.nvtx_register(message, colour_argb(colour))
-    return _C.nvtx_range_start(event)
+    return event
+
+
+def start_range(message: str, colour: str = "blue") -> int:
+    """Starts a range named ``message`` on the calling thread; returns its id for end_range
+    (which may be called from another thread). Raises RuntimeError where not built()."""
+    event = _events.get((message, colour))
+    return _C.nvtx_range_start(register(message, colour) if event is None else event)
 
 
 def end_range(range_id: int) -> None:
@@ -63,4 +70,5 @@ def end_range(range_id: int) -> None:
     _C.nvtx_range_end(range_id)
 
 
-__all__ = ["DOMAIN", "COLOURS", "built", "colour_argb", "start_range", "end_range"]
+__all__ = ["DOMAIN", "COLOURS", "built", "colour_argb", "register", "start_range",
+           "end_range"]

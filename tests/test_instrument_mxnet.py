@@ -137,6 +137,48 @@ def test_backward_of_the_kernel_conv_impl_is_not_held():
     assert backward[-1].name == names[0]
 
 
+@pytest.mark.skipif(not __import__("ops.nvtx").nvtx.built(),
+                    reason="ops._C built without the NVTX C API")
+def test_engine_marks_start_each_layers_nvtx_range_in_the_predicted_order():
+    """The C marks on the engine start one NVTX range per layer and direction: forward ranges
+    in the order the timeline has them; backward ranges in reverse layer order on the first
+    pass, then in the order the timeline observed in the previous pass."""
+    from profiler import recorder as recorder_module
+    assert recorder_module.NVTX.backend == "c-api"
+    workload = build_workload("mxnet", model="resnet20", **TINY)
+    runner = StepRunner(workload, steps_needed=3)
+    names = [name for name, _ in workload.named_layers()]
+    names_with_params = [name for name, block in workload.named_layers()
+                         if pim._first_trainable(block) is not None]
+    for step in range(3):
+        runner.instrumented_step(step)
+        started = runner.instrument.engine_nvtx_ranges
+        ranges = sorted((r for r in runner.timeline.on_track(pim.ENGINE_TRACK)
+                         if r.step == step), key=lambda r: r.start_ns)
+        observed = [r.name for r in ranges if r.direction == "backward"]
+        assert sorted(r.name for r in ranges if r.direction == "forward") == sorted(names)
+        assert [m for m in started if m.endswith("(forward)")] == [
+            f"{r.name} (forward)" for r in ranges if r.direction == "forward"]
+        nvtx_backward = [m[:-len(" (backward)")] for m in started if m.endswith("(backward)")]
+        assert sorted(nvtx_backward) == sorted(names)
+        # Independent branches (a block's conv2 and shortcut) may swap from pass to pass.
+        assert nvtx_backward == (previous if step > 0 else names_with_params[::-1])
+        previous = observed
+    runner.instrument.remove()
+
+
+def test_engine_marks_share_the_recorders_clock():
+    """A C mark's time is on time.perf_counter_ns's time line (both CLOCK_MONOTONIC)."""
+    from ops import _C
+    slot = _C.engine_mark_slot(_C.engine_mark_track(), -1)
+    _C.engine_marks_take()
+    before = time.perf_counter_ns()
+    _C.engine_mark(slot)
+    after = time.perf_counter_ns()
+    (mark,) = [m for m in _C.engine_marks_take() if m[0] == slot]
+    assert before <= mark[1] <= after and mark[2] == -1
+
+
 _TILE_SCRIPT = """
 import json
 from profiler.runner import profile

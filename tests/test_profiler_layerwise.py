@@ -85,7 +85,12 @@ def test_profile_covers_every_layer_and_phase(framework, model, monkeypatch):
     assert len(nvtx.started) == len(nvtx.ended) > 0
     messages = {m for m, _ in nvtx.started}
     assert {"step", "forward", "loss_backward", "backward", "optimizer"} <= messages
-    assert f"{first} (backward)" in messages
+    if framework == "mxnet":
+        # Its layer ranges are NVTX ranges that C marks on MXNet's engine start through the C
+        # API, not through this double (test_instrument_mxnet.py checks them); the report says.
+        assert any(n.startswith("No NVTX ranges for the layers") for n in result.notes)
+    else:
+        assert f"{first} (backward)" in messages
     colours = {m: c for m, c in nvtx.started}
     assert colours["forward"] != colours["backward"]
     assert len(result.uninstrumented_step_ms) == 1 and len(result.instrumented_step_ms) == 2

@@ -41,6 +41,15 @@ with an out-of-place copy (``ops.mxnet.loader.custom_op``) costs two to three pa
 activation, measured here at 10-20% of a ResNet-20 step. The output marker is read through a
 recorded slice, whose backward is no oneDNN operator, so it gets a plain gradient.
 
+Engine marks: the boundary operations run no Python. Their function is C (deepprof_engine_mark,
+csrc/engine_marks.cpp): it stores the slot and the clock reading, and ends and starts the NVTX
+ranges; the Python side reads the marks once the engine has run the pass (finish_backward) and
+records the ranges. A Python function there had to take the GIL, which the main thread holds
+while it queues the next operators, so the engine stalled at every boundary: +12% [+8.6, +14.2]
+of a ResNet-20 step (batch 32, this 2-core CPU, 60 interleaved rounds), against +1.7% [-0.7,
++5.5] with a C function in the same run. Only the output marker's backward is Python (MXNet's
+custom functions are), once per pass.
+
 Backward bulking: by default (``MXNET_EXEC_BULK_EXEC_TRAIN=1``) MXNet runs up to 15
 (``MXNET_EXEC_BULK_EXEC_MAX_NODE_TRAIN_BWD``) backward operators as one engine operation, and
 the weight gradients of one bulk all appear when it ends: backward ranges then resolve bulks,
@@ -49,10 +58,11 @@ module sets it to 0 unless it is set (a side effect on the process, meant for pr
 import it before building the workload); ``backward_is_bulked`` measures which mode MXNet is
 really in, and ``notes`` carry a warning when it is the bulked one.
 
-NVTX: forward ranges are mirrored exactly. Which layer a backward range belongs to is known only
-when it ends, but NVTX names a range when it starts: each backward NVTX range is named for the
-layer expected next (the one that followed the same layer in the previous backward pass, else
-the reverse forward order); the timeline names the layer observed.
+NVTX (started and ended by the C marks, so only where the recorder emits through the NVTX C
+API): forward ranges are mirrored exactly. Which layer a backward range belongs to is known only
+when it ends, but NVTX names a range when it starts: the backward NVTX ranges are named in the
+order the previous pass reached the layers (reverse forward order on the first pass); the
+timeline names the layer observed.
 
 GPU (not run here): the boundaries run on CPU engine threads; MXNet 1.x completes a GPU
 operator once its stream has finished, so engine times are GPU execution times; MXNet does not
@@ -82,6 +92,7 @@ from mxnet import autograd
 from mxnet.base import _LIB, MXCallbackList, NDArrayHandle, check_call
 from mxnet.ndarray import NDArray
 
+from ops import _C
 from profiler import recorder as recorder_module
 
 from .base import InstrumentBase
@@ -205,16 +216,69 @@ def mark(array: NDArray, callbacks: MXCallbackList) -> NDArray:
 
 
 def push_boundary(slot: int, reads: Sequence[NDArray], writes: Sequence[NDArray], *,
-                  own_thread: bool = False) -> None:
+                  own_thread: bool = False, callback=None) -> None:
     """Queues an engine operation that dispatches ``slot`` once every operation queued before
     it that writes ``reads``, or reads or writes ``writes``, has run: on the CPU worker, in
     queue order, or (``own_thread``) on one of MXNet's CPU-priority threads. It writes nothing;
-    declaring ``writes`` makes later operations on them wait for it."""
+    declaring ``writes`` makes later operations on them wait for it. ``callback``: the C
+    function called with ``slot`` (default: Python's _dispatch; _C_MARK for a C mark)."""
     check_call(_LIB.MXEnginePushSyncND(
-        _ENGINE_CALLBACK, ctypes.c_void_p(slot), None, ctypes.byref(_CPU),
+        callback or _ENGINE_CALLBACK, ctypes.c_void_p(slot), None, ctypes.byref(_CPU),
         _handles(reads), len(reads), _handles(writes), len(writes),
         ctypes.byref(_CPU_PRIORITIZED) if own_thread else None, 0,
         b"deepprof_layer_boundary"))
+
+
+# ---- engine marks (csrc/engine_marks.cpp) ----------------------------------------------------
+_NO_EVENT, _NEXT_EVENT = -1, -2   # a mark that starts no NVTX range / its track's next one
+# deepprof_engine_mark as MXNet's EngineSyncFunc: takes the mark in C, without the GIL.
+_C_MARK = _ENGINE_FN(_C.engine_mark_callback())
+# slot -> (weak reference to an Instrument, method, argument): who reads a mark, as _SLOTS.
+_MARK_OWNERS: Dict[int, Tuple[weakref.ref, str, object]] = {}
+_NVTX_MESSAGES: Dict[int, str] = {}   # NVTX event index -> message, for engine_nvtx_ranges
+
+
+def _mark_slot(instrument, method: str, argument, track: int, event: int) -> int:
+    """A C mark slot on ``track`` starting NVTX ``event``, read by ``instrument.method``."""
+    slot = _C.engine_mark_slot(track, event)
+    _MARK_OWNERS[slot] = (weakref.ref(instrument), method, argument)
+    return slot
+
+
+def push_mark(slot: int, reads: Sequence[NDArray], writes: Sequence[NDArray]) -> None:
+    """push_boundary whose operation takes a C mark of ``slot`` (0: ordering only)."""
+    push_boundary(slot, reads, writes, callback=_C_MARK)
+
+
+def _collect_marks() -> List[str]:
+    """Hands every mark taken since the last call, in time order, to its instrument's method
+    (argument, ns); returns the messages of the NVTX ranges those marks started."""
+    started = []
+    for slot, ns, event in sorted(_C.engine_marks_take(), key=lambda mark: mark[1]):
+        owner = _MARK_OWNERS.get(slot)
+        instrument = owner[0]() if owner else None
+        if instrument is not None:
+            getattr(instrument, owner[1])(owner[2], ns)
+        if event >= 0:
+            started.append(_NVTX_MESSAGES.get(event, f"event {event}"))
+    return started
+
+
+def _layer_nvtx_events(layers) -> Dict[Tuple[str, str], int]:
+    """(layer, direction) -> NVTX event of its range, for the C marks to start; empty (engine
+    ranges without NVTX) unless the recorder emits through the NVTX C API, whose events those
+    are (not with the nvtx package's fallback, nor a test's recording double)."""
+    if getattr(recorder_module.NVTX, "backend", None) != "c-api":
+        return {}
+    from ops import nvtx
+    events = {}
+    for name, _ in layers:
+        for direction in ("forward", "backward"):
+            message = f"{name} ({direction})"
+            event = nvtx.register(message, recorder_module.LAYER_COLOURS[direction])
+            events[(name, direction)] = event
+            _NVTX_MESSAGES[event] = message
+    return events
 
 
 # The instruments whose pass is between forward and backward. NDArray.backward is wrapped while
@@ -316,31 +380,37 @@ class Instrument(InstrumentBase):
 
     def __init__(self, workload, recorder):
         super().__init__(workload, recorder)
-        self._lock = threading.Lock()  # backward boundaries come from several MXNet threads
         self._clock = mx.nd.zeros((1,), ctx=mx.cpu())  # orders the forward boundaries
         self._hooks: list = []
         self._kinds = [type(block).__name__ for _, block in self.layers]
-        self._index = {name: k for k, (name, _) in enumerate(self.layers)}
         self._watched = [_first_trainable(block) for _, block in self.layers]
-        self._start_slots = [_new_slot(self, "_on_layer_start", k)
-                             for k in range(len(self.layers))]
-        self._end_slot = _new_slot(self, "_on_network_end")
-        self._gradient_slots = [_new_slot(self, "_on_weight_grad", k)
-                                for k in range(len(self.layers))]
+        # The boundaries are C marks (see "Engine marks" above); each slot says which NVTX
+        # range its mark starts on its track.
+        self._nvtx_events = _layer_nvtx_events(self.layers)
+        self._forward_track, self._backward_track = _C.engine_mark_track(), _C.engine_mark_track()
+        self._start_slots = [
+            _mark_slot(self, "_on_layer_start", k, self._forward_track,
+                       self._nvtx_events.get((name, "forward"), _NO_EVENT))
+            for k, (name, _) in enumerate(self.layers)]
+        self._end_slot = _mark_slot(self, "_on_network_end", None, self._forward_track,
+                                    _NO_EVENT)
+        self._gradient_slots = [_mark_slot(self, "_on_weight_grad", k, self._backward_track,
+                                           _NEXT_EVENT) for k in range(len(self.layers))]
+        self._output_slot = _mark_slot(self, "_on_output_mark", None, self._backward_track,
+                                       _NEXT_EVENT)
         self._output_marker = _marker_callbacks(_new_slot(self, "_on_output_grad"))
         self._ran: set = set()                     # layers whose forward ran since a backward
         self._hold = threading.Event()             # set: the backward pass may go on
         self._hold_dropped = False
-        # The open forward range: (layer, start ns, NVTX handle); engine thread only.
-        self._forward_open: Optional[Tuple[int, int, object]] = None
-        # Backward pass state, under self._lock.
+        # Main thread only: marks are read after the engine has run them (_collect).
+        self._forward_open: Optional[Tuple[int, int]] = None   # (layer, start ns)
         self._backward_from: Optional[int] = None  # ns of the last boundary, None: no pass
         self._backward_after = _OUTPUT             # which boundary that was
-        self._backward_done: set = set()
-        self._backward_nvtx = None
         self._next_after: Dict[str, str] = {}     # boundary -> layer seen next (NVTX names)
         self._backward_order = [name for (name, _), p in zip(self.layers, self._watched)
                                 if p is not None][::-1]
+        # The NVTX ranges the engine marks of the last pass started (their messages).
+        self.engine_nvtx_ranges: List[str] = []
         self.notes = self._describe()
 
     # -- the driver's interface -------------------------------------------------------------
@@ -375,21 +445,25 @@ class Instrument(InstrumentBase):
             return output
         if not self._hold_dropped:
             self._hold.clear()
+        if self._nvtx_events:
+            _C.engine_mark_sequence(self._backward_track, [
+                self._nvtx_events[(name, "backward")] for name in self._predicted_backward()])
         marked = mark(output, self._output_marker)
         # A recorded slice (a view in the forward): its backward, not a oneDNN operator, hands
         # the marker a gradient in the plain layout (module docstring).
         return marked[0:marked.shape[0]]
 
     def finish_backward(self) -> None:
-        """Waits for the engine and closes the pass (an NVTX range opened for a layer that did
-        not come is ended). The boundaries were queued when NDArray.backward returned (before
+        """Waits for the engine, closes the pass (an NVTX range opened for a layer that did not
+        come is ended) and records the pass's ranges from its marks. The boundaries were queued when NDArray.backward returned (before
         anything a workload's backward() does after it); after mx.autograd.backward they are
         queued now."""
         self._queue_backward()
         mx.nd.waitall()
-        with self._lock:
-            self._end_backward_nvtx()
-            self._backward_from = None
+        _C.engine_mark_end(self._forward_track)   # a pass whose network end did not come
+        _C.engine_mark_end(self._backward_track)
+        self.engine_nvtx_ranges = _collect_marks()
+        self._backward_from = None
 
     def _queue_backward(self) -> None:
         """Right after MXNet has queued the backward pass (main thread): queues each layer's
@@ -402,9 +476,9 @@ class Instrument(InstrumentBase):
                 # ops.mxnet's kernel impl is a Python Function that reads the weight outside
                 # the engine: wait for the gradient it writes instead (the engine then runs
                 # this after the next backward operator, which it hands that gradient first).
-                push_boundary(self._gradient_slots[k], param.list_grad(), ())
+                push_mark(self._gradient_slots[k], param.list_grad(), ())
             else:
-                push_boundary(self._gradient_slots[k], (), param.list_data())
+                push_mark(self._gradient_slots[k], (), param.list_data())
         self._ran.clear()
         self._hold.set()
 
@@ -415,45 +489,47 @@ class Instrument(InstrumentBase):
     def _layer_start(self, k, block, args) -> None:
         if self._recording():
             self._ran.add(k)
-            push_boundary(self._start_slots[k], (), _arrays(args) + [self._clock])
+            push_mark(self._start_slots[k], (), _arrays(args) + [self._clock])
 
     def _layer_end(self, block, args, output) -> None:
         if self._recording():
-            push_boundary(0, _arrays(output), [self._clock])  # ordering only (slot 0: none)
+            push_mark(0, _arrays(output), [self._clock])  # ordering only (slot 0: none)
 
     def _network_end(self, block, args, output) -> None:
         if self._recording():
-            push_boundary(self._end_slot, _arrays(output), [self._clock])
+            push_mark(self._end_slot, _arrays(output), [self._clock])
 
-    # -- forward: boundaries on the engine thread (in queue order: the clock array) ----------
+    # -- the marks, read on the main thread after the engine ran them (_collect_marks) ------
     # One clock reading ends a range and starts the next, so the ranges tile the pass.
-    def _on_layer_start(self, k) -> None:
-        now = self.recorder.now_ns()
+    def _on_layer_start(self, k: int, now: int) -> None:
         self._end_forward(now)
-        if self.recorder.enabled:
-            self._forward_open = (k, now, self._nvtx_start(k, "forward"))
+        self._forward_open = (k, now)
 
-    def _on_network_end(self, _=None) -> None:
-        self._end_forward(self.recorder.now_ns())
+    def _on_network_end(self, _, now: int) -> None:
+        self._end_forward(now)
 
     def _end_forward(self, now: int) -> None:
         if self._forward_open is not None:
-            k, start, nvtx = self._forward_open
+            k, start = self._forward_open
             self._forward_open = None
-            if nvtx is not None:
-                recorder_module.NVTX.end(nvtx)
             self._record(k, "forward", start, now)
 
-    # -- backward: the output marker (custom-op thread), weight boundaries (engine thread) ---
+    def _on_output_mark(self, _, now: int) -> None:
+        self._backward_from = now
+        self._backward_after = _OUTPUT
+
+    def _on_weight_grad(self, k: int, now: int) -> None:
+        if self._backward_from is not None:
+            name = self.layers[k][0]
+            self._record(k, "backward", self._backward_from, now)
+            self._next_after[self._backward_after] = name
+            self._backward_after = name
+            self._backward_from = now
+
+    # -- backward: the output marker (custom-op thread) --------------------------------------
     def _on_output_grad(self, _=None) -> None:
         self.on_output_grad()  # first: the loss backward ends before the first layer's starts
-        with self._lock:
-            now = self.recorder.now_ns()
-            self._end_backward_nvtx()
-            self._backward_from = now
-            self._backward_after = _OUTPUT
-            self._backward_done = set()
-            self._start_backward_nvtx()
+        _C.engine_mark(self._output_slot)
         if not self._hold.wait(HOLD_TIMEOUT_S):
             # Nothing queued the boundaries (see HOLD_TIMEOUT_S): stop holding, for good; a
             # boundary queued after its layer is done then reads the clock late.
@@ -463,42 +539,20 @@ class Instrument(InstrumentBase):
                           f"{HOLD_TIMEOUT_S} s of the output gradient; no longer holding the "
                           f"backward pass, so early weight-gradient boundaries may read late")
 
-    def _on_weight_grad(self, k) -> None:
-        name, _ = self.layers[k]
-        with self._lock:
-            now = self.recorder.now_ns()  # under the lock: boundaries stay in time order
-            self._end_backward_nvtx()
-            if self._backward_from is not None:
-                self._record(k, "backward", self._backward_from, now)
-                self._next_after[self._backward_after] = name
-                self._backward_after = name
-                self._backward_done.add(name)
-                self._backward_from = now
-                self._start_backward_nvtx()
-
-    def _start_backward_nvtx(self) -> None:
-        name = self._next_after.get(self._backward_after)
-        if name is None or name in self._backward_done:
-            name = next((n for n in self._backward_order if n not in self._backward_done), None)
-        if name is not None:
-            self._backward_nvtx = self._nvtx_start(self._index[name], "backward")
-
-    def _end_backward_nvtx(self) -> None:
-        if self._backward_nvtx is not None:
-            recorder_module.NVTX.end(self._backward_nvtx)
-            self._backward_nvtx = None
+    def _predicted_backward(self) -> List[str]:
+        """The layers in the order the backward pass is expected to reach them (NVTX names a
+        range when it starts): the previous pass's order, then the rest in reverse forward
+        order."""
+        order, after = [], _OUTPUT
+        while self._next_after.get(after) not in (None, *order):
+            after = self._next_after[after]
+            order.append(after)
+        return order + [name for name in self._backward_order if name not in order]
 
     # -- the recorder ------------------------------------------------------------------------
     def _record(self, k: int, direction: str, start_ns: int, end_ns: int) -> None:
         self.recorder.record(self.layers[k][0], "layer", start_ns, end_ns, track=ENGINE_TRACK,
                              direction=direction, layer_type=self._kinds[k])
-
-    def _nvtx_start(self, k: int, direction: str):
-        """An NVTX range named as the recorder names a layer's (None while disabled)."""
-        if not self.recorder.enabled:
-            return None
-        return recorder_module.NVTX.start(f"{self.layers[k][0]} ({direction})",
-                                          recorder_module.LAYER_COLOURS[direction])
 
     # -- the report's sentences -------------------------------------------------------------
     def _describe(self) -> List[str]:
@@ -521,6 +575,10 @@ class Instrument(InstrumentBase):
             "NVTX: backward layer ranges are named when they start, for the layer expected "
             "next (the previous pass's order); the timeline names the layer observed.",
         ]
+        if not self._nvtx_events:
+            notes.append("No NVTX ranges for the layers: the engine's C marks emit them through "
+                         "the NVTX C API, and this run's recorder does not use it "
+                         f"({getattr(recorder_module.NVTX, 'note', '') or 'another emitter'}).")
         if backward_is_bulked():
             notes.append(
                 "WARNING: this MXNet runs its backward operators in bulks (up to 15 per engine "
