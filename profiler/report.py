@@ -41,10 +41,10 @@ layers                [{name: str, type: str or  per layer in forward order: inc
                       device_forward_ms?,
                       device_backward_ms?}]
 instrumentation       {instrumented_step_ms_     step-time medians with and without the
-                      median: number,            profiler's ranges, and the overhead in percent;
-                      uninstrumented_step_ms_    the last two null when not measured
-                      median, overhead_pct:
-                      number or null}
+                      median: number,            profiler's ranges, and the overhead in percent
+                      uninstrumented_step_ms_    (the median of the neighbouring pairs' ratios,
+                      median, overhead_pct:      stats.overhead_summary, with its interval and
+                      number or null, ...}       verdict); null when not measured
 threads               {requested: int, intra_op, optional: the CPU threads asked for (--threads)
                       inter_op: int or null,     and what the framework, its BLAS/OpenMP
                       blas, openmp, ours:        libraries (file -> threads) and our kernels
