@@ -262,3 +262,30 @@ def test_the_api_is_importable_from_the_package():
     import profiler
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         profiler.nope
+
+
+def test_close_gives_every_layer_its_own_forward_back():
+    """The instrument wraps each layer's forward on the instance (cheaper than module hooks);
+    close() restores the class's forward, or an instance-level forward the user had set, and
+    outputs are the same with and without the wrapper."""
+    model = TinyNet()
+    def own_forward(x):
+        return torch.nn.BatchNorm2d.forward(model.bn, x)
+    model.bn.forward = own_forward
+    x, t = batches(1)[0]
+    prof = LayerProfiler(model, warmup=0)
+    with prof.step():
+        out = prof.mark_output(model(x))
+        torch.nn.functional.cross_entropy(out, t).backward()
+    assert all("forward" in vars(m) for m in (model.conv, model.bn, model.head[1]))
+    prof.close()
+    assert "forward" not in vars(model.conv) and "forward" not in vars(model.head[1])
+    assert model.bn.forward is own_forward
+    model.eval()
+    with torch.no_grad():
+        plain = model(x)
+        prof = LayerProfiler(model, warmup=0)
+        with prof.step():
+            marked = prof.mark_output(model(x))
+        prof.close()
+    assert torch.equal(plain, marked)
