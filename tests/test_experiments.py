@@ -285,3 +285,26 @@ def test_deeppose_loss_judges_the_step_through_its_loss_phase(tiny_runs):
     assert record["direction"] == "lower"
     assert "deeppose_loss.chainer.explicit_vs_autograd_loss_phase" in {
         v["key"] for v in doc["verdicts"]}
+
+
+def test_bench_instruments_times_every_variant_paired_with_plain(tmp_path, capsys):
+    """experiments.bench_instruments at tiny settings: every variant timed in every round,
+    each but plain with its paired overhead and interval, written and printed."""
+    pytest.importorskip("torch")
+    from experiments import bench_instruments
+    out = tmp_path / "inst.json"
+    assert bench_instruments.main(["--framework", "torch", "--batch-size", "2", "--rounds",
+                                   "2", "--warmup", "0", "--threads", "1", "--out",
+                                   str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["rounds"] == 2 and set(doc["variants"]) == {"plain", "phases", "hooks_idle",
+                                                           "instrumented"}
+    for name, row in doc["variants"].items():
+        assert len(row["samples_ms"]) == 2 and row["median_ms"] > 0
+        if name != "plain":
+            low, high = row["overhead_ci_pct"]
+            assert low <= row["overhead_pct"] <= high
+    printed = capsys.readouterr().out
+    assert "instrumented" in printed and "%" in printed
+    with pytest.raises(SystemExit):
+        bench_instruments.main(["--rounds", "0"])

@@ -1,0 +1,134 @@
+"""Benchmark: what a framework's instrument costs a training step, and which part of it.
+
+    python -m experiments.bench_instruments --framework mxnet
+    python -m experiments.bench_instruments --framework torch --rounds 100 --out runs/inst.json
+
+One seed workload, four ways of running its step, timed in interleaved rounds (the order
+rotating each round), each round's step paired with the round's plain one:
+
+- ``plain``: the uninstrumented step the profiler times for its overhead;
+- ``phases``: the profiler's step with its phase ranges (and, for an asynchronous framework, its
+  waits at every phase boundary), no instrument installed;
+- ``hooks_idle``: the plain step with the instrument installed and the recorder off (what its
+  hooks cost when they record nothing);
+- ``instrumented``: the profiler's step as it runs (phases, layer ranges, NVTX).
+
+Prints each variant's median step and its paired overhead against ``plain`` (the median of the
+rounds' ratios with a bootstrap 95% interval, profiler.analysis.stats.paired_ratio_ci).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from experiments.timing import add_threads_argument, apply_threads, write_json
+from profiler.analysis.stats import interleaved_order, median, paired_ratio_ci
+
+FRAMEWORKS = ("torch", "chainer", "tensorflow", "mxnet")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_instruments",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--framework", default="torch", choices=FRAMEWORKS)
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=60,
+                        help="rounds; each runs every variant once")
+    parser.add_argument("--warmup", type=int, default=2, help="steps of each variant first")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results here")
+    add_threads_argument(parser)
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got "
+                         f"{getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup: expected an integer >= 0, got {args.warmup}")
+    return args
+
+
+def variants(runner) -> Dict[str, Callable[[], float]]:
+    """The four ways of running one step (module docstring), each returning its ms."""
+    workload, recorder = runner.workload, runner.recorder
+
+    def plain() -> float:
+        with runner.uninstrumented():
+            return runner.plain_step()
+
+    def phases() -> float:
+        with runner.uninstrumented():
+            return runner.instrumented_step(0)
+
+    def hooks_idle() -> float:
+        recorder.enabled = False
+        began = time.perf_counter_ns()
+        workload.train_step(workload.to_device(next(runner.batches)))
+        workload.synchronize()
+        return (time.perf_counter_ns() - began) / 1e6
+
+    def instrumented() -> float:
+        return runner.instrumented_step(0)
+
+    return {"plain": plain, "phases": phases, "hooks_idle": hooks_idle,
+            "instrumented": instrumented}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    threads = apply_threads(args.threads, [args.framework])
+    # An instrument may configure its framework before the first operator (MXNet's bulking).
+    importlib.import_module(f"profiler.instrument.{args.framework}")
+    from profiler.runner import StepRunner
+    from profiler.workloads import build_workload
+    workload = build_workload(args.framework, model=args.model, batch_size=args.batch_size)
+    runner = StepRunner(workload, steps_needed=(args.warmup + args.rounds) * 4 + 1)
+    steps = variants(runner)
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    try:
+        for name, step in steps.items():
+            for _ in range(args.warmup):
+                step()
+        for done, order in enumerate(interleaved_order(list(steps), args.rounds), 1):
+            for name in order:
+                times[name].append(steps[name]())
+            if done % 10 == 0:
+                print(f"round {done}/{args.rounds}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:      # keep what was measured
+        print("interrupted: the rounds so far", file=sys.stderr)
+    finally:
+        runner.instrument.remove()
+    rounds = min(len(v) for v in times.values())
+    if rounds < 2:
+        print("error: fewer than two complete rounds", file=sys.stderr)
+        return 1
+    rows = {}
+    print(f"{args.framework} {args.model} batch {args.batch_size}: {rounds} rounds, "
+          f"overhead = median of the rounds' ratios to plain [95% interval]")
+    for name, samples in times.items():
+        samples = samples[:rounds]
+        row = {"median_ms": median(samples), "samples_ms": samples}
+        if name != "plain":
+            est, low, high = paired_ratio_ci(times["plain"][:rounds], samples)
+            row.update(overhead_pct=est, overhead_ci_pct=[low, high])
+            print(f"  {name:13s} {row['median_ms']:9.1f} ms  {est:+6.1f}% [{low:+.1f}, "
+                  f"{high:+.1f}]")
+        else:
+            print(f"  {name:13s} {row['median_ms']:9.1f} ms")
+        rows[name] = row
+    if args.out is not None:
+        write_json(args.out, {"framework": args.framework, "model": args.model,
+                              "batch_size": args.batch_size, "rounds": rounds,
+                              "threads": threads, "variants": rows})
+        print(f"written: {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
