@@ -493,7 +493,7 @@ def compare_training(builds: Dict[str, Dict[str, Any]], *, framework: str = "tor
                                                   sync=sync)
             steps[variant] = prof._fw.training_step(build["model"], build["loss_fn"],
                                                     build["optimizer"], device)
-            batches[variant] = _cycle(build["loader"])
+            batches[variant] = _cycle(build["loader"], f"compare_training: {variant}")
     except Exception:
         for prof in profs.values():
             prof.close()
@@ -560,7 +560,7 @@ def _profiled_step(prof: LayerProfiler, step_fn, batches) -> None:
         step_fn(prof, batch)
 
 
-def _cycle(loader: Iterable):
+def _cycle(loader: Iterable, caller: str = "profile_training"):
     """Batches of ``loader``, starting over when it ends; a loader that yields nothing, or
     that cannot start over (a generator, an iterator without repeat), is an error, not a
     hang."""
@@ -572,10 +572,10 @@ def _cycle(loader: Iterable):
             served += 1
             yield batch
         if empty and served == 0:
-            raise ValueError("profile_training: loader: expected an iterable that yields "
+            raise ValueError(f"{caller}: loader: expected an iterable that yields "
                              "batches, got one that yielded nothing")
         if empty:
-            raise ValueError(f"profile_training: loader: ran out after {served} batches and "
+            raise ValueError(f"{caller}: loader: ran out after {served} batches and "
                              f"yields nothing when iterated again (a generator or a one-pass "
                              f"iterator); pass a re-iterable loader (a list, a DataLoader, "
                              f"an iterator with repeat=True) or fewer steps")
