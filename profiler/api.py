@@ -406,8 +406,9 @@ def profile_training(model, loader: Iterable, loss_fn: Callable, optimizer, *,
     """Runs ``warmup + steps`` training steps of ``model`` on batches ``(inputs, targets)``
     from ``loader`` (cycled if it runs out), profiled, and ``overhead_steps`` (default
     ``steps``) uninstrumented steps for the overhead, alternating step by step
-    (stats.overhead_schedule); returns the report. A run that fails half-way returns the report of the steps measured so far, its
-    error in ``errors``; one that measured nothing raises."""
+    (stats.overhead_schedule); returns the report. A run that fails half-way returns the
+    report of the steps measured so far, its error in ``errors``; one that measured nothing
+    raises."""
     for arg, value, least in (("steps", steps, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"profile_training: {arg}: expected an int >= {least}, got "

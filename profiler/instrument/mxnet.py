@@ -402,7 +402,7 @@ class Instrument(InstrumentBase):
         self._ran: set = set()                     # layers whose forward ran since a backward
         self._hold = threading.Event()             # set: the backward pass may go on
         self._hold_dropped = False
-        # Main thread only: marks are read after the engine has run them (_collect).
+        # Main thread only: marks are read after the engine has run them (_collect_marks).
         self._forward_open: Optional[Tuple[int, int]] = None   # (layer, start ns)
         self._backward_from: Optional[int] = None  # ns of the last boundary, None: no pass
         self._backward_after = _OUTPUT             # which boundary that was
@@ -455,9 +455,9 @@ class Instrument(InstrumentBase):
 
     def finish_backward(self) -> None:
         """Waits for the engine, closes the pass (an NVTX range opened for a layer that did not
-        come is ended) and records the pass's ranges from its marks. The boundaries were queued when NDArray.backward returned (before
-        anything a workload's backward() does after it); after mx.autograd.backward they are
-        queued now."""
+        come is ended) and records the pass's ranges from its marks. The boundaries were
+        queued when NDArray.backward returned (before anything a workload's backward() does
+        after it); after mx.autograd.backward they are queued now."""
         self._queue_backward()
         mx.nd.waitall()
         _C.engine_mark_end(self._forward_track)   # a pass whose network end did not come

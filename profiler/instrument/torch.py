@@ -1,6 +1,6 @@
 """PyTorch instrumentation: each layer's forward wrapped (on the instance) for the forward
-ranges; for the backward ranges, hooks on the autograd node that made each layer's output and on the layer's
-parameters.
+ranges; for the backward ranges, hooks on the autograd node that made each layer's output and
+on the layer's parameters.
 
 Backward: when a layer's forward returns, a pre-hook goes on its output's autograd node (the
 layer's last operation): when the backward pass is about to run that node, the gradient has
