@@ -141,6 +141,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              "nsys 2025.3 with CPU sampling wrote a 2 GB stream and no report "
                              "for a five-matmul script")
     args = parser.parse_args(argv)
+    # Options one mode has no use for are refused, not ignored: a run must do what it says.
+    per_mode = {True: ("iters", "overhead_iters"), False: ("rounds", "steps_per_round")}
+    unused = [n for n in per_mode[args.compare is not None]
+              if getattr(args, n) != parser.get_default(n)]
+    if unused:
+        flags = ", ".join("--" + n.replace("_", "-") for n in unused)
+        parser.error(f"{flags}: " + (
+            "--compare runs --warmup, then --rounds rounds of --steps-per-round steps of every "
+            "variant, all of them measured" if args.compare is not None else
+            "only with --compare; a profile runs --warmup, --iters and --overhead-iters steps"))
     if args.overhead_iters is None:
         args.overhead_iters = args.iters
     args.user_model = args.model not in MODELS

@@ -206,6 +206,10 @@ def test_cli_compare(tmp_path, capsys):
     (["--model", "deeppose", "--compare", "loss=autograd,fast"],
      "expected at least two distinct loss impls"),
     (["--compare", "conv=framework,native", "--framework", "all"], "runs in one framework"),
+    (["--compare", "conv=framework,native", "--iters", "3"],
+     "--iters: --compare runs --warmup, then --rounds rounds"),
+    (["--rounds", "3", "--steps-per-round", "3"],
+     "--rounds, --steps-per-round: only with --compare"),
     (["--framework", "all", "--python", "jax=/usr/bin/python3"], "--python: expected"),
     (["--framework", "all", "--python", "torch=/no/such/python"], "not an executable"),
 ])
