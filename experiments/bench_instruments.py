@@ -87,7 +87,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     importlib.import_module(f"profiler.instrument.{args.framework}")
     from profiler.runner import StepRunner
     from profiler.workloads import build_workload
-    workload = build_workload(args.framework, model=args.model, batch_size=args.batch_size)
+    try:
+        workload = build_workload(args.framework, model=args.model, batch_size=args.batch_size)
+    except ValueError as e:        # a bad --model or --batch-size: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     runner = StepRunner(workload, steps_needed=(args.warmup + args.rounds) * 4 + 1)
     steps = variants(runner)
     times: Dict[str, List[float]] = {name: [] for name in steps}

@@ -308,3 +308,5 @@ def test_bench_instruments_times_every_variant_paired_with_plain(tmp_path, capsy
     assert "instrumented" in printed and "%" in printed
     with pytest.raises(SystemExit):
         bench_instruments.main(["--rounds", "0"])
+    assert bench_instruments.main(["--model", "resnet99", "--rounds", "2"]) == 2
+    assert "model: expected one of" in capsys.readouterr().err
