@@ -512,9 +512,12 @@ Call make_call(const char* function, std::optional<int64_t> stream) {
 }
 
 double check_count_factor(const Call& call, double count_factor) {
-  if (!(count_factor > 0) || count_factor == std::numeric_limits<double>::infinity())
-    call.value_error("count_factor", "expected a finite number > 0, got " +
-                                         std::to_string(count_factor));
+  if (!kernels::valid_count_factor(count_factor)) {
+    std::ostringstream got;  // not std::to_string: it prints -1e-300 as "-0.000000"
+    got << count_factor;
+    call.value_error("count_factor", std::string("expected ") + kernels::kCountFactorExpected +
+                                         ", got " + got.str());
+  }
   return count_factor;
 }
 

@@ -5,6 +5,7 @@
 // this header compiles without the CUDA toolkit; they enqueue work and never synchronise.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -18,6 +19,14 @@ namespace kernels {
 // square makes it the exact derivative for fractional weights too), gt = -gx.
 // `count` and `grad_loss` are one-element arrays in the same memory as x (device memory on the
 // GPU), so no value ever has to come back to the host.
+
+// The one rule for count_factor, which every binding checks (each in its own error style) before
+// calling a loss kernel: a finite number > 0. NaN poisons every result; +inf turns the loss and
+// gradients silently into 0; 0 and negatives divide by zero or flip the sign.
+inline constexpr const char* kCountFactorExpected = "a finite number > 0";
+inline bool valid_count_factor(double count_factor) {
+  return std::isfinite(count_factor) && count_factor > 0;
+}
 
 template <typename T>
 void sq_error_loss_forward_cpu(const T* x, const T* t, const T* v, int64_t n, double count_factor,

@@ -6,8 +6,9 @@
 //   deepprof_sq_error_loss(x, t[, v]; count_factor, masked=0) -> (loss (1,), count (1,))
 //   deepprof_conv2d(x, w[, b]; stride=1, padding=0, dilation=1, no_bias=0) -> y
 //
-// Attributes are strings, as MXNet passes them: count_factor a number > 0; stride, padding and
-// dilation "k", "(kh, kw)" or "[kh, kw]"; masked and no_bias "0"/"1"/"true"/"false" (any case).
+// Attributes are strings, as MXNet passes them: count_factor a finite number > 0; stride,
+// padding and dilation "k", "(kh, kw)" or "[kh, kw]"; masked and no_bias "0"/"1"/"true"/"false"
+// (any case).
 // `masked` and `no_bias` fix the number of inputs, as no_bias does for MXNet's Convolution.
 // `count` is the forward's sum(v) (numel without a mask): the backward reads it from the
 // forward's outputs rather than recomputing it.
@@ -30,7 +31,6 @@
 #include <mxnet/lib_api.h>
 
 #include <cctype>
-#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -200,9 +200,10 @@ MXReturnValue parse_count_factor(const char* op, const Attrs& attrs, double* out
   const std::string v = trim(it->second);
   char* end = nullptr;
   *out = std::strtod(v.c_str(), &end);
-  if (v.empty() || *end != '\0' || !std::isfinite(*out) || !(*out > 0))
-    return Failure(op) << "count_factor: expected a finite number > 0, got '" << it->second
-                       << "'";
+  // strtod reads "inf" and "nan" (Python's str of them); the rule refuses them.
+  if (v.empty() || *end != '\0' || !kernels::valid_count_factor(*out))
+    return Failure(op) << "count_factor: expected " << kernels::kCountFactorExpected
+                       << ", got '" << it->second << "'";
   return MX_SUCCESS;
 }
 

@@ -22,7 +22,6 @@
 // build must define together with our CUDA kernels). The GPU half runs our kernels on the op's
 // own stream (the stream executor's, through platform_specific_handle) and never synchronises.
 // It has not run anywhere yet: the TensorFlow of this project is tensorflow-cpu.
-#include <cmath>
 #include <cstdint>
 #include <exception>
 #include <limits>
@@ -171,9 +170,9 @@ Status expect_int32_sized(const char* op, const char* name, const Tensor& t, boo
 template <typename Ctx>
 Status read_count_factor(Ctx* c, const char* op, float* count_factor) {
   TF_RETURN_IF_ERROR(c->GetAttr("count_factor", count_factor));
-  if (!(std::isfinite(*count_factor) && *count_factor > 0))
-    return InvalidArgument(op, ": count_factor: expected a finite number > 0, got ",
-                           *count_factor);
+  if (!kernels::valid_count_factor(*count_factor))
+    return InvalidArgument(op, ": count_factor: expected ", kernels::kCountFactorExpected,
+                           ", got ", *count_factor);
   return Status();
 }
 

@@ -79,14 +79,15 @@ void check_device(const char* op, const Tensor& x) {
 }
 
 // What every loss op takes: x (float, on a CPU or CUDA device, not empty), t and v (optional)
-// like it, and a positive count_factor.
+// like it, and a count_factor that kernels::valid_count_factor accepts.
 void check_loss_inputs(const char* op, const Tensor& x, const Tensor& t,
                        const std::optional<Tensor>& v, double count_factor) {
   check_float(op, "x", x);
   check_device(op, x);
   check_like(op, "t", t, x, true);
   if (v) check_like(op, "v", *v, x, true);
-  TORCH_CHECK_VALUE(count_factor > 0, op, ": count_factor: expected > 0, got ", count_factor);
+  TORCH_CHECK_VALUE(kernels::valid_count_factor(count_factor), op, ": count_factor: expected ",
+                    kernels::kCountFactorExpected, ", got ", count_factor);
 }
 
 // ---- masked squared-error loss -----------------------------------------------------------------

@@ -408,7 +408,7 @@ def test_native_ops_called_directly_refuse_bad_input():
     with pytest.raises(ValueError, match=r"deepprof::sq_error_loss_forward: t: expected shape "
                                          r"\[2, 3\]"):
         deepprof.sq_error_loss(x, torch.randn(3), None, 1.0)
-    with pytest.raises(ValueError, match="count_factor: expected > 0"):
+    with pytest.raises(ValueError, match="count_factor: expected a finite number > 0, got 0"):
         deepprof.sq_error_loss(x, x, None, 0.0)
     xc, w = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 5, 5)
     with pytest.raises(ValueError, match="deepprof::conv2d_forward: w: kernel height extent 5 is "
