@@ -41,22 +41,20 @@ with an out-of-place copy (``ops.mxnet.loader.custom_op``) costs two to three pa
 activation, measured here at 10-20% of a ResNet-20 step. The output marker is read through a
 recorded slice, whose backward is no oneDNN operator, so it gets a plain gradient.
 
-Engine marks: the boundary operations run no Python. Their function is C (deepprof_engine_mark,
-csrc/engine_marks.cpp): it stores the slot and the clock reading, and ends and starts the NVTX
-ranges; the Python side reads the marks once the engine has run the pass (finish_backward) and
-records the ranges. A Python function there had to take the GIL, which the main thread holds
-while it queues the next operators, so the engine stalled at every boundary: +12% [+8.6, +14.2]
-of a ResNet-20 step (batch 32, this 2-core CPU, 60 interleaved rounds), against +1.7% [-0.7,
-+5.5] with a C function in the same run. Only the output marker's backward is Python (MXNet's
-custom functions are), once per pass.
+Engine marks: the boundary operations run no Python; each is a C mark (csrc/engine_marks.cpp)
+that stores its slot and the clock reading, read back once the engine has run the pass
+(finish_backward). How this module talks to MXNet's engine and to those marks (its C
+interfaces, the slots, the output marker's callbacks) and why the marks are C is
+profiler/instrument/mxnet_engine.py; which ranges a layer gets, and when, is here.
 
 Backward bulking: by default (``MXNET_EXEC_BULK_EXEC_TRAIN=1``) MXNet runs up to 15
 (``MXNET_EXEC_BULK_EXEC_MAX_NODE_TRAIN_BWD``) backward operators as one engine operation, and
 the weight gradients of one bulk all appear when it ends: backward ranges then resolve bulks,
 not layers. MXNet reads the variable once, when it runs its first operator. Importing this
 module sets it to 0 unless it is set (a side effect on the process, meant for profiling runs:
-import it before building the workload); ``backward_is_bulked`` measures which mode MXNet is
-really in, and ``notes`` carry a warning when it is the bulked one.
+import it before building the workload); ``backward_is_bulked`` (from mxnet_engine, importable
+from here) measures which mode MXNet is really in, and ``notes`` carry a warning when it is the
+bulked one.
 
 NVTX (started and ended by the C marks, so only where the recorder emits through the NVTX C
 API): forward ranges are mirrored exactly. Which layer a backward range belongs to is known only
@@ -78,18 +76,15 @@ nothing, and ``remove()`` leaves no hook behind.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import threading
-import traceback
 import warnings
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mxnet as mx
 from mxnet import autograd
-from mxnet.base import _LIB, MXCallbackList, NDArrayHandle, check_call
 from mxnet.ndarray import NDArray
 
 from ops import _C
@@ -102,6 +97,12 @@ from .base import InstrumentBase
 # backward passes (see "Backward bulking" above) unless the environment says otherwise.
 os.environ.setdefault("MXNET_EXEC_BULK_EXEC_TRAIN", "0")
 
+# After the setting: the engine plumbing's import (its ctypes callbacks, ops._C's mark
+# callback) runs no MXNet operator, but importing it second keeps the setting first.
+from .mxnet_engine import (  # noqa: E402
+    NEXT_EVENT, NO_EVENT, backward_is_bulked, collect_marks, mark, mark_slot, marker_callbacks,
+    new_slot, push_mark, register_nvtx_event)
+
 ENGINE_TRACK = "host:mxnet-engine"
 _OUTPUT = "<model output>"  # the backward boundary before the first layer's backward
 # How long the output marker holds the backward pass for the layer boundaries to be queued.
@@ -109,159 +110,6 @@ _OUTPUT = "<model output>"  # the backward boundary before the first layer's bac
 # than NDArray.backward that then waits for the engine before finish_backward (the hold is then
 # dropped for good, see _on_output_grad).
 HOLD_TIMEOUT_S = 5.0
-# How long backward_is_bulked waits for the engine: its work takes microseconds.
-PROBE_TIMEOUT_S = 1.0
-
-# ---- MXNet's C interfaces --------------------------------------------------------------------
-# EngineSyncFunc(RunContext*, param); a custom function's backward(num_ograds, num_igrads,
-# handles, reqs, is_train, context) and delete(context), as in mxnet.autograd.Function.
-_ENGINE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
-_MARKER_BACKWARD_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                       ctypes.POINTER(ctypes.c_void_p),
-                                       ctypes.POINTER(ctypes.c_int), ctypes.c_int,
-                                       ctypes.c_void_p)
-_MARKER_DELETE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
-_REQ_NULL, _REQ_ADD = autograd._GRAD_REQ_MAP["null"], autograd._GRAD_REQ_MAP["add"]
-_CPU_PRIORITIZED = ctypes.c_int(3)  # mxnet::FnProperty::kCPUPrioritized
-
-
-class _Context(ctypes.Structure):
-    """mxnet::Context: the engine runs the boundary operations on the CPU."""
-    _fields_ = [("dev_type", ctypes.c_int), ("dev_id", ctypes.c_int)]
-
-
-_CPU = _Context(1, 0)
-
-# Callbacks are looked up by slot: slot -> (weak reference to an Instrument, method, argument).
-# MXNet may call a callback after its instrument is gone (a recorded graph outlives remove()),
-# so slots, their C callback lists and the C function objects live as long as the process.
-_SLOTS: List[Optional[Tuple[weakref.ref, str, object]]] = [None]  # slot 0: NULL means none
-_KEEP_ALIVE: List[object] = []
-
-
-def _new_slot(instrument, method: str, argument=None) -> int:
-    _SLOTS.append((weakref.ref(instrument), method, argument))
-    return len(_SLOTS) - 1
-
-
-def _dispatch(slot: Optional[int]) -> None:
-    entry = _SLOTS[slot] if slot else None
-    if entry is None:
-        return
-    instrument = entry[0]()
-    if instrument is not None:
-        getattr(instrument, entry[1])(entry[2])
-
-
-def _on_engine(_run_context, slot) -> None:
-    try:
-        _dispatch(slot)
-    except Exception:  # an engine thread cannot raise into Python: report, keep training
-        traceback.print_exc()
-
-
-def _on_marker_backward(num_ograds, num_igrads, handles, reqs, _is_train, slot) -> int:
-    """The marker's backward: its input's gradient is its output's, then the boundary."""
-    try:
-        # MXNet allocated these handles for us: the NDArrays free them.
-        ograd = NDArray(ctypes.cast(handles[0], NDArrayHandle), writable=False)
-        igrad = NDArray(ctypes.cast(handles[1], NDArrayHandle), writable=True)
-        if reqs[0] == _REQ_ADD:
-            igrad += ograd
-        elif reqs[0] != _REQ_NULL:
-            ograd.copyto(igrad)
-        _dispatch(slot)
-        return True
-    except Exception:
-        # MXNet turns False into an MXNetError at the next wait; the traceback is all it shows.
-        print(f"Error in the profiler's MXNet output marker: {traceback.format_exc()}")
-        return False
-
-
-def _on_marker_delete(_slot) -> int:
-    return True
-
-
-_ENGINE_CALLBACK = _ENGINE_FN(_on_engine)
-_MARKER_BACKWARD = _MARKER_BACKWARD_FN(_on_marker_backward)
-_MARKER_DELETE = _MARKER_DELETE_FN(_on_marker_delete)
-_MARKER_CALLBACKS = (ctypes.CFUNCTYPE(ctypes.c_int) * 2)(
-    ctypes.cast(_MARKER_BACKWARD, ctypes.CFUNCTYPE(ctypes.c_int)),
-    ctypes.cast(_MARKER_DELETE, ctypes.CFUNCTYPE(ctypes.c_int)))
-
-
-def _marker_callbacks(slot: int) -> MXCallbackList:
-    """The callback list of a marker whose backward dispatches ``slot``; MXNet keeps a pointer
-    to it in every graph node recorded with it, so it is never freed."""
-    contexts = (ctypes.c_void_p * 2)(slot, slot)
-    callbacks = MXCallbackList(
-        ctypes.c_int(2),
-        ctypes.cast(_MARKER_CALLBACKS, ctypes.POINTER(ctypes.CFUNCTYPE(ctypes.c_int))),
-        ctypes.cast(contexts, ctypes.POINTER(ctypes.c_void_p)))
-    _KEEP_ALIVE.append((callbacks, contexts))
-    return callbacks
-
-
-def _handles(arrays: Sequence[NDArray]):
-    return (NDArrayHandle * len(arrays))(*[a.handle for a in arrays])
-
-
-def mark(array: NDArray, callbacks: MXCallbackList) -> NDArray:
-    """An identity of ``array`` on the autograd tape (a view of the same memory) whose backward
-    calls the marker callbacks ``callbacks``. Only while autograd is recording."""
-    marked = array.detach()
-    check_call(_LIB.MXCustomFunctionRecord(1, _handles([array]), 1, _handles([marked]),
-                                           ctypes.byref(callbacks)))
-    return marked
-
-
-def push_boundary(slot: int, reads: Sequence[NDArray], writes: Sequence[NDArray], *,
-                  own_thread: bool = False, callback=None) -> None:
-    """Queues an engine operation that dispatches ``slot`` once every operation queued before
-    it that writes ``reads``, or reads or writes ``writes``, has run: on the CPU worker, in
-    queue order, or (``own_thread``) on one of MXNet's CPU-priority threads. It writes nothing;
-    declaring ``writes`` makes later operations on them wait for it. ``callback``: the C
-    function called with ``slot`` (default: Python's _dispatch; _C_MARK for a C mark)."""
-    check_call(_LIB.MXEnginePushSyncND(
-        callback or _ENGINE_CALLBACK, ctypes.c_void_p(slot), None, ctypes.byref(_CPU),
-        _handles(reads), len(reads), _handles(writes), len(writes),
-        ctypes.byref(_CPU_PRIORITIZED) if own_thread else None, 0,
-        b"deepprof_layer_boundary"))
-
-
-# ---- engine marks (csrc/engine_marks.cpp) ----------------------------------------------------
-_NO_EVENT, _NEXT_EVENT = -1, -2   # a mark that starts no NVTX range / its track's next one
-# deepprof_engine_mark as MXNet's EngineSyncFunc: takes the mark in C, without the GIL.
-_C_MARK = _ENGINE_FN(_C.engine_mark_callback())
-# slot -> (weak reference to an Instrument, method, argument): who reads a mark, as _SLOTS.
-_MARK_OWNERS: Dict[int, Tuple[weakref.ref, str, object]] = {}
-_NVTX_MESSAGES: Dict[int, str] = {}   # NVTX event index -> message, for engine_nvtx_ranges
-
-
-def _mark_slot(instrument, method: str, argument, track: int, event: int) -> int:
-    """A C mark slot on ``track`` starting NVTX ``event``, read by ``instrument.method``."""
-    slot = _C.engine_mark_slot(track, event)
-    _MARK_OWNERS[slot] = (weakref.ref(instrument), method, argument)
-    return slot
-
-
-def push_mark(slot: int, reads: Sequence[NDArray], writes: Sequence[NDArray]) -> None:
-    """push_boundary whose operation takes a C mark of ``slot`` (0: ordering only)."""
-    push_boundary(slot, reads, writes, callback=_C_MARK)
-
-
-def _collect_marks() -> List[str]:
-    """Hands every mark taken since the last call, in time order, to its instrument's method
-    (argument, ns); returns the messages of the NVTX ranges those marks started."""
-    started = []
-    for slot, ns, event in sorted(_C.engine_marks_take(), key=lambda mark: mark[1]):
-        owner = _MARK_OWNERS.get(slot)
-        instrument = owner[0]() if owner else None
-        if instrument is not None:
-            getattr(instrument, owner[1])(owner[2], ns)
-        if event >= 0:
-            started.append(_NVTX_MESSAGES.get(event, f"event {event}"))
-    return started
 
 
 def _layer_nvtx_events(layers) -> Dict[Tuple[str, str], int]:
@@ -270,14 +118,11 @@ def _layer_nvtx_events(layers) -> Dict[Tuple[str, str], int]:
     are (not with the nvtx package's fallback, nor a test's recording double)."""
     if getattr(recorder_module.NVTX, "backend", None) != "c-api":
         return {}
-    from ops import nvtx
     events = {}
     for name, _ in layers:
         for direction in ("forward", "backward"):
-            message = f"{name} ({direction})"
-            event = nvtx.register(message, recorder_module.LAYER_COLOURS[direction])
-            events[(name, direction)] = event
-            _NVTX_MESSAGES[event] = message
+            events[(name, direction)] = register_nvtx_event(
+                f"{name} ({direction})", recorder_module.LAYER_COLOURS[direction])
     return events
 
 
@@ -332,46 +177,6 @@ def _first_trainable(block):
     return next((p for p in block._reg_params.values() if p.grad_req != "null"), None)
 
 
-class _Probe:
-    """The two boundaries of backward_is_bulked: a gate that blocks, and a flag."""
-
-    def __init__(self):
-        self.open, self.fired = threading.Event(), threading.Event()
-
-    def gate(self, _=None) -> None:
-        self.open.wait(PROBE_TIMEOUT_S)
-
-    def fire(self, _=None) -> None:
-        self.fired.set()
-
-
-@functools.lru_cache(maxsize=None)
-def backward_is_bulked() -> bool:
-    """Whether this process's MXNet runs consecutive backward operators as one engine
-    operation (measured once: MXNet fixed it at its first operator).
-
-    A backward pass of two multiplications, z = (x * a) * b, whose second backward operator
-    (reading x) is held up by a gate writing x. Unbulked, the first one (reading b) runs on its
-    own and a boundary queued behind it on b fires; bulked, both are one operation that waits
-    for the gate, and the boundary does not fire before the timeout."""
-    probe = _Probe()
-    gate, fire = _new_slot(probe, "gate"), _new_slot(probe, "fire")
-    x, a, b = (mx.nd.ones((1,), ctx=mx.cpu()) for _ in range(3))
-    a.attach_grad()
-    b.attach_grad()
-    with autograd.record():
-        z = (x * a) * b
-    push_boundary(gate, (), [x], own_thread=True)  # the CPU worker must stay free
-    try:
-        _NDARRAY_BACKWARD(z)
-        push_boundary(fire, (), [b])
-        fired = probe.fired.wait(PROBE_TIMEOUT_S)
-    finally:
-        probe.open.set()
-    mx.nd.waitall()
-    return not fired
-
-
 class Instrument(InstrumentBase):
     """Layer ranges for an imperative (not hybridized) Gluon network: see the module
     docstring for what each range covers."""
@@ -384,25 +189,25 @@ class Instrument(InstrumentBase):
         self._hooks: list = []
         self._kinds = [type(block).__name__ for _, block in self.layers]
         self._watched = [_first_trainable(block) for _, block in self.layers]
-        # The boundaries are C marks (see "Engine marks" above); each slot says which NVTX
-        # range its mark starts on its track.
+        # The boundaries are C marks (see "Engine marks" in mxnet_engine); each slot says
+        # which NVTX range its mark starts on its track.
         self._nvtx_events = _layer_nvtx_events(self.layers)
         self._forward_track, self._backward_track = _C.engine_mark_track(), _C.engine_mark_track()
         self._start_slots = [
-            _mark_slot(self, "_on_layer_start", k, self._forward_track,
-                       self._nvtx_events.get((name, "forward"), _NO_EVENT))
+            mark_slot(self, "_on_layer_start", k, self._forward_track,
+                      self._nvtx_events.get((name, "forward"), NO_EVENT))
             for k, (name, _) in enumerate(self.layers)]
-        self._end_slot = _mark_slot(self, "_on_network_end", None, self._forward_track,
-                                    _NO_EVENT)
-        self._gradient_slots = [_mark_slot(self, "_on_weight_grad", k, self._backward_track,
-                                           _NEXT_EVENT) for k in range(len(self.layers))]
-        self._output_slot = _mark_slot(self, "_on_output_mark", None, self._backward_track,
-                                       _NEXT_EVENT)
-        self._output_marker = _marker_callbacks(_new_slot(self, "_on_output_grad"))
+        self._end_slot = mark_slot(self, "_on_network_end", None, self._forward_track,
+                                   NO_EVENT)
+        self._gradient_slots = [mark_slot(self, "_on_weight_grad", k, self._backward_track,
+                                          NEXT_EVENT) for k in range(len(self.layers))]
+        self._output_slot = mark_slot(self, "_on_output_mark", None, self._backward_track,
+                                      NEXT_EVENT)
+        self._output_marker = marker_callbacks(new_slot(self, "_on_output_grad"))
         self._ran: set = set()                     # layers whose forward ran since a backward
         self._hold = threading.Event()             # set: the backward pass may go on
         self._hold_dropped = False
-        # Main thread only: marks are read after the engine has run them (_collect_marks).
+        # Main thread only: marks are read after the engine has run them (collect_marks).
         self._forward_open: Optional[Tuple[int, int]] = None   # (layer, start ns)
         self._backward_from: Optional[int] = None  # ns of the last boundary, None: no pass
         self._backward_after = _OUTPUT             # which boundary that was
@@ -462,7 +267,7 @@ class Instrument(InstrumentBase):
         mx.nd.waitall()
         _C.engine_mark_end(self._forward_track)   # a pass whose network end did not come
         _C.engine_mark_end(self._backward_track)
-        self.engine_nvtx_ranges = _collect_marks()
+        self.engine_nvtx_ranges = collect_marks()
         self._backward_from = None
 
     def _queue_backward(self) -> None:
@@ -499,7 +304,7 @@ class Instrument(InstrumentBase):
         if self._recording():
             push_mark(self._end_slot, _arrays(output), [self._clock])
 
-    # -- the marks, read on the main thread after the engine ran them (_collect_marks) ------
+    # -- the marks, read on the main thread after the engine ran them (collect_marks) -------
     # One clock reading ends a range and starts the next, so the ranges tile the pass.
     def _on_layer_start(self, k: int, now: int) -> None:
         self._end_forward(now)
