@@ -39,8 +39,7 @@ from typing import Dict, List, Optional, Sequence
 import threadpoolctl
 
 from . import core
-
-FRAMEWORKS = ("torch", "chainer", "tensorflow", "mxnet")
+from .frameworks import FRAMEWORKS
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPS_CPU_THREADS")
 
 

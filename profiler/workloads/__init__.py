@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import importlib
 
-from .base import DEVICES, FRAMEWORKS, WorkloadConfig, check_config
+from ops.frameworks import FRAMEWORKS, check_name
+
+from .base import DEVICES, WorkloadConfig, check_config
 from .spec import MODELS
 
 
 def build_workload(framework: str, config: WorkloadConfig = None, **fields):
-    """The workload for ``framework`` ("torch", "chainer", "tensorflow", "mxnet") and
+    """The workload for ``framework`` (one of ops.frameworks.FRAMEWORKS) and
     ``config`` (default: WorkloadConfig(); keyword ``fields`` override it)."""
-    if framework not in FRAMEWORKS:
-        raise ValueError(f"build_workload: framework: expected one of {list(FRAMEWORKS)}, got "
-                         f"{framework!r}")
+    check_name("build_workload", framework)
     config = (config or WorkloadConfig()).with_(**fields) if fields else (config
                                                                           or WorkloadConfig())
     check_config("build_workload", config)

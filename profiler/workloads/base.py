@@ -34,11 +34,11 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from ops import frameworks
 from ops.impls import CONV_IMPLS, LOSS_IMPLS, check_impl
 
 from . import data, spec
 
-FRAMEWORKS = ("torch", "chainer", "tensorflow", "mxnet")
 DEVICES = ("cpu", "cuda")
 
 
@@ -194,6 +194,20 @@ class WorkloadBase:
 
     def weight_decay_rule(self) -> str:
         return spec.WEIGHT_DECAY_RULE
+
+    # What the profiler asks of any model it profiles (profiler.instrument.base.Subject).
+    def batch_size_of(self, output) -> int:
+        return self.config.batch_size
+
+    def version(self) -> str:
+        return frameworks.version(self.framework)
+
+    def device_kind(self) -> str:
+        return self.config.device
+
+    def device_name(self) -> str:
+        """The processor, or the GPU where a framework base names it."""
+        return frameworks.cpu_name()
 
     # Framework bases implement these.
     def unavailable_impls(self, kind: str) -> Dict[str, str]:

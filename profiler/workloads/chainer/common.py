@@ -278,6 +278,13 @@ class ChainerWorkload(WorkloadBase):
         if self.on_gpu:
             self.device.device.synchronize()
 
+    def device_name(self) -> str:
+        if self.on_gpu:
+            cupy = chainer.backends.cuda.cupy
+            name = cupy.cuda.runtime.getDeviceProperties(self.device.device.id)["name"]
+            return name.decode() if isinstance(name, bytes) else str(name)
+        return super().device_name()
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Eval-mode output for NCHW float32 ``images`` (batch norm's running statistics, no
         dropout, no graph)."""

@@ -139,6 +139,11 @@ class TorchWorkload(WorkloadBase):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return super().device_name()
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Eval-mode output for NCHW float32 ``images``."""
         self.net.eval()
