@@ -20,16 +20,15 @@ rounds' ratios with a bootstrap 95% interval, profiler.analysis.stats.paired_rat
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from experiments.timing import add_threads_argument, apply_threads, write_json
+from experiments.timing import add_threads_argument, apply_threads
+from ops.frameworks import FRAMEWORKS
 from profiler.analysis.stats import interleaved_order, median, paired_ratio_ci
-
-FRAMEWORKS = ("torch", "chainer", "tensorflow", "mxnet")
+from profiler.environment import check_output_dir
+from profiler.report import write_json_atomic
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -54,46 +53,32 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def variants(runner) -> Dict[str, Callable[[], float]]:
-    """The four ways of running one step (module docstring), each returning its ms."""
-    workload, recorder = runner.workload, runner.recorder
-
-    def plain() -> float:
-        with runner.uninstrumented():
-            return runner.plain_step()
-
-    def phases() -> float:
-        with runner.uninstrumented():
-            return runner.instrumented_step(0)
-
-    def hooks_idle() -> float:
-        recorder.enabled = False
-        began = time.perf_counter_ns()
-        workload.train_step(workload.to_device(next(runner.batches)))
-        workload.synchronize()
-        return (time.perf_counter_ns() - began) / 1e6
-
-    def instrumented() -> float:
-        return runner.instrumented_step(0)
-
-    return {"plain": plain, "phases": phases, "hooks_idle": hooks_idle,
-            "instrumented": instrumented}
+def variants(session) -> Dict[str, Callable[[], float]]:
+    """The four ways of running one step (module docstring), each returning its ms: the
+    engine's Session runs each (profiler.engine)."""
+    return {"plain": session.plain_step, "phases": session.phases_step,
+            "hooks_idle": session.idle_hooks_step, "instrumented": session.step}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.out is not None:
+        try:
+            check_output_dir(args.out.parent, "--out")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     threads = apply_threads(args.threads, [args.framework])
-    # An instrument may configure its framework before the first operator (MXNet's bulking).
-    importlib.import_module(f"profiler.instrument.{args.framework}")
-    from profiler.runner import StepRunner
-    from profiler.workloads import build_workload
+    from profiler.engine import Session
+    from profiler.targets import WorkloadTarget
     try:
-        workload = build_workload(args.framework, model=args.model, batch_size=args.batch_size)
+        target = WorkloadTarget.build(args.framework, model=args.model,
+                                      batch_size=args.batch_size)
     except ValueError as e:        # a bad --model or --batch-size: one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    runner = StepRunner(workload, steps_needed=(args.warmup + args.rounds) * 4 + 1)
-    steps = variants(runner)
+    session = Session(target, steps_needed=(args.warmup + args.rounds) * 4 + 1)
+    steps = variants(session)
     times: Dict[str, List[float]] = {name: [] for name in steps}
     try:
         for name, step in steps.items():
@@ -107,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:      # keep what was measured
         print("interrupted: the rounds so far", file=sys.stderr)
     finally:
-        runner.instrument.remove()
+        session.close()
     rounds = min(len(v) for v in times.values())
     if rounds < 2:
         print("error: fewer than two complete rounds", file=sys.stderr)
@@ -127,7 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"  {name:13s} {row['median_ms']:9.1f} ms")
         rows[name] = row
     if args.out is not None:
-        write_json(args.out, {"framework": args.framework, "model": args.model,
+        write_json_atomic(args.out, {"framework": args.framework, "model": args.model,
                               "batch_size": args.batch_size, "rounds": rounds,
                               "threads": threads, "variants": rows})
         print(f"written: {args.out}", file=sys.stderr)

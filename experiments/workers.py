@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import os
 import subprocess
@@ -41,7 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-FRAMEWORKS = ("torch", "chainer", "tensorflow", "mxnet")
+from ops import frameworks
+from ops.frameworks import FRAMEWORKS
+
 MODES = ("plain", "instrumented", "forward_backward")
 CONFIG_FIELDS = ("model", "device", "batch_size", "seed", "conv_impl", "loss_impl", "workers",
                  "data", "augment", "standardize", "dropout", "train_size", "test_size")
@@ -55,7 +56,8 @@ class WorkerError(RuntimeError):
 # --------------------------------------------------------------------------- worker side
 
 class _Server:
-    """The worker's state: its framework's workloads by name, each with a StepRunner."""
+    """The worker's state: its framework's workloads by name, each a profiler.engine.Session
+over a seed workload's target."""
 
     def __init__(self, framework: str, threads: int, device: str):
         from ops.threads import set_cpu_threads, thread_report
@@ -64,10 +66,8 @@ class _Server:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)   # reported in hello instead
             set_cpu_threads(threads, [framework])
-        # An instrument may configure its framework before its first operator (MXNet).
-        importlib.import_module(f"profiler.instrument.{framework}")
         self.thread_report = thread_report
-        self.runners: Dict[str, object] = {}
+        self.sessions: Dict[str, object] = {}
 
     def handle(self, request: object) -> Dict[str, object]:
         if not isinstance(request, dict):
@@ -80,12 +80,13 @@ class _Server:
         return handler(request)
 
     def cmd_hello(self, request) -> Dict[str, object]:
-        return {"framework": self.framework, "version": _framework_version(self.framework),
+        return {"framework": self.framework, "version": frameworks.version(self.framework),
                 "pid": os.getpid(), "threads": self.thread_report(self.framework, self.threads)}
 
     def cmd_build(self, request) -> Dict[str, object]:
-        from profiler.runner import StepRunner
-        from profiler.workloads import WorkloadConfig, build_workload
+        from profiler.engine import Session
+        from profiler.targets import WorkloadTarget
+        from profiler.workloads import WorkloadConfig
         name = _field(request, "name", str)
         config = _field(request, "config", dict)
         unknown = sorted(set(config) - set(CONFIG_FIELDS))
@@ -96,83 +97,80 @@ class _Server:
         if steps_needed < 1:
             raise ValueError(f"build: steps_needed: expected an int >= 1, got {steps_needed}")
         config = WorkloadConfig(**{"device": self.device, **config})
-        self.runners.pop(name, None)
-        gc.collect()
-        workload = build_workload(self.framework, config)
-        self.runners[name] = StepRunner(workload, steps_needed=steps_needed)
+        self._drop(name)
+        target = WorkloadTarget.build(self.framework, config)
+        workload = target.workload
+        self.sessions[name] = Session(target, steps_needed=steps_needed)
         return {"parameters": workload.parameter_count(),
                 "unavailable": {kind: workload.unavailable_impls(kind)
                                 for kind in ("conv", "loss")}}
 
-    def _runner(self, request, cmd: str):
+    def _session(self, request, cmd: str):
         name = _field(request, "name", str)
-        if name not in self.runners:
-            raise ValueError(f"{cmd}: name: expected a built workload ({sorted(self.runners)}), "
-                             f"got {name!r}")
-        return self.runners[name]
+        if name not in self.sessions:
+            raise ValueError(f"{cmd}: name: expected a built workload "
+                             f"({sorted(self.sessions)}), got {name!r}")
+        return self.sessions[name]
+
+    def _drop(self, name: str) -> None:
+        session = self.sessions.pop(name, None)
+        if session is not None:
+            session.close()
+        gc.collect()
 
     def cmd_set_impls(self, request) -> Dict[str, object]:
-        runner = self._runner(request, "set_impls")
+        target = self._session(request, "set_impls").target
         impls = {k: request[k] for k in ("conv", "loss") if request.get(k) is not None}
         if not impls:
             raise ValueError("set_impls: expected 'conv' and/or 'loss', got neither")
-        runner.workload.set_impls(**impls)
+        target.workload.set_impls(**impls)
         return {}
 
     def cmd_steps(self, request) -> Dict[str, object]:
         from profiler.analysis.phases import phase_breakdown
-        from profiler.timeline import Timeline
-        runner = self._runner(request, "steps")
+        session = self._session(request, "steps")
         n = _field(request, "n", int)
         if n < 1:
             raise ValueError(f"steps: n: expected an int >= 1, got {n}")
         mode = request.get("mode")
         if mode not in MODES:
             raise ValueError(f"steps: mode: expected one of {list(MODES)}, got {mode!r}")
-        first_loss = len(runner.losses)
+        losses = session.target.losses
+        first_loss = len(losses)
         if mode == "instrumented":
-            runner.recorder.timeline = Timeline()
-            step_ms = [runner.instrumented_step(i) for i in range(n)]
-            breakdown = phase_breakdown(runner.recorder.timeline)
+            timeline = session.restart()
+            step_ms = [session.step() for _ in range(n)]
+            breakdown = phase_breakdown(timeline)
             phases_ms = {p: s["samples"] for p, s in breakdown["phases_ms"].items()}
-            return {"step_ms": step_ms, "phases_ms": phases_ms,
-                    "losses": runner.losses[first_loss:]}
-        with runner.uninstrumented():
-            if mode == "plain":
-                step_ms = [runner.plain_step() for _ in range(n)]
-            else:
-                step_ms = [_forward_backward_ms(runner) for _ in range(n)]
-        return {"step_ms": step_ms, "losses": runner.losses[first_loss:]}
+            return {"step_ms": step_ms, "phases_ms": phases_ms, "losses": losses[first_loss:]}
+        if mode == "plain":
+            step_ms = [session.plain_step() for _ in range(n)]
+        else:
+            session.hooks_off()
+            step_ms = [_forward_backward_ms(session) for _ in range(n)]
+        return {"step_ms": step_ms, "losses": losses[first_loss:]}
 
     def cmd_drop(self, request) -> Dict[str, object]:
-        self._runner(request, "drop")
-        del self.runners[request["name"]]
-        gc.collect()
+        self._session(request, "drop")
+        self._drop(request["name"])
         return {}
 
     def cmd_quit(self, request) -> Dict[str, object]:
         return {}
 
 
-def _framework_version(framework: str) -> str:
-    if framework == "chainer":
-        from ops.chainer.loader import load_chainer
-        return load_chainer().__version__
-    return importlib.import_module(framework).__version__
-
-
-def _forward_backward_ms(runner) -> float:
+def _forward_backward_ms(session) -> float:
     """Forward, loss and backward of one batch already on the device: the published
     "forward + backward time of loss-plus-network" (no optimizer, no data loading)."""
-    w = runner.workload
-    batch = w.to_device(next(runner.batches))
+    w = session.target.workload
+    batch = w.to_device(session.next_batch())
     w.synchronize()
     began = time.perf_counter_ns()
     loss = w.loss_forward(w.forward(batch), batch)
     w.backward(loss)
     w.synchronize()
     elapsed_ms = (time.perf_counter_ns() - began) / 1e6
-    runner.losses.append(w.loss_value(loss))
+    session.target.losses.append(w.loss_value(loss))
     return elapsed_ms
 
 

@@ -6,11 +6,13 @@ Ranks time on their own host clocks (time.perf_counter_ns, CLOCK_MONOTONIC): on 
 they share it and the merged trace lines up; across machines it does not, and the merged
 trace starts every rank at its first step instead (``align``).
 
-This module merges reports; it does not measure (profiler.api does).
+This module joins the job (``join``, ``data_parallel``) and merges reports; it does not
+measure (profiler.engine does).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -20,6 +22,48 @@ from profiler.report import write_json_atomic
 from profiler.timeline import PHASES, OPTIONAL_PHASES
 
 MERGED_SCHEMA_VERSION = 1
+
+
+def world_size() -> int:
+    """The number of ranks torchrun started (WORLD_SIZE), 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def join(framework: str, device: str, threads: int, default_threads: int,
+         notes: List[str]) -> Optional[tuple]:
+    """Under torchrun (WORLD_SIZE > 1): joins the process group (gloo on the CPU, NCCL on
+    GPUs) unless the caller did, and returns (this rank, the threads it should use: its share
+    of the cores when ``threads`` is the machine's ``default_threads``); else None."""
+    if world_size() <= 1:
+        return None
+    if framework != "torch":
+        raise ValueError(f"--framework {framework}: several ranks (WORLD_SIZE "
+                         f"{world_size()}) are profiled for torch.distributed only")
+    import torch
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    if threads == default_threads and local > 1:
+        threads = max(1, default_threads // local)
+        notes.append(f"threads: {threads} per rank, the cores shared by {local} ranks on this "
+                     f"machine")
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    notes.append(f"rank {dist.get_rank()} of {dist.get_world_size()} ({dist.get_backend()})")
+    return dist.get_rank(), threads
+
+
+def data_parallel(model):
+    """``model`` in DistributedDataParallel (as it is if already wrapped)."""
+    import torch
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if isinstance(model, ddp):
+        return model
+    params = list(model.parameters())
+    on_gpu = bool(params) and params[0].device.type == "cuda"
+    return ddp(model, device_ids=[params[0].device.index] if on_gpu else None)
 
 
 def gather_to_rank0(report) -> Optional[List[Dict[str, Any]]]:

@@ -9,8 +9,8 @@ beside the host one. ``sync`` mode instead synchronises the device at every boun
 
 NVTX: every range opened with ``begin`` is also an NVTX start/end range in domain "deepprof",
 one colour per phase, so an Nsight Systems capture shows the same structure (``record`` ranges
-were timed elsewhere: their callers emit NVTX through ``NVTX`` themselves, as the runner's
-backward split does). They go through the NVTX C API (ops.nvtx, csrc/
+were timed elsewhere: their callers emit NVTX through ``NVTX`` themselves, as the engine's
+phase cursor does). They go through the NVTX C API (ops.nvtx, csrc/
 nvtx_ranges.cpp), which every nsys records; where ops._C was built without the nvtx3 headers,
 through the ``nvtx`` package, whose ranges nsys 2022.4 does not record (the emitter says so).
 A range costs about 0.3 us without a tool attached. ``NVTX`` is the emitter used; tests

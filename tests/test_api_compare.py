@@ -191,4 +191,4 @@ def test_cli_takes_any_keyword_for_a_factory_and_refuses_it_under_torchrun(monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"--compare optimizer=\.\.\.: compares variants in "
                                          r"one process; under torchrun"):
-        layerwise.run_user_compare(args)
+        layerwise.run(args)

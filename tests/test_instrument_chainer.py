@@ -11,7 +11,8 @@ import pytest
 
 from profiler.analysis.nesting import check_nesting
 from profiler.recorder import Recorder
-from profiler.runner import profile
+from profiler.engine import profile
+from profiler.targets import WorkloadTarget
 from profiler.workloads import build_workload
 
 chainer_loader = pytest.importorskip("ops.chainer.loader")
@@ -198,8 +199,8 @@ def test_first_layer_backward_holds_its_weight_gradient(monkeypatch):
 
     monkeypatch.setattr(grad_w_class, "forward_cpu", timed)
     workload = build_workload("chainer", model="resnet20", **TINY)
-    result = profile(workload, warmup=0, iters=1, overhead_iters=0)
-    assert result.errors == []
+    result = profile(WorkloadTarget(workload), warmup=0, steps=1, overhead_steps=0)
+    assert result.doc["errors"] == []
     check_nesting(result.timeline)
     backward = {r.name: r for r in layer_ranges(result.timeline, "backward")}
     convs = [name for name, link in workload.named_layers()

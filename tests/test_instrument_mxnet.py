@@ -22,7 +22,8 @@ from mxnet import autograd, gluon  # noqa: E402
 
 from profiler.analysis.nesting import check_nesting  # noqa: E402
 from profiler.recorder import Recorder  # noqa: E402
-from profiler.runner import StepRunner  # noqa: E402
+from profiler.engine import Session  # noqa: E402
+from profiler.targets import WorkloadTarget  # noqa: E402
 from profiler.timeline import Range, Timeline  # noqa: E402
 from profiler.workloads import build_workload  # noqa: E402
 
@@ -124,13 +125,13 @@ def test_backward_of_the_kernel_conv_impl_is_not_held():
     threads, the layer boundaries are still queued when loss.backward() returns, the output
     marker's hold ends then, and every layer gets its backward range, the first last."""
     workload = build_workload("mxnet", model="resnet20", conv_impl="kernel", **TINY)
-    runner = StepRunner(workload, steps_needed=2)
+    session = Session(WorkloadTarget(workload), steps_needed=2)
     began = time.perf_counter()
-    runner.instrumented_step(0)
+    session.step()
     assert time.perf_counter() - began < pim.HOLD_TIMEOUT_S
-    runner.instrument.remove()
-    assert not runner.instrument._hold_dropped
-    backward = [r for r in runner.timeline.on_track(pim.ENGINE_TRACK)
+    session.close()
+    assert not session.profiler.instrument._hold_dropped
+    backward = [r for r in session.profiler.timeline.on_track(pim.ENGINE_TRACK)
                 if r.direction == "backward"]
     names = [name for name, _ in workload.named_layers()]
     assert sorted(r.name for r in backward) == sorted(names)
@@ -146,14 +147,14 @@ def test_engine_marks_start_each_layers_nvtx_range_in_the_predicted_order():
     from profiler import recorder as recorder_module
     assert recorder_module.NVTX.backend == "c-api"
     workload = build_workload("mxnet", model="resnet20", **TINY)
-    runner = StepRunner(workload, steps_needed=3)
+    session = Session(WorkloadTarget(workload), steps_needed=3)
     names = [name for name, _ in workload.named_layers()]
     names_with_params = [name for name, block in workload.named_layers()
                          if pim._first_trainable(block) is not None]
     for step in range(3):
-        runner.instrumented_step(step)
-        started = runner.instrument.engine_nvtx_ranges
-        ranges = sorted((r for r in runner.timeline.on_track(pim.ENGINE_TRACK)
+        session.step()
+        started = session.profiler.instrument.engine_nvtx_ranges
+        ranges = sorted((r for r in session.profiler.timeline.on_track(pim.ENGINE_TRACK)
                          if r.step == step), key=lambda r: r.start_ns)
         observed = [r.name for r in ranges if r.direction == "backward"]
         assert sorted(r.name for r in ranges if r.direction == "forward") == sorted(names)
@@ -164,7 +165,7 @@ def test_engine_marks_start_each_layers_nvtx_range_in_the_predicted_order():
         # Independent branches (a block's conv2 and shortcut) may swap from pass to pass.
         assert nvtx_backward == (previous if step > 0 else names_with_params[::-1])
         previous = observed
-    runner.instrument.remove()
+    session.close()
 
 
 def test_engine_marks_share_the_recorders_clock():
@@ -181,14 +182,15 @@ def test_engine_marks_share_the_recorders_clock():
 
 _TILE_SCRIPT = """
 import json
-from profiler.runner import profile
+from profiler.engine import profile
+from profiler.targets import WorkloadTarget
 from profiler.workloads import build_workload
 workload = build_workload("mxnet", model="resnet20", batch_size=4, train_size=16, test_size=4)
 called = []
 for name, block in workload.named_layers():
     block.register_forward_pre_hook(lambda *_, name=name: called.append(name))
-result = profile(workload, warmup=1, iters=2, overhead_iters=1)
-print(json.dumps({"errors": result.errors, "called": called[:len(workload.named_layers())],
+result = profile(WorkloadTarget(workload), warmup=1, steps=2, overhead_steps=1)
+print(json.dumps({"errors": result["errors"], "called": called[:len(workload.named_layers())],
                   "ranges": [r.__dict__ for r in result.timeline.ranges]}))
 """
 

@@ -14,7 +14,8 @@ import tensorflow as tf
 
 from profiler.analysis.nesting import check_nesting
 from profiler.recorder import Recorder
-from profiler.runner import profile
+from profiler.engine import profile
+from profiler.targets import WorkloadTarget
 from profiler.workloads import build_workload
 
 instrument_module = pytest.importorskip("profiler.instrument.tensorflow")
@@ -281,8 +282,8 @@ def test_tf_function_traces_the_instrumented_model_unchanged():
 
 def test_resnet_backward_runs_layer_by_layer_in_reverse_forward_order():
     workload = build_workload("tensorflow", model="resnet20", **TINY)
-    result = profile(workload, warmup=0, iters=1, overhead_iters=0)
-    assert result.errors == []
+    result = profile(WorkloadTarget(workload), warmup=0, steps=1, overhead_steps=0)
+    assert result.doc["errors"] == []
     check_nesting(result.timeline)
     forward = [r.name for r in layer_ranges(result.timeline, "forward")]
     backward = layer_ranges(result.timeline, "backward")

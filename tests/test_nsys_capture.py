@@ -162,7 +162,7 @@ def test_nsys_cpu_sampling_switch_reaches_nsys_not_the_child(tmp_path, monkeypat
     monkeypatch.setattr(tool, "find_nsys", lambda: "/usr/bin/nsys")
     monkeypatch.setattr(tool, "capture", fake_capture)
     argv = ["--nsys", "--out", str(tmp_path), *flag]
-    assert layerwise.run_under_nsys(layerwise.parse_args(argv), argv) == 1
+    assert layerwise.main(argv) == 1
     assert seen["sample_cpu"] is sample_cpu
     assert not any(a.startswith("--nsys") for a in seen["child"])
 

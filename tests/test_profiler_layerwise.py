@@ -10,14 +10,16 @@ import sys
 
 import pytest
 
-from profiler import layerwise, recorder
+from ops.frameworks import FRAMEWORKS
+from profiler import engine, layerwise, recorder
 from profiler.analysis.nesting import check_nesting
 from profiler.analysis.phases import layer_breakdown, phase_breakdown
 from profiler.analysis.trace_events import validate_chrome_trace
+from profiler.engine import compare, profile
 from profiler.report import validate_report
-from profiler.runner import compare, profile
+from profiler.targets import WorkloadTarget
 from profiler.timeline import PHASES
-from profiler.workloads import FRAMEWORKS, build_workload
+from profiler.workloads import build_workload
 
 TINY = dict(batch_size=4, train_size=16, test_size=4)
 
@@ -54,11 +56,10 @@ class RecordingNvtx:
 def test_profile_covers_every_layer_and_phase(framework, model, monkeypatch):
     nvtx = RecordingNvtx()
     monkeypatch.setattr(recorder, "NVTX", nvtx)
-    import profiler.runner as runner_module
-    monkeypatch.setattr(runner_module, "NVTX", nvtx)
+    monkeypatch.setattr(engine, "NVTX", nvtx)
     workload = build_workload(framework, model=model, **TINY)
-    result = profile(workload, warmup=1, iters=2, overhead_iters=1)
-    assert result.errors == []
+    result = profile(WorkloadTarget(workload), warmup=1, steps=2, overhead_steps=1)
+    assert result.doc["errors"] == []
     check_nesting(result.timeline)
     phases = phase_breakdown(result.timeline)
     assert phases["steps"] == [0, 1]
@@ -88,41 +89,45 @@ def test_profile_covers_every_layer_and_phase(framework, model, monkeypatch):
     if framework == "mxnet":
         # Its layer ranges are NVTX ranges that C marks on MXNet's engine start through the C
         # API, not through this double (test_instrument_mxnet.py checks them); the report says.
-        assert any(n.startswith("No NVTX ranges for the layers") for n in result.notes)
+        assert any(n.startswith("No NVTX ranges for the layers") for n in result["notes"])
     else:
         assert f"{first} (backward)" in messages
     colours = {m: c for m, c in nvtx.started}
     assert colours["forward"] != colours["backward"]
-    assert len(result.uninstrumented_step_ms) == 1 and len(result.instrumented_step_ms) == 2
+    instrumentation = result["instrumentation"]
+    assert len(instrumentation["uninstrumented_step_ms"]) == 1
+    assert len(instrumentation["instrumented_step_ms"]) == 2
 
 
 def test_uninstrumented_steps_record_nothing(monkeypatch):
     workload = build_workload("torch", model="resnet20", **TINY)
-    result = profile(workload, warmup=0, iters=1, overhead_iters=2)
+    result = profile(WorkloadTarget(workload), warmup=0, steps=1, overhead_steps=2)
     steps = [r for r in result.timeline.ranges if r.kind == "step"]
-    assert len(steps) == 1 and len(result.uninstrumented_step_ms) == 2
+    assert len(steps) == 1
+    assert len(result["instrumentation"]["uninstrumented_step_ms"]) == 2
 
 
 def test_overhead_steps_alternate_with_measured_ones(monkeypatch):
     """Instrumented and plain steps run in neighbouring pairs (stats.overhead_schedule), the
     hooks off for exactly the plain ones."""
-    import profiler.runner as runner_module
     order = []
-    plain, instrumented = runner_module.StepRunner.plain_step, \
-        runner_module.StepRunner.instrumented_step
+    target = WorkloadTarget(build_workload("torch", model="resnet20", **TINY))
+    own_step = target.step
 
-    def plain_step(self):
-        order.append(("plain", bool(self.instrument._handles)))
-        return plain(self)
+    def step(prof, batch):   # whether the layer hooks are on while the step runs
+        instrument = engine_profilers[-1].instrument
+        order.append(("plain" if prof is None else "inst", bool(instrument._handles)))
+        return own_step(prof, batch)
+    engine_profilers = []
+    own_profiler = target.profiler
 
-    def instrumented_step(self, step):
-        order.append(("inst", bool(self.instrument._handles)))
-        return instrumented(self, step)
-    monkeypatch.setattr(runner_module.StepRunner, "plain_step", plain_step)
-    monkeypatch.setattr(runner_module.StepRunner, "instrumented_step", instrumented_step)
-    workload = build_workload("torch", model="resnet20", **TINY)
-    result = profile(workload, warmup=1, iters=3, overhead_iters=3)
-    assert result.errors == []
+    def profiler(**kwargs):
+        engine_profilers.append(own_profiler(**kwargs))
+        return engine_profilers[-1]
+    monkeypatch.setattr(target, "step", step)
+    monkeypatch.setattr(target, "profiler", profiler)
+    result = profile(target, warmup=1, steps=3, overhead_steps=3)
+    assert result.doc["errors"] == []
     assert order == [("inst", True), ("inst", True), ("plain", False), ("plain", False),
                      ("inst", True), ("inst", True), ("plain", False)]
     assert [r.step for r in result.timeline.ranges if r.kind == "step"] == [-1, 0, 1, 2]
@@ -130,12 +135,13 @@ def test_overhead_steps_alternate_with_measured_ones(monkeypatch):
 
 def test_compare_interleaves_variants():
     workload = build_workload("torch", model="deeppose", **TINY)
-    outcome = compare(workload, kind="loss", variants=["autograd", "native"], rounds=2,
-                      steps_per_round=1, warmup=0)
-    assert outcome["errors"] == []
+    outcome = compare({v: WorkloadTarget(workload, impls={"loss": v})
+                       for v in ("autograd", "native")}, rounds=2, steps_per_round=1, warmup=0)
+    assert outcome.errors == []
     for variant in ("autograd", "native"):
-        assert sorted(outcome["step_round"][variant].values()) == [0, 1]
-        assert phase_breakdown(outcome["timelines"][variant])["steps"] == [0, 1]
+        assert sorted(outcome.step_round[variant].values()) == [0, 1]
+        assert phase_breakdown(outcome.reports[variant].timeline)["steps"] == [0, 1]
+        assert outcome.reports[variant]["impls"]["loss"] == variant
     # Rounds rotate who goes first (autograd, native; then native, autograd): the run ends
     # on autograd.
     assert workload.loss_impl == "autograd"

@@ -3,8 +3,8 @@ median and spread over rounds, and each variant's difference to the first with a
 bootstrap 95% interval.
 
 A pure function of the variants' Timelines and the round each measured step ran in; the
-seed workloads' ``--compare`` (profiler.runner.compare) and a user's factory's
-(profiler.api.compare_training) both end here. Nothing here measures or renders.
+engine's comparisons (profiler.engine.Comparison.differences), of seed workloads and of a
+user's factory alike, end here. Nothing here measures or renders.
 """
 
 from __future__ import annotations
