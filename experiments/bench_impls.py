@@ -25,9 +25,10 @@ from typing import Callable, Dict, List
 import numpy as np
 
 import ops
-from experiments.timing import (Timer, add_threads_argument, apply_threads, interleaved,
-                                summarize, write_json)
+from experiments.timing import Timer, add_threads_argument, apply_threads, interleaved, summarize
+from ops.frameworks import FRAMEWORKS
 from ops.impls import CONV_IMPLS, LOSS_IMPLS
+from profiler.report import write_json_atomic
 
 LOSS_BATCHES = [1, 8, 32, 128, 256]
 LOSS_OUTPUTS = 28  # 14 joints x (x, y)
@@ -233,8 +234,9 @@ class MXNetCase:
         return self.adapter.impl_support(kind, self.device)
 
 
-FRAMEWORKS = {"torch": TorchCase, "chainer": ChainerCase, "tensorflow": TensorFlowCase,
-              "mxnet": MXNetCase}
+# One case class per framework of the registry (ops.frameworks), in its order.
+CASES = {"torch": TorchCase, "chainer": ChainerCase, "tensorflow": TensorFlowCase,
+         "mxnet": MXNetCase}
 
 
 # ---- measuring --------------------------------------------------------------------------------
@@ -306,7 +308,7 @@ def parse_args(argv=None):
         description="Time every loss and conv impl against the framework's own (autograd / "
                     "framework) in each framework, forward + backward, in interleaved "
                     "rounds; prints medians and ratios (< 1 is faster than the framework).")
-    p.add_argument("--frameworks", nargs="+", choices=sorted(FRAMEWORKS),
+    p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS,
                    default=list(FRAMEWORKS), help=f"default: {' '.join(FRAMEWORKS)}")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                    help="'all' = the CPU plus the GPU where one is usable (default)")
@@ -353,7 +355,7 @@ def main(argv=None) -> int:
         for framework in args.frameworks:
             for device in devices:
                 try:
-                    case = FRAMEWORKS[framework](device)
+                    case = CASES[framework](device)
                 except ImportError as error:
                     failures.append(f"{framework} on {device}: {error}")
                     print(f"{framework:<8} {device:<5} skipped: {error}", flush=True)
@@ -364,9 +366,11 @@ def main(argv=None) -> int:
                 rows += conv_rows(case, args, timer)
     finally:
         if args.out:  # whatever was measured is kept, even when a later row fails
-            write_json(args.out, {"rows": rows, "failures": failures,
-                                  "platform": platform.platform(), "threads": threads,
-                                  "args": {k: str(v) for k, v in vars(args).items()}})
+            # Every value is JSON already (args as strings); write_json_atomic makes no folders.
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(args.out, {"rows": rows, "failures": failures,
+                                         "platform": platform.platform(), "threads": threads,
+                                         "args": {k: str(v) for k, v in vars(args).items()}})
             print(f"wrote {args.out}")
     return 0
 

@@ -3,10 +3,11 @@
     python -m experiments.bench_kernels                 # CPU here (and GPU where there is one)
     python -m experiments.bench_kernels --device cuda --rounds 30 --out runs/bench
 
-Each row times our kernel and PyTorch's on the same inputs in interleaved rounds (A B A B ...,
-so drift hits both alike), after warm-up, and reports both medians with their interquartile
-range and the median of the per-round ratios (ours / PyTorch: below 1 is faster). Before timing
-a row, the outputs of both are compared: a wrong kernel is reported, never timed.
+Each row times our kernel and PyTorch's on the same inputs in interleaved rounds (A B, B A,
+A B, ...: who goes first alternates, so drift hits both alike), after warm-up, and reports both
+medians with their interquartile range (profiler.analysis.stats.iqr) and the median of the
+per-round ratios (ours / PyTorch: below 1 is faster). Before timing a row, the outputs of both
+are compared: a wrong kernel is reported, never timed.
 
   conv   forward, backward-data and backward-weight, each on its own row, against
          aten.convolution / aten.convolution_backward with that one output (oneDNN on CPU,
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,9 +42,10 @@ import torch
 import torch.nn.functional as F
 
 import ops
-from experiments.timing import (Timer, add_threads_argument, apply_threads, interleaved,
-                                summarize, write_json)
+from experiments.timing import Timer, add_threads_argument, apply_threads, interleaved, summarize
 from ops import core
+from profiler.analysis.stats import median
+from profiler.report import write_json_atomic
 
 # ResNet for CIFAR-10 layers: (name, Cin, Cout, H=W, kernel, stride, padding)
 CONV_LAYERS = [
@@ -125,7 +126,7 @@ def make_row(group, name, device, samples, timer: HostAndDeviceTimer, variants, 
              baseline: str, extra=None) -> Row:
     """The row ours vs baseline from rounds in which both were timed, with host times."""
     stats = summarize({ours: samples[ours], baseline: samples[baseline]}, baseline=baseline)
-    host = {k: statistics.median(timer.host_ms[variants[k]][-len(samples[k]):])
+    host = {k: median(timer.host_ms[variants[k]][-len(samples[k]):])
             for k in (ours, baseline)}
     extra = {**(extra or {}), "ours_host_ms": host[ours], "torch_host_ms": host[baseline]}
     return Row(group, name, device, stats[ours]["median_ms"], stats[ours]["iqr_ms"],
@@ -279,7 +280,7 @@ def copy_bandwidth_gbps(device: str, timer: Timer) -> float:
     src = torch.empty(64 << 20, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    ms = statistics.median(timer(lambda: dst.copy_(src), 10) for _ in range(5))
+    ms = median([timer(lambda: dst.copy_(src), 10) for _ in range(5)])
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
@@ -408,13 +409,15 @@ def main(argv=None) -> int:
         # Whatever was measured is kept, even when a later row fails.
         if args.out:
             payload["rows"] = [asdict(r) for r in rows]
-            write_json(args.out, payload)
+            # Every value is JSON already (args as strings); write_json_atomic makes no folders.
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(args.out, payload)
             print(f"wrote {args.out}")
     for direction in CONV_DIRECTIONS:
         conv = [r.ratio for r in rows if r.group == f"conv {direction}"]
         if conv:
             print(f"conv {direction}, ours/torch over {len(conv)} rows: median "
-                  f"{statistics.median(conv):.2f}x, worst {max(conv):.2f}x")
+                  f"{median(conv):.2f}x, worst {max(conv):.2f}x")
     return 0
 
 

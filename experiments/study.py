@@ -10,6 +10,7 @@ worker process of its own).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -19,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from experiments.timing import write_json
+from ops.frameworks import CUDA_FRAMEWORKS, FRAMEWORKS
+from profiler.console import positive_int  # noqa: F401  (the studies' argparse type)
+from profiler.report import write_json_atomic
 
 SCHEMA = "deepprof.experiment/1"
-FRAMEWORKS = ("torch", "chainer", "tensorflow", "mxnet")
-# Frameworks with a GPU path on the GPU machine (TensorFlow and MXNet are CPU builds here).
-CUDA_FRAMEWORKS = ("torch", "chainer")
 # The names the published comparison used for what our workloads run.
 PUBLISHED_NAMES = {"torch": "PyTorch", "chainer": "Chainer", "tensorflow": "Keras(TF)",
                    "mxnet": "Keras(MXNet)"}
@@ -254,17 +254,6 @@ def resolve_frameworks(parser: argparse.ArgumentParser, args, allowed: Sequence[
     return chosen
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
-    return value
-
-
 def progress(message: str) -> None:
     """A progress line on stderr with the wall-clock time, flushed at once."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -357,7 +346,10 @@ class Result:
         self.save()
 
     def save(self) -> None:
-        write_json(self.path, self.doc)
+        # write_json_atomic refuses NaN and what is not JSON; a diverged loss (parity) is NaN,
+        # so the doc goes through json first: "NaN"/"Infinity" and str() of other values.
+        write_json_atomic(self.path, json.loads(json.dumps(self.doc, default=str),
+                                                parse_constant=str))
 
     def run(self, measure, *args) -> int:
         """Calls ``measure(*args)`` and finishes the result whether it completes or fails

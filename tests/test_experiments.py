@@ -182,6 +182,52 @@ def test_worker_refuses_an_unknown_framework():
         Worker("keras", threads=1)
 
 
+# --------------------------------------------------------------------------- benchmarks
+
+def test_bench_kernels_writes_its_rows_into_a_new_folder(tmp_path):
+    """A tiny conv run of experiments.bench_kernels: --out in a folder that does not exist yet
+    (profiler.report.write_json_atomic makes none; the benchmark does), every row with its
+    medians, IQRs and ratio, and no temporary file left behind."""
+    pytest.importorskip("torch")
+    from experiments import bench_kernels
+    out = tmp_path / "new" / "bench.json"
+    assert bench_kernels.main(["--device", "cpu", "--only", "conv", "--batches", "1",
+                               "--rounds", "2", "--warmup", "0", "--repeat", "1",
+                               "--threads", "1", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert len(doc["rows"]) == 3 * (1 + len(bench_kernels.CONV_LAYERS))  # 3 directions each
+    for row in doc["rows"]:
+        assert row["ours_ms"] > 0 and row["torch_ms"] > 0 and row["ratio"] > 0
+        assert row["ours_iqr_ms"] >= 0 and row["torch_iqr_ms"] >= 0 and row["ratio_iqr"] >= 0
+    assert [p.name for p in out.parent.iterdir()] == ["bench.json"]
+
+
+def test_bench_impls_reports_stats_medians_iqrs_and_per_round_ratios(tmp_path):
+    """experiments.bench_impls at tiny settings: each impl's median and IQR are
+    profiler.analysis.stats' of its samples, its ratio the median of per-round ratios to the
+    baseline's sample of the same round."""
+    pytest.importorskip("torch")
+    from experiments import bench_impls
+    from profiler.analysis.stats import iqr, median
+    out = tmp_path / "new" / "impls.json"
+    assert bench_impls.main(["--frameworks", "torch", "--device", "cpu", "--loss-batches", "1",
+                             "--conv-batch", "1", "--rounds", "3", "--warmup", "0", "--repeat",
+                             "1", "--threads", "1", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [row["case"] for row in doc["rows"]] == ["deeppose loss 1x28",
+                                                    "conv 3x3 16->16 @32 b1"]
+    for row in doc["rows"]:
+        base = row["impls"][row["baseline"]]["samples_ms"]
+        for impl, s in row["impls"].items():
+            assert len(s["samples_ms"]) == 3, impl
+            assert s["median_ms"] == pytest.approx(median(s["samples_ms"]))
+            assert s["iqr_ms"] == pytest.approx(iqr(s["samples_ms"]))
+            assert s["ratio"] == pytest.approx(
+                median([v / b for v, b in zip(s["samples_ms"], base)]))
+            assert s["ratio_iqr"] == pytest.approx(
+                iqr([v / b for v, b in zip(s["samples_ms"], base)]))
+
+
 # --------------------------------------------------------------------------- studies
 
 TINY = {

@@ -33,7 +33,11 @@ def median(samples: Sequence[Number]) -> float:
 
 
 def iqr(samples: Sequence[Number]) -> float:
-    """The interquartile range (75th minus 25th percentile, linear interpolation)."""
+    """The interquartile range: the 75th minus the 25th percentile, each by linear interpolation
+    between order statistics (numpy.percentile's default, R's quantile type 7). For 1..8 it is
+    6.25 - 2.75 = 3.5 (statistics.quantiles' default "exclusive" method would give 4.5).
+
+    The one IQR of the project: reports, studies and benchmarks all call this."""
     q25, q75 = np.percentile(_as_samples(samples), [25, 75])
     return float(q75 - q25)
 
@@ -298,7 +302,7 @@ OVERHEAD_GOAL_PCT = {"cpu": 5.0, "cuda": 3.0}
 def overhead_summary(instrumented_ms: Sequence[Number], plain_ms: Sequence[Number], *,
                      goal_pct: float) -> Dict[str, object]:
     """The instrumentation's overhead in percent with a bootstrap 95% interval: with as many
-    steps of each kind (the runner times them in neighbouring pairs, overhead_schedule), the
+    steps of each kind (the engine times them in neighbouring pairs, overhead_schedule), the
     median of the pairs' ratios (paired_ratio_ci); otherwise the instrumented steps' median over
     the uninstrumented ones' (bootstrap_diff_ci, unpaired). And a verdict against
     ``goal_pct``: "within the goal" (the interval lies below it), "over the
