@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from pathlib import Path
 from typing import Callable, Dict, List
 
 import numpy as np
@@ -28,6 +27,7 @@ import ops
 from experiments.timing import Timer, add_threads_argument, apply_threads, interleaved, summarize
 from ops.frameworks import FRAMEWORKS
 from ops.impls import CONV_IMPLS, LOSS_IMPLS
+from profiler.console import output_file
 from profiler.report import write_json_atomic
 
 LOSS_BATCHES = [1, 8, 32, 128, 256]
@@ -320,7 +320,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
     p.add_argument("--repeat", type=int, default=3,
                    help="calls per timed sample; loss rows use 10x this (default: 3)")
-    p.add_argument("--out", type=Path, help="also write all rows as JSON here")
+    p.add_argument("--out", type=output_file, help="also write all rows as JSON here")
     add_threads_argument(p)
     args = p.parse_args(argv)
     if args.threads < 1:

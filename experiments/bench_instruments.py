@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from experiments.timing import add_threads_argument, apply_threads
 from ops.frameworks import FRAMEWORKS
 from profiler.analysis.stats import interleaved_order, median, paired_ratio_ci
-from profiler.environment import check_output_dir
+from profiler.console import output_file
 from profiler.report import write_json_atomic
 
 
@@ -41,7 +40,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=60,
                         help="rounds; each runs every variant once")
     parser.add_argument("--warmup", type=int, default=2, help="steps of each variant first")
-    parser.add_argument("--out", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--out", type=output_file, default=None, help="also write the results here")
     add_threads_argument(parser)
     args = parser.parse_args(argv)
     for name in ("batch_size", "rounds"):
@@ -62,12 +61,6 @@ def variants(session) -> Dict[str, Callable[[], float]]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    if args.out is not None:
-        try:
-            check_output_dir(args.out.parent, "--out")
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
     threads = apply_threads(args.threads, [args.framework])
     from profiler.engine import Session
     from profiler.targets import WorkloadTarget

@@ -35,7 +35,6 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -45,6 +44,7 @@ import ops
 from experiments.timing import Timer, add_threads_argument, apply_threads, interleaved, summarize
 from ops import core
 from profiler.analysis.stats import median
+from profiler.console import output_file
 from profiler.report import write_json_atomic
 
 # ResNet for CIFAR-10 layers: (name, Cin, Cout, H=W, kernel, stride, padding)
@@ -336,7 +336,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
     p.add_argument("--repeat", type=int, default=3,
                    help="calls per timed round (small loss rows use 20x this; default: 3)")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=output_file, default=None,
                    help="also write the rows as JSON to this file")
     add_threads_argument(p)
     args = p.parse_args(argv)

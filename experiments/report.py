@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from experiments import study
+from profiler.console import output_file
 
 STUDIES = ("parity", "resnet_depth", "deeppose_loss", "swap", "data_loading")
 
@@ -170,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("runs/experiments"),
                         help="folder holding one folder per study (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=output_file, default=None,
                         help="the report file (default: ROOT/REPORT.md)")
     args = parser.parse_args(argv)
     if not args.root.is_dir():

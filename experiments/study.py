@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from ops.frameworks import CUDA_FRAMEWORKS, FRAMEWORKS
-from profiler.console import positive_int  # noqa: F401  (the studies' argparse type)
+from profiler.console import output_dir, positive_int  # noqa: F401  (argparse types)
 from profiler.report import write_json_atomic
 
 SCHEMA = "deepprof.experiment/1"
@@ -220,7 +220,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, study: str) -> None:
     parser.add_argument("--full", action="store_true",
                         help="the published settings (hours on a CPU) instead of the quick "
                              "scale that `make experiments` runs")
-    parser.add_argument("--out", type=Path, default=Path("runs/experiments") / study,
+    parser.add_argument("--out", type=output_dir, default=f"runs/experiments/{study}",
                         help="output folder: result.json and the plots (default: %(default)s)")
     add_threads_argument(parser)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def non_negative_int(text: str) -> int:
@@ -18,6 +19,25 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
+
+
+def output_dir(text: str) -> Path:
+    """argparse type: a folder this process can create and write in (checked now, before the
+    run: profiler.environment.check_output_dir)."""
+    from profiler.environment import check_output_dir
+    try:
+        return check_output_dir(text, "")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def output_file(text: str) -> Path:
+    """argparse type: a file path whose folder this process can create and write in."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a file path, got the folder {text!r}")
+    output_dir(str(path.parent))
+    return path
 
 
 def positive_int(text: str) -> int:

@@ -63,8 +63,9 @@ def check_output_dir(path: Union[str, os.PathLike], argument: str = "--out") -> 
             pass
     except OSError as e:
         reason = e.strerror or type(e).__name__
-        raise ValueError(f"{argument}: expected a folder this process can create and write "
-                         f"in, got {str(path)!r} ({reason})") from None
+        where = f"{argument}: " if argument else ""
+        raise ValueError(f"{where}expected a folder this process can create and write in, got "
+                         f"{str(path)!r} ({reason})") from None
     finally:
         for made in missing:              # deepest first
             try:

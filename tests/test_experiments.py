@@ -4,6 +4,7 @@ report built from them) at tiny settings: PyTorch and Chainer, 2 rounds, batches
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -356,3 +357,24 @@ def test_bench_instruments_times_every_variant_paired_with_plain(tmp_path, capsy
         bench_instruments.main(["--rounds", "0"])
     assert bench_instruments.main(["--model", "resnet99", "--rounds", "2"]) == 2
     assert "model: expected one of" in capsys.readouterr().err
+
+
+def test_bench_impls_has_a_case_per_registered_framework():
+    from experiments import bench_impls
+    from ops.frameworks import FRAMEWORKS
+    assert tuple(bench_impls.CASES) == FRAMEWORKS
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("experiments.parity", ["--out", "/proc/deepprof-no-such-dir"]),
+    ("experiments.bench_kernels", ["--out", "/proc/deepprof-no-such-dir/k.json"]),
+    ("experiments.bench_instruments", ["--out", "/proc/deepprof-no-such-dir/i.json"]),
+])
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(module, argv,
+                                                                           capsys):
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out: expected a folder this process can create and write in" in err

@@ -247,3 +247,16 @@ def test_framework_all_isolates_failures(tmp_path, capsys):
     assert code == 0
     assert json.loads((tmp_path / "summary.json").read_text())["reports"][0]["framework"] \
         == "torch"
+
+
+def test_cli_refuses_an_out_it_cannot_write_before_any_work(tmp_path, capsys):
+    """An --out that cannot be made (a file in the way, /proc) is one error line and exit 2,
+    before anything is built; a refused folder that did not exist is not left behind."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for out in (blocker / "sub", "/proc/deepprof-no-such-dir/out"):
+        assert layerwise.main(cli(out, "--framework", "torch")) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out: expected a folder this process can create and "
+                              "write in") and "Traceback" not in err
+    assert not os.path.exists("/proc/deepprof-no-such-dir")

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import List, Optional
 
+from profiler.console import output_dir
 from profiler.nsys.api import OUTPUT_FILES, analyze_capture, write_outputs
 from profiler.nsys.errors import ProfilerNsysError
 from profiler.nsys.tables import render_tables
@@ -27,7 +28,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--report", metavar="REPORT_JSON",
                         help="the profiler's report.json of the same run: leaves out its "
                              "warm-up steps and prints the clock agreement")
-    parser.add_argument("--out", metavar="DIR",
+    parser.add_argument("--out", metavar="DIR", type=output_dir,
                         help=f"write {', '.join(OUTPUT_FILES)} into DIR")
     parser.add_argument("--format", choices=("table", "json"), default="table",
                         help="print tables (default) or the analysis as JSON")
