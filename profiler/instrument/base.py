@@ -41,7 +41,9 @@ class Subject(Protocol):
     """What an Instrument and the engine need of the model they profile: a user's model
     (``UserModel``) or a seed workload (profiler.workloads). A framework's Instrument may need
     more of it (PyTorch's the ``device``, MXNet's the ``net`` and ``ctx``); its module
-    docstring says what."""
+    docstring says what. Optional: ``watch_communication(on_launch) -> note or None``, for a
+    model that all-reduces its gradients (PyTorch's DistributedDataParallel): calls
+    ``on_launch`` as each gradient bucket's all-reduce is launched."""
 
     framework: str
 
