@@ -161,7 +161,7 @@ class CMakeBuild(build_ext):
 
 setup(
     name="deepprof",
-    version="0.1.0",
+    version="0.2.0",
     description="Hand-written C++/CUDA loss and conv kernels swapped into every framework, "
                 "and a profiler that tells framework overhead from kernel time",
     packages=find_packages(include=["ops", "ops.*", "profiler", "profiler.*",
