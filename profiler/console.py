@@ -10,6 +10,19 @@ import time
 from pathlib import Path
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, unless its help already says it or there is none
+    to say (None, off, an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == [] \
+                or default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: an int >= 0."""
     try:

@@ -44,7 +44,7 @@ OUTPUTS = "report.json, trace.json, flame.folded, flame.speedscope.json"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m profiler.layerwise", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m profiler.layerwise", formatter_class=console.HelpFormatter,
         description="Profile training steps layer by layer: per-layer forward/backward, loss "
                     "forward/backward, optimizer, data-loader wait, host-to-device copy and the "
                     "rest, with NVTX ranges for Nsight Systems.",
@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                       help="auto: cuda where the framework sees a GPU, else cpu")
     seed = p.add_argument_group("seed workloads only")
-    seed.add_argument("--batch-size", type=positive_int, default=32)
-    seed.add_argument("--conv-impl", default="framework", choices=CONV_IMPLS)
+    seed.add_argument("--batch-size", type=positive_int, default=32, help="samples per step")
+    seed.add_argument("--conv-impl", default="framework", choices=CONV_IMPLS,
+                      help="every convolution's impl (docs/kernels-and-adapters.md)")
     seed.add_argument("--loss-impl", default="autograd", choices=LOSS_IMPLS,
                       help="deeppose's loss (ResNet uses the framework's cross-entropy)")
     seed.add_argument("--workers", type=non_negative_int, default=0,
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--synthetic-size", type=positive_int, default=None, metavar="N",
                       help="training-set size of the synthetic data (default: the real "
                            "dataset's, 50000 CIFAR / 1000 LSP images); for quick runs")
-    seed.add_argument("--seed", type=non_negative_int, default=0)
+    seed.add_argument("--seed", type=non_negative_int, default=0,
+                      help="seed of the weights, the data and its order")
     seed.add_argument("--python", action="append", default=[], metavar="FRAMEWORK=PATH",
                       help="with --framework all: the interpreter of a framework kept in "
                            "another environment (repeatable)")
@@ -102,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "with KEY=variant; each variant's report goes to --out/<variant>/")
     comp.add_argument("--rounds", type=positive_int, default=5,
                       help="rounds; each runs every variant")
-    comp.add_argument("--steps-per-round", type=positive_int, default=2)
+    comp.add_argument("--steps-per-round", type=positive_int, default=2,
+                      help="measured steps of a variant in each round")
     out = p.add_argument_group("output")
     out.add_argument("--out", default=None,
                      help="output folder (default: runs/layerwise/<framework>-<model>)")
