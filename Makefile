@@ -95,7 +95,7 @@ experiments: setup
 profile-all: setup
 	$(PY) -m profiler.layerwise --framework all
 
-## gpu-check: the prepared GPU check (scripts/gpu_check.py, README "The GPU check") on the GPU
+## gpu-check: the prepared GPU check (scripts/gpu_check.py, docs/gpu.md) on the GPU
 ## machine, with its own Python (/opt/torch/.venv), under BUDGET_S seconds; DRY_RUN=1 here,
 ## without a GPU: the plan, every step's command checked, the budget handling tried
 GPU_CHECK_PYTHON ?= $(firstword $(wildcard /opt/torch/.venv/bin/python) $(PY))

@@ -1,7 +1,7 @@
 """The prepared GPU check (issue 13): everything our GPU paths need proven, in one command, under
 one time budget, with one summary.
 
-On the GPU machine (README, "The GPU check"), from the repository root:
+On the GPU machine (docs/gpu.md), from the repository root:
 
     python3 scripts/gpu_check.py --out $OUT/gpu_check --work /tmp/gpu_check --budget-s 480
 
@@ -38,7 +38,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -190,7 +189,7 @@ def chainer_missing() -> Optional[str]:
     found = {folder: list((ROOT / folder).glob("*.whl")) for folder in CHAINER_WHEELS}
     empty = [folder for folder, wheels in found.items() if not wheels]
     if empty:
-        return (f"no Chainer/CuPy wheels in {', '.join(empty)} (README, 'The GPU check': stash "
+        return (f"no Chainer/CuPy wheels in {', '.join(empty)} (docs/gpu.md: stash "
                 f".whl/a, then run with .whl/b carried)")
     return None
 
@@ -199,7 +198,7 @@ def nsys_missing() -> Optional[str]:
     folder = ROOT / NSYS_DEPS
     if not (folder / "nsys-env.sh").is_file() or not list(folder.glob("*.deb")):
         return (f"{NSYS_DEPS}/ with nsys-env.sh and the libdw/libelf .debs was not carried "
-                f"(README, 'The GPU check')")
+                f"(docs/gpu.md)")
     return None
 
 
@@ -424,7 +423,7 @@ def render_summary(summary: dict) -> str:
     lines = [f"deepprof gpu-check ({'final' if summary['final'] else 'in progress'}): "
              f"GPU {summary.get('gpu') or 'unknown'}, {summary['elapsed_s']:.0f} s of a "
              f"{summary['budget_s']:.0f} s budget",
-             f"steps: " + ", ".join(f"{n} {s}" for s, n in summary["counts"].items() if n), ""]
+             "steps: " + ", ".join(f"{n} {s}" for s, n in summary["counts"].items() if n), ""]
     for step in summary["steps"]:
         lines.append(f"{step['name']:<22} {step['status']:<10} {step['duration_s']:>7.1f} s  "
                      f"{step['reason']}")
@@ -595,7 +594,7 @@ def main(argv=None) -> int:
     why_not = has_gpu()
     if why_not:
         print(f"[gpu-check] no GPU here: {why_not}. This check runs on the GPU machine "
-              f"(README, 'The GPU check'); here, run `make gpu-check DRY_RUN=1`.",
+              f"(docs/gpu.md); here, run `make gpu-check DRY_RUN=1`.",
               file=sys.stderr)
         return 2
     out = Path(args.out)

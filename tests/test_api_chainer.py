@@ -1,6 +1,6 @@
-"""profiler.api on a user's own Chainer model and loop: the README's example as written, phases
-split at the right boundaries (Chainer's backward calls and optimizer hooks), the layer table
-against the step, and bad input."""
+"""profiler.api on a user's own Chainer model and loop: docs/your-own-model.md's example as
+written, phases split at the right boundaries (Chainer's backward calls and optimizer hooks),
+the layer table against the step, and bad input."""
 
 from __future__ import annotations
 

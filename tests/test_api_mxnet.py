@@ -1,6 +1,6 @@
-"""profiler.api on a user's own Gluon model and loop: the README's example as written, phases
-split at the right boundaries (MXNet's backward calls and the Trainer's step, with the engine
-drained at each), the layer table against the step, and bad input.
+"""profiler.api on a user's own Gluon model and loop: docs/your-own-model.md's example as
+written, phases split at the right boundaries (MXNet's backward calls and the Trainer's step,
+with the engine drained at each), the layer table against the step, and bad input.
 
 MXNet's backward bulking is off for this session (tests/conftest.py), as the profiler wants."""
 

@@ -1,7 +1,7 @@
-"""profiler.api on a user's own Keras model and eager training loop: the README's example as
-written, phases split at the right boundaries (tape.gradient, the Keras optimizer), the layer
-table against the step, layer names and filters, the class attributes put back exactly, and
-bad input (a step under tf.function included)."""
+"""profiler.api on a user's own Keras model and eager training loop: docs/your-own-model.md's
+example as written, phases split at the right boundaries (tape.gradient, the Keras optimizer),
+the layer table against the step, layer names and filters, the class attributes put back
+exactly, and bad input (a step under tf.function included)."""
 
 from __future__ import annotations
 

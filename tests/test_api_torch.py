@@ -1,5 +1,6 @@
-"""profiler.api on a user's own PyTorch model and loop: the README's example as written, phases
-split at the right boundaries, the layer table against the step, and bad input."""
+"""profiler.api on a user's own PyTorch model and loop: docs/your-own-model.md's example as
+written, phases split at the right boundaries, the layer table against the step, and bad
+input."""
 
 from __future__ import annotations
 

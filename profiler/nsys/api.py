@@ -20,7 +20,7 @@ OUTPUT_FILES = ("nsys.folded", "nsys.speedscope.json", "nsys.svg", "nsys_analysi
 
 
 def analyze(capture: Capture, report: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """The analysis of a capture as a JSON-able dict (see README, "Reading a capture").
+    """The analysis of a capture as a JSON-able dict (see docs/nsys.md, "Reading a capture").
 
     With the profiler's report, its first ``warmup`` steps are left out of the per-step means
     and the agreement of both clocks is computed; without it every step counts.
@@ -98,8 +98,8 @@ def _sqlite_of(path: Path) -> Path:
         exported = tool.export_sqlite(path)
     except getattr(tool, "NsysNotFound", ()) as e:
         raise ProfilerNsysError(f"capture {str(path)!r}: a .nsys-rep needs nsys to export it, "
-                                f"and nsys was not found ({e}); install it (README, 'Nsight "
-                                f"Systems') or pass a .sqlite exported elsewhere") from e
+                                f"and nsys was not found ({e}); install it (docs/nsys.md) or "
+                                f"pass a .sqlite exported elsewhere") from e
     except getattr(tool, "NsysFailed", ()) as e:
         raise ProfilerNsysError(f"capture {str(path)!r}: nsys could not export it to SQLite "
                                 f"({e}); expected a complete .nsys-rep") from e

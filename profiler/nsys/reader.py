@@ -235,7 +235,7 @@ def _read_ranges(db: _Db, strings: _Strings, domain: str, warnings: List[str]
         raise ProfilerNsysError(
             f"capture {str(db.path)!r}: NVTX domain {domain!r} is present but holds no ranges; "
             f"expected push/pop or start/end ranges (ranges from the `nvtx` Python package are "
-            f"not recorded by every nsys: see README, 'Nsight Systems')")
+            f"not recorded by every nsys: see docs/nsys.md)")
     flavour = "inline-text" if text != "NULL" and any(
         r[0] is not None for r in db.query(
             f"SELECT {text} FROM NVTX_EVENTS WHERE eventType IN (?, ?) LIMIT 50",

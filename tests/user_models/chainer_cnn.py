@@ -1,5 +1,5 @@
 """A user's own Chainer model for `python -m profiler.layerwise --framework chainer --model
-tests/user_models/chainer_cnn.py:factory` (README, "Your own model"): not a seed workload.
+tests/user_models/chainer_cnn.py:factory` (docs/your-own-model.md): not a seed workload.
 
 Chainer comes from ops.chainer.loader.load_chainer: on this project's machines a bare
 ``import chainer`` fails in Chainer's import-time environment check (ops/chainer/loader.py says

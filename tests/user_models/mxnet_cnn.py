@@ -1,5 +1,5 @@
 """A user's own MXNet/Gluon model for `python -m profiler.layerwise --framework mxnet --model
-tests/user_models/mxnet_cnn.py:factory` (README, "Your own model"): not a seed workload.
+tests/user_models/mxnet_cnn.py:factory` (docs/your-own-model.md): not a seed workload.
 
 MXNet fixes its backward bulking at its first operator; the profiler wants it off (per-layer
 backward ranges, profiler/instrument/mxnet.py), so a script that profiles MXNet imports

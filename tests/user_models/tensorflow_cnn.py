@@ -1,5 +1,5 @@
 """A user's own Keras model for `python -m profiler.layerwise --framework tensorflow --model
-tests/user_models/tensorflow_cnn.py:factory` (README, "Your own model"): not a seed workload.
+tests/user_models/tensorflow_cnn.py:factory` (docs/your-own-model.md): not a seed workload.
 Subclassed, with blocks of its own, so its layers are named by their nesting
 ("block1/conv")."""
 

@@ -1,5 +1,5 @@
 """A user's own PyTorch model for `python -m profiler.layerwise --model
-tests/user_models/torch_cnn.py:factory` (README, "Your own model"): not a seed workload."""
+tests/user_models/torch_cnn.py:factory` (docs/your-own-model.md): not a seed workload."""
 
 import torch
 
