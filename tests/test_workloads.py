@@ -320,6 +320,79 @@ def test_weight_decay_applies_as_specified(framework, monkeypatch):
                                rtol=1e-6, atol=1e-9)
 
 
+# --- the same workload in graph mode ------------------------------------------------------------
+
+def graph_mode_available(framework: str):
+    """Skips (with the reason the workload gives) a framework without a graph mode."""
+    framework_available(framework)
+    base = importlib.import_module(f"profiler.workloads.{framework}.common")
+    reasons = {cls.no_graph_mode for cls in vars(base).values()
+               if isinstance(cls, type) and getattr(cls, "framework", None) == framework}
+    if any(reasons):
+        pytest.skip(f"{framework} has no graph mode: {reasons.pop()}")
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("model", ["resnet20", "deeppose"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_graph_mode_trains_as_the_eager_reference(framework, model, steps):
+    """The compiled step is the same step: from the same state and batches, the same losses
+    and the same updates as PyTorch's eager float64 run, with the eager tests' tolerances
+    (a framework's ResNet step in float64 where its eager one is, FLOAT64_RUNS)."""
+    graph_mode_available(framework)
+    _, start, torch_losses, torch_after = run_steps("torch", model, steps, float64=True)
+    float32 = not (framework in FLOAT64_RUNS and model != "deeppose")
+    workload, _, losses, after = run_steps(framework, model, steps, float64=not float32,
+                                           mode="graph")
+    assert workload.mode == "graph"
+    assert workload.compile_count() >= 1, "graph mode compiled nothing"
+    np.testing.assert_allclose(losses, torch_losses, rtol=1e-4)
+    for name, expected in torch_after.items():
+        if name.endswith(".running_var"):
+            expected = expected_running_var(start[name], expected,
+                                            workload.bn_running_var_unbiased,
+                                            batch_norm_count(name.rsplit(".", 1)[0], 4),
+                                            steps)
+        assert_update_matches(after[name], expected, start[name], model, float32,
+                              f"{framework} graph {model} {name} after {steps} step(s)")
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_graph_mode_compiles_in_the_first_step_only(framework):
+    """Warm-up covers each shape once: the first step compiles, the next ones reuse it."""
+    graph_mode_available(framework)
+    workload = build_workload(framework, model="resnet20", batch_size=4, mode="graph", **SMALL)
+    assert workload.compile_count() == 0
+    counts = []
+    for batch, _ in zip(workload.make_loader(), range(3)):
+        workload.train_step(workload.to_device(batch))
+        counts.append(workload.compile_count())
+    assert counts[0] >= 1 and counts == [counts[0]] * 3, counts
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_graph_mode_refuses_the_kernel_impls(framework):
+    graph_mode_available(framework)
+    from ops.impls import UnsupportedImplError
+    with pytest.raises(UnsupportedImplError, match="compiled graph cannot run"):
+        build_workload(framework, model="resnet20", batch_size=2, mode="graph",
+                       conv_impl="kernel", **SMALL)
+    workload = build_workload(framework, model="deeppose", batch_size=2, mode="graph", **SMALL)
+    with pytest.raises(UnsupportedImplError, match="in graph mode use 'native'"):
+        workload.set_impls(loss="kernel")
+
+
+def test_graph_mode_is_refused_where_there_is_none_and_xla_outside_tensorflow():
+    framework_available("chainer")
+    with pytest.raises(ValueError, match="mode: 'graph' is not available for chainer"):
+        build_workload("chainer", model="resnet20", batch_size=2, mode="graph", **SMALL)
+    with pytest.raises(ValueError, match="xla: XLA compiles TensorFlow's step only"):
+        build_workload("torch", model="resnet20", batch_size=2, mode="graph", xla=True,
+                       **SMALL)
+    with pytest.raises(ValueError, match="expected mode 'graph' with xla=True"):
+        build_workload("tensorflow", model="resnet20", batch_size=2, xla=True, **SMALL)
+
+
 @pytest.mark.parametrize("loss", ["explicit", "kernel", "native"])
 def test_deeppose_loss_impls_train_alike(framework, loss):
     _, _, base_losses, base_after = run_steps(framework, "deeppose", 1)

@@ -14,7 +14,7 @@ import importlib
 
 from ops.frameworks import FRAMEWORKS, check_name
 
-from .base import DEVICES, WorkloadConfig, check_config
+from .base import DEVICES, MODES, STEP_CALLS, WorkloadConfig, check_config
 from .spec import MODELS
 
 
@@ -30,4 +30,5 @@ def build_workload(framework: str, config: WorkloadConfig = None, **fields):
     return module.Workload(config)
 
 
-__all__ = ["build_workload", "WorkloadConfig", "FRAMEWORKS", "MODELS", "DEVICES"]
+__all__ = ["build_workload", "WorkloadConfig", "FRAMEWORKS", "MODELS", "DEVICES", "MODES",
+           "STEP_CALLS"]

@@ -24,6 +24,26 @@ MXNet and TensorFlow return before their work has run), ``batch_to_numpy(batch)`
 batch as NumPy arrays in the canonical layout, images NCHW: what the tests compare) and
 ``bn_running_var_unbiased`` (whether batch norm's running variance takes the unbiased batch
 variance, as PyTorch's and Chainer's do, or the biased one).
+
+Modes (``config.mode``, :data:`MODES`): "eager" runs the step op by op, as the framework runs
+Python; "graph" is the framework's compiled mode, as its users train:
+
+- TensorFlow: the whole step (forward, loss, gradients, weight decay, the optimizer's update)
+  in one ``tf.function``; ``config.xla`` adds ``jit_compile=True``. A step is one call.
+- MXNet: the network hybridized (``static_alloc``, ``static_shape``); the loss, the backward
+  call and the Trainer as in eager.
+- PyTorch: the network through ``torch.compile`` (Inductor); the loss, the backward call and
+  the optimizer eager.
+- Chainer: none; graph mode is refused with the reason.
+
+``step_calls`` names the calls a step is made of in this mode (:data:`STEP_CALLS` in eager:
+forward, loss_forward, backward, optimizer_step; ``("train_step",)`` where the compiled step is
+one call), ``compile_count()`` how many graphs the framework has traced or compiled so far (a
+step that raises it compiled; one that raises it after the warm-up retraced). The same
+workload in both modes is the same model: same weights, batches and update
+(tests/test_workloads.py runs the identical-workload tests in both). Our ``kernel`` impls
+(Python glue between the framework and our kernels) cannot run inside a compiled graph and are
+refused in graph mode; ``native`` ops are the framework's own ops and run there.
 """
 
 from __future__ import annotations
@@ -40,6 +60,9 @@ from ops.impls import CONV_IMPLS, LOSS_IMPLS, check_impl
 from . import data, spec
 
 DEVICES = ("cpu", "cuda")
+MODES = ("eager", "graph")
+# A step's separate calls in eager mode (and in graph mode where the network alone is compiled).
+STEP_CALLS = ("forward", "loss_forward", "backward", "optimizer_step")
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,8 @@ class WorkloadConfig:
     loss_impl: str = "autograd"
     workers: int = 0
     data: str = "synthetic"
+    mode: str = "eager"            # MODES: the framework's eager or compiled (graph) mode
+    xla: bool = False              # TensorFlow's graph mode only: tf.function(jit_compile=True)
     augment: bool = True           # CIFAR: pad 4 + random crop + flip (no effect on pose data)
     standardize: bool = False      # per-channel mean/std of the training set
     dropout: float = spec.DROPOUT  # DeepPose fc6/fc7
@@ -76,6 +101,8 @@ def check_config(function: str, config: WorkloadConfig) -> None:
         ("device", config.device in DEVICES, f"one of {list(DEVICES)}"),
         ("conv_impl", config.conv_impl in CONV_IMPLS, f"one of {list(CONV_IMPLS)}"),
         ("loss_impl", config.loss_impl in LOSS_IMPLS, f"one of {list(LOSS_IMPLS)}"),
+        ("mode", config.mode in MODES, f"one of {list(MODES)}"),
+        ("xla", isinstance(config.xla, bool), "True or False"),
         ("batch_size", _positive_int(config.batch_size), "a positive int"),
         ("workers", isinstance(config.workers, int) and not isinstance(config.workers, bool)
          and config.workers >= 0, "an int >= 0"),
@@ -92,6 +119,9 @@ def check_config(function: str, config: WorkloadConfig) -> None:
         if not ok:
             raise ValueError(f"{function}: {name}: expected {expected}, got "
                              f"{getattr(config, name)!r}")
+    if config.xla and config.mode != "graph":
+        raise ValueError(f"{function}: xla: XLA compiles TensorFlow's graph-mode step; "
+                         f"expected mode 'graph' with xla=True, got mode {config.mode!r}")
     if config.model != "deeppose" and config.loss_impl != "autograd":
         raise ValueError(f"{function}: loss_impl: {config.model} trains with the framework's "
                          f"softmax cross-entropy; loss impls apply to deeppose only, got "
@@ -130,8 +160,20 @@ class WorkloadBase:
 
     framework = ""
 
+    # What this framework's workloads do in graph mode: None if they have one, else why not;
+    # and whether they take config.xla.
+    no_graph_mode: Optional[str] = None
+    takes_xla = False
+
     def __init__(self, config: WorkloadConfig):
-        check_config(f"{type(self).__name__}", config)
+        function = type(self).__name__
+        check_config(function, config)
+        if config.mode == "graph" and self.no_graph_mode:
+            raise ValueError(f"{function}: mode: 'graph' is not available for "
+                             f"{self.framework}: {self.no_graph_mode}")
+        if config.xla and not self.takes_xla:
+            raise ValueError(f"{function}: xla: XLA compiles TensorFlow's step only, got "
+                             f"xla=True for {self.framework}")
         self.config = config
         self.model_name = config.model
         self.is_pose = config.model == "deeppose"
@@ -171,16 +213,17 @@ class WorkloadBase:
 
     def set_impls(self, *, conv=None, loss=None) -> None:
         """Swaps every convolution to ``conv`` and the DeepPose loss to ``loss`` (None: keep);
-        an impl that cannot run here is refused before anything changes."""
+        an impl that cannot run here (on this device, in this mode) is refused before anything
+        changes."""
         function = f"{type(self).__name__}.set_impls"
         if conv is not None:
-            check_impl(function, conv, CONV_IMPLS, self.unavailable_impls("conv"))
+            check_impl(function, conv, CONV_IMPLS, self._unavailable("conv"))
         if loss is not None:
             if not self.is_pose and loss != "autograd":
                 raise ValueError(f"{function}: loss: {self.model_name} trains with the "
                                  f"framework's softmax cross-entropy; loss impls apply to "
                                  f"deeppose only, got {loss!r}")
-            check_impl(function, loss, LOSS_IMPLS, self.unavailable_impls("loss"))
+            check_impl(function, loss, LOSS_IMPLS, self._unavailable("loss"))
         if conv is not None:
             for layer in self.conv_layers():
                 layer.impl = conv
@@ -189,8 +232,32 @@ class WorkloadBase:
         if loss is not None:
             self.loss_impl = loss
 
+    def _unavailable(self, kind: str) -> Dict[str, str]:
+        """unavailable_impls, plus the kernel impls in graph mode."""
+        refused = dict(self.unavailable_impls(kind))
+        if self.config.mode == "graph":
+            refused.setdefault("kernel", "the kernel impl is Python glue between the framework "
+                                         "and our kernels, which a compiled graph cannot run; "
+                                         "in graph mode use 'native' (our kernels as the "
+                                         "framework's own op)")
+        return refused
+
     def impls_changed(self) -> None:
         """Called after the conv impl changed (e.g. to drop a compiled graph)."""
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def step_calls(self) -> Tuple[str, ...]:
+        """The calls a step is made of in this mode (module docstring)."""
+        return STEP_CALLS
+
+    def compile_count(self) -> int:
+        """Graphs the framework has traced or compiled for this workload so far (0 in eager
+        mode)."""
+        return 0
 
     def weight_decay_rule(self) -> str:
         return spec.WEIGHT_DECAY_RULE
