@@ -43,7 +43,7 @@ from profiler.timeline import PHASES, Timeline
 
 # phase(name) takes a phase of the report, or "data" for "data_wait".
 PHASE_ALIASES = {"data": "data_wait"}
-MARKABLE_PHASES = tuple(p for p in PHASES if p != "other")
+MARKABLE_PHASES = tuple(p for p in PHASES if p != "other") + ("compiled_step",)
 
 # The automatic phase that follows each boundary.
 _AFTER = {"step_start": "forward", "mark_output": "loss_forward",
@@ -117,6 +117,10 @@ class RunDescription:
     workers: int = 0
     seed: int = 0
     notes: List[str] = field(default_factory=list)
+    # "eager" or "graph" (the framework's compiled mode: no layer hooks run inside it), and
+    # whether a step is one compiled call (TensorFlow's graph step: no phase boundary inside).
+    mode: str = "eager"
+    one_call: bool = False
 
 
 # --------------------------------------------------------------------------- phases
@@ -133,9 +137,10 @@ class _PhaseCursor:
         self.manual: set = set()           # phases the user marked by hand this run
         self.boundaries: List[str] = []    # this step's, in order
 
-    def start(self) -> None:
+    def start(self, first: str = "forward") -> None:
+        """Opens the step's first automatic phase ("other": none, for a one-call step)."""
         self.boundaries = []
-        self._open("forward", self.recorder.now_ns())
+        self._open(first, self.recorder.now_ns())
 
     def boundary(self, event: str, at_ns: Optional[int] = None) -> None:
         """An event of the step (a key of _AFTER): closes the open automatic phase and opens
@@ -157,9 +162,14 @@ class _PhaseCursor:
         self._close(self.recorder.now_ns())
         self.current = None
 
+    def _automatic(self, phase: str) -> bool:
+        # A step marked as one compiled call has no automatic phase inside it.
+        return phase != "other" and phase not in self.manual and \
+            "compiled_step" not in self.manual
+
     def _open(self, phase: str, now: int) -> None:
         self.current, self.since_ns = phase, now
-        if self.recorder.enabled and phase != "other" and phase not in self.manual:
+        if self.recorder.enabled and self._automatic(phase):
             self._nvtx = NVTX.start(phase, PHASE_COLOURS.get(phase, "blue"))
 
     def _close(self, now: int) -> None:
@@ -167,7 +177,7 @@ class _PhaseCursor:
             NVTX.end(self._nvtx)
             self._nvtx = None
         phase = self.current
-        if phase is None or phase == "other" or phase in self.manual:
+        if phase is None or not self._automatic(phase):
             return
         if now > self.since_ns:
             self.recorder.record(phase, "phase", self.since_ns, now,
@@ -191,11 +201,14 @@ class LayerProfiler:
 
     def __init__(self, model, framework: str = "torch", *, warmup: int = 2,
                  layers: LayerFilter = None, name: Optional[str] = None,
-                 batch_size: Optional[int] = None, sync: bool = False):
+                 batch_size: Optional[int] = None, sync: bool = False, mode: str = "eager"):
+        if mode not in ("eager", "graph"):
+            raise ValueError(f"LayerProfiler: mode: expected 'eager' or 'graph', got {mode!r}")
         module = instruments.load(framework, "LayerProfiler")
         subject = module.UserModel(model, layer_filter(layers))
         self._start(subject, module.PhaseEvents, warmup=warmup, sync=sync,
-                    description=RunDescription(name or type(model).__name__, batch_size))
+                    description=RunDescription(name or type(model).__name__, batch_size,
+                                               mode=mode))
 
     @classmethod
     def for_subject(cls, subject: Subject, events, *, description: RunDescription,
@@ -235,6 +248,11 @@ class LayerProfiler:
         self._last_communication_ns: Optional[int] = None
         watch = getattr(subject, "watch_communication", None)
         self.communication_note = watch(self._communication_launch) if watch else None
+        self.mode = description.mode
+        # The target's count of compiled graphs (graph mode), read around every step.
+        self.compile_count: Optional[Callable[[], Optional[int]]] = None
+        self.step_log: List[Dict[str, Any]] = []  # every step: kind, ms, graphs compiled
+        self._output_grad_seen = False
         self.steps_done = 0
         self.step_ms: List[float] = []            # measured, instrumented
         self.plain_step_ms: List[float] = []      # measured, uninstrumented
@@ -259,10 +277,13 @@ class LayerProfiler:
         if self._in_step:
             raise RuntimeError("LayerProfiler.step: a step is already open; steps do not "
                                "nest (close the outer `with prof.step():` first)")
+        if how == "instrumented" and self.mode == "graph":
+            how = "phases"        # no layer hook runs inside a compiled graph
         self._in_step, self._marked = True, False
         index = self.steps_done - self.warmup          # < 0: warm-up
         measured = index >= 0
         rec = self.recorder
+        compiled_before = self.compile_count() if self.compile_count else None
         # Hooks go on and off outside the timed step: a loop that installs them once pays
         # that once, not per step.
         if how in ("plain", "hooks_idle"):
@@ -278,6 +299,7 @@ class LayerProfiler:
             self.last_step_ms = (time.perf_counter_ns() - began) / 1e6
             if measured and how == "plain":
                 self.plain_step_ms.append(self.last_step_ms)
+            self._log(how if measured else "warmup", compiled_before)
             return
         self._hooks(layers=how == "instrumented", events=True)
         began = time.perf_counter_ns()
@@ -285,7 +307,7 @@ class LayerProfiler:
         step = len(self.step_ms) if measured else -1
         rec.start_step(step)
         token = rec.begin("step", "step")
-        self.cursor.start()
+        self.cursor.start("other" if self.description.one_call else "forward")
         failed = True
         try:
             yield self
@@ -301,7 +323,8 @@ class LayerProfiler:
         self.last_step_ms = (time.perf_counter_ns() - began) / 1e6
         if measured:
             self.step_ms.append(self.last_step_ms)
-        if not failed and not self._marked:
+        self._log("instrumented" if measured else "warmup", compiled_before)
+        if not failed and not self._marked and self.mode == "eager":
             raise RuntimeError(f"LayerProfiler.step: step {self.steps_done - 1} ended without "
                                f"mark_output(...): the loss phases start where the model's "
                                f"output is marked; wrap it: out = prof.mark_output(model(x))")
@@ -369,6 +392,7 @@ class LayerProfiler:
         measured step 0); the hooks stay. Returns the new timeline."""
         self.timeline = self.recorder.timeline = Timeline()
         self.step_ms, self.plain_step_ms = [], []
+        self.step_log = [e for e in self.step_log if e["kind"] == "warmup"]
         self.steps_done = max(self.steps_done, self.warmup)
         return self.timeline
 
@@ -396,6 +420,17 @@ class LayerProfiler:
         errors += [f"phase accounting: {w}" for w in breakdown["warnings"]]
         sections = from_phase_breakdown(breakdown)
         sections["layers"] = from_layer_breakdown(layer_breakdown(self.timeline))
+        if self.mode == "graph":
+            notes.append("Graph mode: the framework's compiled step, as its users train. No "
+                         "layer hook runs inside a compiled graph, so this report has no "
+                         "per-layer times; the phases are the step's calls that remain.")
+            absent = self._absent_phases()
+            sections["phases_absent"] = absent
+            for phase in absent:
+                del sections["phases_ms"][phase]
+        compilation = self._compilation(notes)
+        if compilation is not None:
+            sections["compilation"] = compilation
         inst, plain = self.step_ms, self.plain_step_ms
         sections["instrumentation"] = {
             "instrumented_step_ms_median": median(inst),
@@ -406,7 +441,7 @@ class LayerProfiler:
         doc = build_report(
             framework=self.framework, framework_version=self.target.version(),
             device={"name": self.target.device_name(), "kind": self.target.device_kind()},
-            model=d.model, batch_size=self.batch_size or 1, impls=dict(d.impls),
+            model=d.model, mode=self.mode, batch_size=self.batch_size or 1, impls=dict(d.impls),
             workers=d.workers, seed=d.seed, sync=self.recorder.sync, iters=len(inst),
             warmup=self.warmup, notes=notes, errors=errors, **sections)
         try:
@@ -419,6 +454,52 @@ class LayerProfiler:
         """Removes every hook; the profiler records nothing more."""
         self._hooks(layers=False, events=False)
 
+    def _absent_phases(self) -> Dict[str, str]:
+        """Graph mode: the phases no boundary of this mode marked in any measured step, each
+        with why and where its time is (nothing opened them: they hold no time)."""
+        seen = {r.name for r in self.timeline.ranges if r.kind == "phase" and r.step >= 0}
+        one_call = "compiled_step" in seen
+        absent = {}
+        for phase in PHASES[:-1]:
+            if phase in seen:
+                continue
+            if one_call and phase not in ("data_wait", "h2d"):
+                absent[phase] = ("inside the compiled step: in graph mode the step is one "
+                                 "call, timed as compiled_step")
+            elif phase == "loss_backward":
+                absent[phase] = ("not separated from backward in graph mode (no hook reaches "
+                                 "the model output's gradient without the layer instrument); "
+                                 "its time is in backward")
+            else:
+                absent[phase] = "no boundary marks it in this step; its time is in 'other'"
+        return absent
+
+    def _compilation(self, notes: List[str]) -> Optional[Dict[str, Any]]:
+        """Graphs compiled in the warm-up and in the measured steps (a retrace), from the
+        target's compile count; None where the target counts none (eager, or unknown)."""
+        logged = [e for e in self.step_log if e["compiled"] is not None]
+        if not logged or (self.mode == "eager" and not any(e["compiled"] for e in logged)):
+            return None
+        warmup = [e for e in logged if e["kind"] == "warmup"]
+        measured = [e for e in logged if e["kind"] != "warmup"]
+        steady = median(self.step_ms)
+        compiling = [e for e in logged if e["compiled"]]
+        doc = {"compiles_in_warmup": sum(e["compiled"] for e in warmup),
+               "compiles_measured": sum(e["compiled"] for e in measured),
+               "first_step_ms": logged[0]["ms"], "steady_step_ms_median": steady,
+               # A compiling step's time beyond a steady step's: the compilation's cost.
+               "compile_ms_estimate": sum(max(0.0, e["ms"] - steady) for e in compiling),
+               "warmup_step_ms": [e["ms"] for e in warmup]}
+        if doc["compiles_measured"]:
+            notes.append(f"Warning: the framework compiled {doc['compiles_measured']} graph(s) "
+                         f"during the measured steps (a retrace): those steps include "
+                         f"compilation; raise --warmup, or keep the shapes and Python values "
+                         f"the step depends on fixed.")
+        elif warmup and not doc["compiles_in_warmup"] and self.mode == "graph":
+            notes.append("Warning: no graph was compiled in the warm-up steps; the first "
+                         "compilation may have happened before this run.")
+        return doc
+
     # -- internals ---------------------------------------------------------------------------
     def _hooks(self, *, layers: bool, events: bool) -> None:
         if layers != self._layers_on:
@@ -430,7 +511,13 @@ class LayerProfiler:
 
     def _output_grad(self) -> None:
         if self._in_step:
+            self._output_grad_seen = True
             self.cursor.boundary("output_grad")
+
+    def _log(self, kind: str, compiled_before: Optional[int]) -> None:
+        after = self.compile_count() if self.compile_count else None
+        compiled = after - compiled_before if None not in (after, compiled_before) else None
+        self.step_log.append({"kind": kind, "ms": self.last_step_ms, "compiled": compiled})
 
     def _communication_launch(self) -> None:
         if self._in_step and self.recorder.enabled:
@@ -480,6 +567,10 @@ class Target(Protocol):
     def step(self, prof: Optional[LayerProfiler], batch) -> Any:
         ...
 
+    def compile_count(self) -> Optional[int]:
+        """Graphs compiled for it so far (graph mode), None where unknown."""
+        ...
+
 
 class Session:
     """One target stepping under its profiler, one step at a time: what :func:`profile`,
@@ -490,6 +581,7 @@ class Session:
                  steps_needed: Optional[int] = None):
         self.target = target
         self.profiler = target.profiler(warmup=warmup, sync=sync)
+        self.profiler.compile_count = target.compile_count
         self._batches = target.batches(steps_needed)
 
     def next_batch(self):

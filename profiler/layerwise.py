@@ -35,6 +35,7 @@ from profiler import console, distributed, engine, environment
 from profiler.console import non_negative_int, positive_int
 from profiler.report import (build_report, render_comparison, render_table,
                              render_variant_phases, write_json_atomic)
+from profiler.workloads.base import MODES
 from profiler.workloads.spec import MODELS
 
 OUTPUTS = "report.json, trace.json, flame.folded, flame.speedscope.json"
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                            f"(docs/your-own-model.md)")
     what.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                       help="auto: cuda where the framework sees a GPU, else cpu")
+    what.add_argument("--mode", default="eager", choices=MODES,
+                      help="eager: op by op; graph: the framework's compiled mode, as its users "
+                           "train (tf.function, hybridized Gluon, torch.compile; Chainer has "
+                           "none); seed workloads (docs/profiler.md, 'Modes')")
+    what.add_argument("--xla", action="store_true",
+                      help="with --framework tensorflow --mode graph: jit_compile=True")
     seed = p.add_argument_group("seed workloads only")
     seed.add_argument("--batch-size", type=positive_int, default=32, help="samples per step")
     seed.add_argument("--conv-impl", default="framework", choices=CONV_IMPLS,
@@ -127,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Options that shape a seed workload, with nothing to act on in a user's factory.
 _SEED_ONLY = ("batch_size", "conv_impl", "loss_impl", "workers", "data", "synthetic_size",
-              "seed", "python", "pyspy")
+              "seed", "python", "pyspy", "mode", "xla")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -167,6 +174,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.compare and not args.user_model and args.compare[0] == "loss" \
             and args.model != "deeppose":
         fail("--compare loss=...: loss impls apply to --model deeppose")
+    if args.xla and (args.mode != "graph" or args.framework != "tensorflow"):
+        fail(f"--xla: compiles TensorFlow's graph-mode step; expected --framework tensorflow "
+             f"--mode graph, got --framework {args.framework} --mode {args.mode}")
     if args.framework == "all" and args.compare:
         fail("--compare runs in one framework; pick --framework")
     if args.nsys and (args.framework == "all" or args.compare):
@@ -228,6 +238,7 @@ def _parse_pythons(fail, items: List[str]) -> Dict[str, str]:
 def _seed_fields(args) -> dict:
     """What a seed workload's error report says of the run (no measurement came)."""
     return dict(device={"name": cpu_name(), "kind": args.device}, model=args.model,
+                mode=args.mode,
                 batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                 impls={"conv": args.conv_impl, "loss": args.loss_impl if args.model ==
                        "deeppose" else "framework cross-entropy"},
@@ -290,7 +301,7 @@ def run(args) -> dict:
         report.doc["notes"] = notes + report.doc["notes"]
         report.doc["threads"] = threads
     doc = result.document(notes, framework=args.framework, model=args.model,
-                          kind=args.compare[0], rounds=args.rounds,
+                          mode=args.mode, kind=args.compare[0], rounds=args.rounds,
                           steps_per_round=args.steps_per_round, threads=threads)
     result.save(out, doc)
     return doc
@@ -308,7 +319,8 @@ def _targets(args) -> dict:
     config = WorkloadConfig(model=args.model, device=resolve_device(args.framework, args.device),
                             batch_size=args.batch_size, seed=args.seed, conv_impl=args.conv_impl,
                             loss_impl=args.loss_impl, workers=args.workers, data=args.data,
-                            train_size=args.synthetic_size, test_size=args.synthetic_size)
+                            train_size=args.synthetic_size, test_size=args.synthetic_size,
+                            mode=args.mode, xla=args.xla)
     return targets.seed_targets(args.framework, config, compare=args.compare)
 
 

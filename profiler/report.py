@@ -4,7 +4,8 @@ A report is a plain JSON-able dict; building and checking it (data) is kept apar
 rendering it (``render_table``, ``render_comparison``). Nothing here measures or reaches back
 into instrumentation; the analyses' outputs come in as arguments.
 
-Layout of a report, schema version 1 (times in milliseconds, means per measured step):
+Layout of a report, schema version 2 (times in milliseconds, means per measured step;
+version 2 added mode, phases_absent and compilation, CHANGELOG.md):
 
 ====================  =========================  ================================================
 key                   type                       meaning
@@ -17,6 +18,8 @@ framework_version     str                        the framework's own version str
 python                str                        Python version, e.g. "3.11.9"
 device                {name: str, kind: str}     kind is "cpu" or "cuda"
 model                 str                        the workload's name
+mode                  str                        "eager" or "graph": the framework's compiled
+                                                 mode (profiler.workloads.base, "Modes")
 batch_size            int > 0                    samples per step
 impls                 {conv: str, loss: str}     which implementation of each ran (e.g. "ours")
 workers               int >= 0                   data-loader worker processes
@@ -27,10 +30,14 @@ warmup                int >= 0                   steps run before measuring, not
 step_ms               {samples: [number], mean,  per-step wall time of the measured steps (more
                       median, iqr: number, ...}  keys, e.g. min, max, n, may follow)
 phases_ms             {phase: {mean, median,     one entry for each of the eight
-                      iqr: number}}              ``timeline.PHASES``, and for an optional
-                                                 phase where measured (OPTIONAL_PHASES:
-                                                 "communication"); the means add up to
+                      iqr: number}}              ``timeline.PHASES`` not in phases_absent, and
+                                                 for an optional phase where measured
+                                                 (OPTIONAL_PHASES: "communication",
+                                                 "compiled_step"); the means add up to
                                                  step_ms.mean ("other" is the remainder)
+phases_absent         {phase: str}               optional: phases this mode has no boundary
+                                                 for (e.g. forward inside a one-call compiled
+                                                 step), each with why and where its time is
 layers                [{name: str, type: str or  per layer in forward order: inclusive and self
                       null, forward_ms,          (minus sub-layers) times and forward calls per
                       backward_ms,               step; the host_/device_ keys appear together,
@@ -45,6 +52,9 @@ instrumentation       {instrumented_step_ms_     step-time medians with and with
                       uninstrumented_step_ms_    (the median of the neighbouring pairs' ratios,
                       median, overhead_pct:      stats.overhead_summary, with its interval and
                       number or null, ...}       verdict); null when not measured
+compilation           {compiles_in_warmup: int,  optional (graph mode): graphs the framework
+                      compiles_measured: int,    traced or compiled in the warm-up and in the
+                      first_step_ms, ...}        measured steps (a retrace: a warning in notes)
 threads               {requested: int, intra_op, optional: the CPU threads asked for (--threads)
                       inter_op: int or null,     and what the framework, its BLAS/OpenMP
                       blas, openmp, ours:        libraries (file -> threads) and our kernels
@@ -77,14 +87,15 @@ from rich.text import Text
 from profiler.analysis.stats import describe_overhead, summarize
 from profiler.timeline import OPTIONAL_PHASES, PHASES, phases_of
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+MODES = ("eager", "graph")
 TOOL = "deepprof"
 
 _REQUIRED = ("schema_version", "tool", "created", "framework", "framework_version", "python",
-             "device", "model", "batch_size", "impls", "workers", "seed", "sync", "iters",
-             "warmup", "notes", "errors")
+             "device", "model", "mode", "batch_size", "impls", "workers", "seed", "sync",
+             "iters", "warmup", "notes", "errors")
 _MEASURED = ("step_ms", "phases_ms", "layers", "instrumentation")
-_OPTIONAL = ("threads",)
+_OPTIONAL = ("threads", "phases_absent", "compilation")
 _KEYS = frozenset(_REQUIRED + _MEASURED + _OPTIONAL)
 _LAYER_NUMBERS = ("forward_ms", "backward_ms", "self_forward_ms", "self_backward_ms", "calls")
 _LAYER_SPLIT = ("host_forward_ms", "host_backward_ms", "device_forward_ms",
@@ -217,6 +228,13 @@ def _check_measured(doc: Mapping[str, Any]) -> None:
     if unknown:
         _fail("phases_ms", f"unknown phases {unknown}; expected {list(PHASES)} and optionally "
                            f"{list(OPTIONAL_PHASES)}")
+    absent = doc.get("phases_absent", {})
+    missing = [p for p in PHASES if p not in phases and p not in absent]
+    if missing:
+        _fail(f"phases_ms.{missing[0]}", "missing (only a phase in phases_absent may be)")
+    both = [p for p in absent if p in phases]
+    if both:
+        _fail(f"phases_ms.{both[0]}", "present although phases_absent lists it")
     for p in phases_of(phases):
         entry = _obj(phases, p, "phases_ms")
         for key in ("mean", "median", "iqr"):
@@ -285,6 +303,18 @@ def validate_report(doc: Any) -> None:
     _int(doc, "seed", "")
     _int(doc, "iters", "", minimum=1)
     _int(doc, "warmup", "", minimum=0)
+    if doc["mode"] not in MODES:
+        _fail("mode", f"expected one of {list(MODES)}, got {doc['mode']!r}")
+    if "phases_absent" in doc:
+        absent = _obj(doc, "phases_absent", "")
+        for phase, why in absent.items():
+            if phase not in PHASES[:-1]:
+                _fail(f"phases_absent.{phase}", f"expected a phase of {list(PHASES[:-1])}")
+            _str(absent, phase, "phases_absent")
+    if "compilation" in doc:
+        compilation = _obj(doc, "compilation", "")
+        _int(compilation, "compiles_in_warmup", "compilation", minimum=0)
+        _int(compilation, "compiles_measured", "compilation", minimum=0)
     if not isinstance(doc["sync"], bool):
         _fail("sync", f"expected a bool, got {_type_name(doc['sync'])} {doc['sync']!r}")
     _str_list(doc, "notes")
@@ -361,9 +391,9 @@ def _header(report: Mapping[str, Any]) -> Text:
     device = report.get("device", {})
     impls = report.get("impls", {})
     line = (f"{report.get('framework')} {report.get('framework_version')} on "
-            f"{device.get('name')} ({device.get('kind')}), model {report.get('model')}, batch "
-            f"{report.get('batch_size')}, conv={impls.get('conv')}, loss={impls.get('loss')}, "
-            f"sync={report.get('sync')}")
+            f"{device.get('name')} ({device.get('kind')}), model {report.get('model')}, "
+            f"{report.get('mode', 'eager')} mode, batch {report.get('batch_size')}, "
+            f"conv={impls.get('conv')}, loss={impls.get('loss')}, sync={report.get('sync')}")
     return Text(line, style="bold")
 
 
@@ -440,6 +470,21 @@ def _layer_table(report: Mapping[str, Any], top_n: int, title: str) -> Table:
     return table
 
 
+def _print_absent(console: Console, report: Mapping[str, Any], label: str = "") -> None:
+    """The phases this mode has no boundary for, and where their time is."""
+    for phase, why in report.get("phases_absent", {}).items():
+        console.print(Text(f"{label + ': ' if label else ''}{phase}: not measured: {why}",
+                           style="dim"))
+
+
+def _print_layers(console: Console, report: Mapping[str, Any], top_n: int, title: str) -> None:
+    if report["layers"]:
+        console.print(_layer_table(report, top_n, title))
+    else:
+        console.print(Text(f"{title}: none measured in {report.get('mode', 'eager')} mode "
+                           f"(report.json 'notes' say why)", style="dim"))
+
+
 def _print_errors(console: Console, report: Mapping[str, Any]) -> None:
     for message in report.get("errors", []):
         console.print(Text(f"error: {message}", style="red"))
@@ -469,9 +514,10 @@ def render_table(report_or_reports: Union[Mapping[str, Any], Sequence[Mapping[st
         _print_errors(console, report)
         if measured:
             console.print(_phase_table(report))
+            _print_absent(console, report)
             if "overhead_verdict" in report["instrumentation"]:
                 console.print(describe_overhead(report["instrumentation"]))
-            console.print(_layer_table(report, top_n, "Layers (ms per step)"))
+            _print_layers(console, report, top_n, "Layers (ms per step)")
         return
 
     for report in reports:
@@ -480,7 +526,8 @@ def render_table(report_or_reports: Union[Mapping[str, Any], Sequence[Mapping[st
     if measured:
         console.print(_merged_phase_table(measured))
         for label, report in zip(_labels(measured), measured):
-            console.print(_layer_table(report, top_n, f"Layers, {label} (ms per step)"))
+            _print_absent(console, report, label)
+            _print_layers(console, report, top_n, f"Layers, {label} (ms per step)")
 
 
 def render_comparison(lines: Sequence[str], console: Optional[Console] = None, *,

@@ -56,6 +56,9 @@ class UserTarget:
     def step(self, prof, batch):
         return self._step(prof, batch)
 
+    def compile_count(self) -> Optional[int]:
+        return None            # what a user's step compiles is not counted
+
 
 class WorkloadTarget:
     """A seed workload (profiler.workloads), the same in every framework. ``impls`` (e.g.
@@ -82,8 +85,18 @@ class WorkloadTarget:
         w = self.workload
         impls = {"conv": w.conv_impl,
                  "loss": w.loss_impl if w.is_pose else "framework cross-entropy"}
+        notes = list(SEED_NOTES)
+        if w.config.xla:
+            notes.append("XLA: the compiled step was built with jit_compile=True.")
         return RunDescription(w.config.model, w.config.batch_size, impls, w.config.workers,
-                              w.config.seed, list(SEED_NOTES))
+                              w.config.seed, notes, mode=w.mode, one_call=self._one_call)
+
+    @property
+    def _one_call(self) -> bool:
+        return tuple(self.workload.step_calls) == ("train_step",)
+
+    def compile_count(self) -> Optional[int]:
+        return self.workload.compile_count()
 
     def profiler(self, *, warmup: int, sync: bool) -> LayerProfiler:
         self.activate()                 # the report names the impls this target runs
@@ -113,6 +126,11 @@ class WorkloadTarget:
             return loss
         with prof.phase("h2d"):
             batch = w.to_device(batch)
+        if self._one_call:        # graph mode's one compiled call: no boundary inside it
+            with prof.phase("compiled_step"):
+                value = w.train_step(batch)
+            self.losses.append(value)
+            return value
         output = prof.mark_output(w.forward(batch))
         loss = w.loss_forward(output, batch)
         prof.boundary("backward_start")
@@ -152,8 +170,14 @@ def factory_targets(spec: str, framework: str, *, device: Optional[str] = None,
 def seed_targets(framework: str, config, *, compare: Optional[Tuple[str, List[str]]] = None
                  ) -> Dict[Optional[str], WorkloadTarget]:
     """The seed workload of ``framework`` and ``config``: {None: its target}, or with
-    ``compare`` (kind, impls) {impl: the workload's target with that impl}: the variants share
-    the one workload (its weights, data and optimizer state), switched before each step."""
+    ``compare`` (kind, impls) {impl: a target with that impl}. In eager mode the variants share
+    the one workload (its weights, data and optimizer state), switched before each step; in
+    graph mode each has a workload of its own, built from the same config (the same weights
+    and batches), so switching never throws away a compiled graph."""
+    if config is not None and config.mode == "graph" and compare:
+        kind, variants = compare
+        return {v: WorkloadTarget.build(framework, config.with_(**{f"{kind}_impl": v}))
+                for v in variants}
     seed = WorkloadTarget.build(framework, config)
     if not compare:
         return {None: seed}

@@ -17,17 +17,19 @@ from typing import List, Optional
 # The eight phases of a training step; their means add up to the mean step time.
 PHASES = ("data_wait", "h2d", "forward", "loss_forward", "loss_backward", "backward",
           "optimizer", "other")
-# Phases only some runs have, listed in a report only where measured: "communication", the
-# time a distributed step waits for its gradient all-reduce after the backward computation
-# is done (profiler.api with DistributedDataParallel). Shown before "other".
-OPTIONAL_PHASES = ("communication",)
+# Phases only some runs have, listed in a report only where measured, shown before "other":
+# - "communication": the time a distributed step waits for its gradient all-reduce after the
+#   backward computation is done (DistributedDataParallel);
+# - "compiled_step": a graph-mode step that is one call (TensorFlow's tf.function: forward,
+#   loss, backward and the optimizer's update inside it, none of them a phase of its own).
+OPTIONAL_PHASES = ("communication", "compiled_step")
 
 
 def phases_of(phases_ms) -> tuple:
-    """The phases a report's phases_ms holds, in display order: PHASES with any optional
-    phase it has before "other"."""
-    extra = tuple(p for p in OPTIONAL_PHASES if p in phases_ms)
-    return PHASES[:-1] + extra + PHASES[-1:]
+    """The phases ``phases_ms`` (a report's, or any collection of phase names) holds, in
+    display order: PHASES, any optional phase before "other"."""
+    order = PHASES[:-1] + OPTIONAL_PHASES + PHASES[-1:]
+    return tuple(p for p in order if p in phases_ms)
 
 
 @dataclass(frozen=True)

@@ -472,7 +472,8 @@ def good_report():
     sections = rep.from_phase_breakdown(phases.phase_breakdown(tl))
     return rep.build_report(
         framework="chainer", framework_version="7.8.1", device={"name": "cpu", "kind": "cpu"},
-        model="deeppose", batch_size=8, impls={"conv": "ours", "loss": "ours"}, workers=2,
+        model="deeppose", mode="eager", batch_size=8, impls={"conv": "ours", "loss": "ours"},
+        workers=2,
         seed=0, sync=False, iters=2, warmup=1,
         layers=rep.from_layer_breakdown(phases.layer_breakdown(tl)),
         instrumentation={"instrumented_step_ms_median": 100.0,
@@ -506,6 +507,14 @@ def test_good_report_passes_and_round_trips():
     (lambda d: d.update(threads={"requested": 2, "ignored": "blas"}),
      "report.threads.ignored"),
     (lambda d: d.update(threads=[2]), "report.threads: expected an object"),
+    (lambda d: d.update(mode="jit"), "report.mode: expected one of ['eager', 'graph']"),
+    (lambda d: d.pop("mode"), "report.mode: missing"),
+    (lambda d: d["phases_ms"].pop("backward"), "report.phases_ms.backward: missing"),
+    (lambda d: d.update(phases_absent={"backward": "inside"}),
+     "report.phases_ms.backward: present although phases_absent lists it"),
+    (lambda d: d.update(phases_absent={"other": "x"}), "report.phases_absent.other"),
+    (lambda d: d.update(compilation={"compiles_in_warmup": 1}),
+     "report.compilation.compiles_measured: missing"),
 ])
 def test_bad_reports_fail_naming_the_key(mutate, fragment):
     doc = good_report()
@@ -513,6 +522,22 @@ def test_bad_reports_fail_naming_the_key(mutate, fragment):
     with pytest.raises(ValueError) as err:
         rep.validate_report(doc)
     assert fragment in str(err.value)
+
+
+def test_a_graph_mode_report_lists_its_absent_phases_instead_of_zeros():
+    """A one-call compiled step: its phases are data_wait, h2d, compiled_step and other; the
+    others are listed with why, and the phases still add up to the step."""
+    doc = good_report()
+    phases_ms = doc["phases_ms"]
+    inner = ("forward", "loss_forward", "loss_backward", "backward", "optimizer")
+    phases_ms["compiled_step"] = {k: sum(phases_ms[p][k] for p in inner)
+                                  for k in ("mean", "median", "iqr")}
+    for phase in inner:
+        del phases_ms[phase]
+    doc.update(mode="graph", phases_absent={p: "inside the compiled step" for p in inner},
+               compilation={"compiles_in_warmup": 1, "compiles_measured": 0}, layers=[])
+    rep.validate_report(doc)
+    assert rep.phases_of(doc["phases_ms"]) == ("data_wait", "h2d", "compiled_step", "other")
 
 
 def test_threads_section_is_optional_and_checked_when_present():
