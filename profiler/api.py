@@ -46,20 +46,22 @@ def profile_training(model, loader: Iterable, loss_fn: Callable, optimizer, *,
                      framework: str = "torch", steps: int = 8, warmup: int = 2,
                      overhead_steps: Optional[int] = None, device: Optional[str] = None,
                      layers: LayerFilter = None, name: Optional[str] = None,
-                     sync: bool = False,
+                     sync: bool = False, mode: str = "eager",
                      progress: Optional[Callable[[int, int], None]] = None) -> Report:
     """Runs ``warmup + steps`` training steps of ``model`` on batches ``(inputs, targets)``
     from ``loader`` (cycled if it runs out), profiled, and ``overhead_steps`` (default
     ``steps``) uninstrumented steps for the overhead, alternating step by step
     (stats.overhead_schedule); returns the report. A run that fails half-way returns the
     report of the steps measured so far, its error in ``errors``; one that measured nothing
-    raises."""
+    raises. ``mode`` "graph": the framework's compiled mode (torch.compile, a hybridized
+    block, one tf.function for the step; Chainer has none): step and phase times, no
+    per-layer times, the compilation in the report's "compilation"."""
     for arg, value, least in (("steps", steps, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"profile_training: {arg}: expected an int >= {least}, got "
                              f"{value!r}")
     target = UserTarget(model, loader, loss_fn, optimizer, framework=framework, device=device,
-                        layers=layers, name=name)
+                        layers=layers, name=name, mode=mode)
     return engine.profile(target, steps=steps, warmup=warmup, overhead_steps=overhead_steps,
                           sync=sync, progress=progress, function="profile_training")
 
@@ -67,7 +69,7 @@ def profile_training(model, loader: Iterable, loss_fn: Callable, optimizer, *,
 def compare_training(builds: Dict[str, Dict[str, Any]], *, framework: str = "torch",
                      rounds: int = 5, steps_per_round: int = 2, warmup: int = 2,
                      device: Optional[str] = None, layers: LayerFilter = None,
-                     sync: bool = False,
+                     sync: bool = False, mode: str = "eager",
                      progress: Optional[Callable[[int, int], None]] = None) -> Comparison:
     """Variants of one training setup, profiled in interleaved rounds (profiler.engine.
     compare). ``builds`` maps each variant's name to what profile_training takes for it:
@@ -85,7 +87,7 @@ def compare_training(builds: Dict[str, Dict[str, Any]], *, framework: str = "tor
         _check_build(f"compare_training: builds[{variant!r}]", build)
     targets = {variant: UserTarget(build["model"], build["loader"], build["loss_fn"],
                                    build["optimizer"], framework=framework, device=device,
-                                   layers=layers, name=build.get("name"),
+                                   layers=layers, name=build.get("name"), mode=mode,
                                    function=f"compare_training: {variant}")
                for variant, build in builds.items()}
     return engine.compare(targets, rounds=rounds, steps_per_round=steps_per_round,

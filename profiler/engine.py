@@ -148,6 +148,10 @@ class _PhaseCursor:
         if earlier than now (never before the open phase began)."""
         now = self.recorder.now_ns() if at_ns is None else max(at_ns, self.since_ns)
         self.boundaries.append(event)
+        if event in ("backward_end", "communication_wait") and self.current == "loss_backward":
+            # No output gradient came (none marked, or none needed): the whole backward call
+            # is the backward phase.
+            self.current = "backward"
         self._close(now)
         self._open(_AFTER[event], now)
 

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--mode", default="eager", choices=MODES,
                       help="eager: op by op; graph: the framework's compiled mode, as its users "
                            "train (tf.function, hybridized Gluon, torch.compile; Chainer has "
-                           "none); seed workloads (docs/profiler.md, 'Modes')")
+                           "none): docs/profiler.md, 'Modes'")
     what.add_argument("--xla", action="store_true",
                       help="with --framework tensorflow --mode graph: jit_compile=True")
     seed = p.add_argument_group("seed workloads only")
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Options that shape a seed workload, with nothing to act on in a user's factory.
 _SEED_ONLY = ("batch_size", "conv_impl", "loss_impl", "workers", "data", "synthetic_size",
-              "seed", "python", "pyspy", "mode", "xla")
+              "seed", "python", "pyspy", "xla")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -314,7 +314,7 @@ def _targets(args) -> dict:
         wrap = distributed.data_parallel if args.rank is not None else None
         return targets.factory_targets(args.model, args.framework, compare=args.compare,
                                        device=None if args.device == "auto" else args.device,
-                                       wrap=wrap)
+                                       wrap=wrap, mode=args.mode)
     from profiler.workloads import WorkloadConfig
     config = WorkloadConfig(model=args.model, device=resolve_device(args.framework, args.device),
                             batch_size=args.batch_size, seed=args.seed, conv_impl=args.conv_impl,

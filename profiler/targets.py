@@ -32,20 +32,23 @@ class UserTarget:
     def __init__(self, model, loader: Iterable, loss_fn, optimizer, *,
                  framework: str = "torch", device: Optional[str] = None,
                  layers: LayerFilter = None, name: Optional[str] = None,
-                 function: str = "profile_training"):
+                 mode: str = "eager", function: str = "profile_training"):
         module = instruments.load(framework, function)
+        if mode not in ("eager", "graph"):
+            raise ValueError(f"{function}: mode: expected 'eager' or 'graph', got {mode!r}")
         self.framework = framework
+        self.mode = mode
         self.subject = module.UserModel(model, layer_filter(layers))
         self.events = module.PhaseEvents
         self.name = name or type(model).__name__
         self.loader = loader
         self.function = function
-        self._step = module.training_step(model, loss_fn, optimizer, device)
+        self._step = module.training_step(model, loss_fn, optimizer, device, mode)
 
     def profiler(self, *, warmup: int, sync: bool) -> LayerProfiler:
         return LayerProfiler.for_subject(
             self.subject, self.events, warmup=warmup, sync=sync,
-            description=RunDescription(self.name))
+            description=RunDescription(self.name, mode=self.mode))
 
     def batches(self, steps_needed: Optional[int] = None) -> Iterator:
         return cycle(self.loader, self.function)
@@ -146,7 +149,8 @@ class WorkloadTarget:
 
 def factory_targets(spec: str, framework: str, *, device: Optional[str] = None,
                     compare: Optional[Tuple[str, List[str]]] = None,
-                    wrap: Optional[Callable] = None) -> Dict[Optional[str], UserTarget]:
+                    wrap: Optional[Callable] = None,
+                    mode: str = "eager") -> Dict[Optional[str], UserTarget]:
     """The targets of a factory (profiler.api.load_factory's ``spec``): {None: its target},
     or with ``compare`` (KEY, variants) {variant: the target of factory(KEY=variant)}.
     ``wrap`` is applied to each model (DistributedDataParallel under torchrun). A factory that
@@ -162,7 +166,7 @@ def factory_targets(spec: str, framework: str, *, device: Optional[str] = None,
                              f"--framework is {framework!r}")
         if wrap is not None:
             built["model"] = wrap(built["model"])
-        targets[variant] = UserTarget(**built, framework=framework, device=device,
+        targets[variant] = UserTarget(**built, framework=framework, device=device, mode=mode,
                                       function=f"--model {spec}")
     return targets
 

@@ -229,6 +229,22 @@ def test_profile_training_measures_overhead_and_keeps_a_failed_run():
     assert not autograd.is_recording()   # the failed step's record scope was closed
 
 
+def test_profile_training_in_graph_mode_hybridizes_the_block():
+    """mode="graph": the block runs hybridized (static_alloc, static_shape); no layer hook
+    is installed (the instrument refuses hybridized blocks), the step's calls remain phases,
+    the loss backward is listed as absent (no marker on the output without the instrument)."""
+    model = tiny_net()
+    report = profile_training(model, batches(3), gluon.loss.SoftmaxCrossEntropyLoss(),
+                              sgd(model), framework="mxnet", steps=2, warmup=1,
+                              overhead_steps=1, mode="graph")
+    validate_report(report.doc)
+    assert model._active and report["mode"] == "graph" and report["errors"] == []
+    assert report["layers"] == [] and set(report["phases_absent"]) == {"loss_backward"}
+    for phase in ("forward", "loss_forward", "backward", "optimizer"):
+        assert report["phases_ms"][phase]["mean"] > 0, phase
+    assert hooks_removed()
+
+
 def test_layer_filter_by_names_and_callable():
     model = tiny_net()
     prof = LayerProfiler(model, framework="mxnet", layers=["conv", "head.0"])

@@ -439,3 +439,24 @@ def test_cli_profiles_a_keras_factory_from_a_file(tmp_path):
     assert [layer["name"] for layer in report["layers"]] == [
         "block1/conv", "block1/bn", "block2/conv", "block2/bn", "classifier"]
     assert all(layer["backward_ms"] > 0 for layer in report["layers"])
+
+
+def test_profile_training_in_graph_mode_times_one_compiled_call():
+    """mode="graph": the step is one tf.function; its time is the compiled_step phase, the
+    phases inside it are listed as absent with the reason, there is no layer table, and the
+    PhaseEvents are put back."""
+    before = optimizer_methods()
+    model = tiny_net()
+    x = np.random.default_rng(0).random((4, 8, 8, 3), np.float32)
+    y = np.arange(4) % 10
+    report = profile_training(model, [(x, y)] * 3,
+                              keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                              keras.optimizers.SGD(0.01), framework="tensorflow", steps=2,
+                              warmup=1, overhead_steps=1, mode="graph")
+    validate_report(report.doc)
+    assert report["errors"] == [] and report["mode"] == "graph" and report["layers"] == []
+    assert report["phases_ms"]["compiled_step"]["mean"] > 0
+    assert set(report["phases_absent"]) == {"forward", "loss_forward", "loss_backward",
+                                            "backward", "optimizer"}
+    assert all("inside the compiled step" in why for why in report["phases_absent"].values())
+    assert_restored(before)

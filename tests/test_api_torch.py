@@ -290,3 +290,19 @@ def test_close_gives_every_layer_its_own_forward_back():
             marked = prof.mark_output(model(x))
         prof.close()
     assert torch.equal(plain, marked)
+
+
+def test_profile_training_in_graph_mode_compiles_the_model_and_reports_no_layers():
+    """mode="graph": the model runs through torch.compile; the report is in graph mode, has
+    the step's phases (the loss backward split at the output's gradient, which a hook on the
+    output tensor still sees) and no layer table, and adds up."""
+    model = TinyNet()
+    report = profile_training(model, batches(4), torch.nn.functional.cross_entropy,
+                              torch.optim.SGD(model.parameters(), lr=0.01), steps=2, warmup=1,
+                              overhead_steps=1, mode="graph")
+    validate_report(report.doc)
+    assert report["errors"] == [] and report["mode"] == "graph"
+    assert report["layers"] == [] and report["phases_absent"] == {}
+    for phase in ("forward", "loss_forward", "loss_backward", "backward", "optimizer"):
+        assert report["phases_ms"][phase]["mean"] > 0, phase
+    assert any(n.startswith("Graph mode:") for n in report["notes"])

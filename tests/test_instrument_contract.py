@@ -75,7 +75,7 @@ class _Events:
         pass
 
 
-def _training_step(model, loss_fn, optimizer, device=None):
+def _training_step(model, loss_fn, optimizer, device=None, mode="eager"):
     return lambda prof, batch: None
 
 
@@ -102,7 +102,7 @@ def test_the_check_reads_kinds_signatures_and_the_framework_name():
     class Odd(_Hooks):
         kind = "sampling"
 
-    def step(model, loss_fn, optimizer):        # no device
+    def step(model, loss_fn, optimizer, device=None):        # no mode
         return None
 
     class Other(_UserModel):

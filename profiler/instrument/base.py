@@ -14,8 +14,9 @@ A framework's module holds four things:
   the thing it instruments). A seed workload (profiler.workloads) is a Subject too.
 - ``PhaseEvents``: the framework's own events at a step's phase boundaries (the backward call,
   the optimizer step), reported to the engine as they happen (:class:`PhaseEventSource`).
-- ``training_step(model, loss_fn, optimizer, device=None)``: the framework's common training
-  loop body for a user's model (:class:`TrainingStep`).
+- ``training_step(model, loss_fn, optimizer, device=None, mode="eager")``: the framework's
+  common training loop body for a user's model (:class:`TrainingStep`), in its eager or its
+  compiled ("graph") mode (a framework without one refuses "graph" with the reason).
 
 Layer ranges: the recorder's ``begin``/``end`` (or ``record``, for times taken elsewhere) with
 kind "layer", the layer's name from ``subject.named_layers()``, direction "forward" or
@@ -95,7 +96,7 @@ class NoPhaseEvents:
 
 
 class TrainingStep(Protocol):
-    """What ``training_step(model, loss_fn, optimizer, device=None)`` returns:
+    """What ``training_step(model, loss_fn, optimizer, device=None, mode="eager")`` returns:
     ``step(prof, batch)`` runs one training step on ``batch`` (inputs, targets); with ``prof``
     a LayerProfiler it marks the h2d phase and the model's output (``prof.mark_output``),
     with ``prof`` None it runs unprofiled. Returns the loss (the framework's value)."""
@@ -150,7 +151,7 @@ class InstrumentBase:
         return None
 
 
-_STEP_PARAMETERS = ("model", "loss_fn", "optimizer", "device")
+_STEP_PARAMETERS = ("model", "loss_fn", "optimizer", "device", "mode")
 
 
 def check_module(module: ModuleType) -> List[str]:
@@ -199,8 +200,9 @@ def check_module(module: ModuleType) -> List[str]:
         problems.append("training_step: expected a function")
     else:
         params = inspect.signature(step).parameters
-        if tuple(params) != _STEP_PARAMETERS or params["device"].default is not None:
+        if tuple(params) != _STEP_PARAMETERS or params["device"].default is not None \
+                or params["mode"].default != "eager":
             problems.append(f"training_step: expected training_step(model, loss_fn, "
-                            f"optimizer, device=None), got training_step"
+                            f"optimizer, device=None, mode='eager'), got training_step"
                             f"{inspect.signature(step)}")
     return problems

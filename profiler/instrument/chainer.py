@@ -458,7 +458,7 @@ def _is_example(value) -> bool:
     return isinstance(value, tuple)
 
 
-def training_step(model, loss_fn, optimizer, device=None):
+def training_step(model, loss_fn, optimizer, device=None, mode="eager"):
     """The common loop's step for profiler.api.profile_training: ``step(prof, batch)`` sends
     the batch to ``device`` (default: the model's; it must be the model's), runs the forward,
     the loss, ``model.cleargrads()``, ``loss.backward()`` and ``optimizer.update()``; ``prof``
@@ -470,6 +470,9 @@ def training_step(model, loss_fn, optimizer, device=None):
     if not isinstance(model, chainer.Link):
         raise TypeError(f"profile_training: model: expected a chainer.Link, got "
                         f"{type(model).__name__}")
+    if mode == "graph":
+        raise ValueError("profile_training: mode: 'graph' is not available for chainer: "
+                         "Chainer runs define-by-run Python only and has no graph compiler")
     if not callable(loss_fn):
         raise TypeError(f"profile_training: loss_fn: expected a callable (output, target) -> "
                         f"loss Variable, got {type(loss_fn).__name__}")

@@ -605,14 +605,15 @@ class PhaseEvents:
         _wrap_phase_calls()
 
 
-def training_step(model, loss_fn, optimizer, device=None):
+def training_step(model, loss_fn, optimizer, device=None, mode="eager"):
     """The common loop's step for profiler.api.profile_training, Gluon's own loop:
     ``step(prof, (x, t))`` copies the batch to ``device`` (default: the model's context; it
     must be the model's), runs ``out = model(x); loss = loss_fn(out, t)`` under
     ``autograd.record()`` (the output marked inside it, so the loss phases split there),
     ``loss.backward()`` and ``trainer.step(batch_size)`` (Gluon's losses are per sample and
     backward sums them; the Trainer divides by the batch size); ``prof`` None runs it
-    unprofiled."""
+    unprofiled. ``mode`` "graph": the model runs hybridized (``static_alloc``,
+    ``static_shape``: hybridized here, on the caller's block, unless it already is)."""
     if not isinstance(model, mx.gluon.Block):
         raise TypeError(f"profile_training: model: expected a mxnet.gluon.Block, got "
                         f"{type(model).__name__}")
@@ -629,6 +630,11 @@ def training_step(model, loss_fn, optimizer, device=None):
         raise ValueError("profile_training: optimizer: expected a gluon.Trainer over the "
                          "model's parameters (gluon.Trainer(model.collect_params(), ...)), "
                          "got one holding none of them")
+    if mode == "graph" and not getattr(model, "_active", False):
+        if not isinstance(model, mx.gluon.HybridBlock):
+            raise TypeError(f"profile_training: model: graph mode hybridizes the model; "
+                            f"expected a mxnet.gluon.HybridBlock, got {type(model).__name__}")
+        model.hybridize(static_alloc=True, static_shape=True)   # Gluon's compiled mode
     model_ctx = _model_context(model, "profile_training")
     ctx = model_ctx if device is None else _resolve_context(device)
     if ctx != model_ctx:

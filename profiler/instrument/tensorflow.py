@@ -576,7 +576,7 @@ _SCALAR_HINT = ("a scalar (Keras' loss objects, e.g. keras.losses.SparseCategori
                 "keras.losses.sparse_categorical_crossentropy, return one loss per sample)")
 
 
-def training_step(model, loss_fn, optimizer, device=None):
+def training_step(model, loss_fn, optimizer, device=None, mode="eager"):
     """The common loop's step for profiler.api.profile_training, Keras' own custom-loop
     recipe: ``step(prof, batch)`` takes ``(x, y)`` or ``(x, y, sample_weight)`` (tensors or
     NumPy arrays; tf.data yields such tuples), puts them on ``device`` (default: where the
@@ -590,8 +590,9 @@ def training_step(model, loss_fn, optimizer, device=None):
 
     ``loss_fn`` takes Keras' argument order (y_true, y_pred), as every keras.losses object
     does, and must return a scalar; ``model.losses`` (regularisation) is added as Keras' fit
-    adds it. The trainable variables are read once, here. Eager (see UserModel); ``prof``
-    None runs the step unprofiled."""
+    adds it. The trainable variables are read once, here. ``prof`` None runs the step
+    unprofiled. ``mode`` "graph": the same step (less ``mark_output``) in one ``tf.function``,
+    as Keras' fit compiles it; the profiler times that call as the compiled_step phase."""
     if not isinstance(model, keras.Model):
         raise TypeError(f"profile_training: model: expected a keras.Model, got "
                         f"{type(model).__module__}.{type(model).__name__}")
@@ -628,6 +629,40 @@ def training_step(model, loss_fn, optimizer, device=None):
                 lambda a: tf.identity(a) if where == "cuda" else tf.convert_to_tensor(a), b)
                 for b in batch)
 
+    def compute(x, rest, prof):
+        with tf.GradientTape() as tape:
+            out = model(x, training=True)
+            if prof is not None:
+                out = prof.mark_output(out)
+            loss = loss_fn(*rest[:1], out, *rest[1:])
+            if getattr(loss, "shape", None) is None or loss.shape.rank != 0:
+                raise ValueError(f"profile_training: loss_fn: expected {_SCALAR_HINT}, "
+                                 f"got {type(loss).__name__} of shape "
+                                 f"{getattr(loss, 'shape', None)}")
+            if model.losses:
+                loss = loss + tf.add_n(model.losses)
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss
+
+    # reduce_retracing: a last, smaller batch traces once more, then shapes generalise.
+    compiled = tf.function(lambda x, *rest: compute(x, rest, None), reduce_retracing=True)
+
+    def graph_step(prof, batch):
+        if prof is None:
+            x, *rest = to_device(batch)
+            with tf.device(tf_device):
+                return compiled(x, *rest)
+        with prof.phase("h2d"):
+            x, *rest = to_device(batch)
+        with prof.phase("compiled_step"), tf.device(tf_device):
+            loss = compiled(x, *rest)
+            loss.numpy()          # the call returns before its work is done on a GPU
+        return loss
+
+    if mode == "graph":
+        return graph_step
+
     def step(prof, batch):
         if prof is None:
             x, *rest = to_device(batch)
@@ -635,19 +670,6 @@ def training_step(model, loss_fn, optimizer, device=None):
             with prof.phase("h2d"):
                 x, *rest = to_device(batch)
         with tf.device(tf_device):
-            with tf.GradientTape() as tape:
-                out = model(x, training=True)
-                if prof is not None:
-                    out = prof.mark_output(out)
-                loss = loss_fn(*rest[:1], out, *rest[1:])
-                if getattr(loss, "shape", None) is None or loss.shape.rank != 0:
-                    raise ValueError(f"profile_training: loss_fn: expected {_SCALAR_HINT}, "
-                                     f"got {type(loss).__name__} of shape "
-                                     f"{getattr(loss, 'shape', None)}")
-                if model.losses:
-                    loss = loss + tf.add_n(model.losses)
-            grads = tape.gradient(loss, variables)
-            optimizer.apply_gradients(zip(grads, variables))
-        return loss
+            return compute(x, rest, prof)
 
     return step

@@ -315,11 +315,13 @@ class PhaseEvents:
         self._handles = []
 
 
-def training_step(model, loss_fn, optimizer, device=None):
+def training_step(model, loss_fn, optimizer, device=None, mode="eager"):
     """The common loop's step for profiler.api.profile_training: ``step(prof, (x, t))`` moves
     the batch to ``device`` (default: the model's), runs forward, loss, backward and the
     optimizer, then clears the gradients (counted as 'other'); ``prof`` None runs it
-    unprofiled."""
+    unprofiled. ``mode`` "graph": the model's forward (and, through AOTAutograd, its
+    backward) runs through ``torch.compile`` (the model as given if it already is a compiled
+    module); the loss and the optimizer stay eager."""
     if not callable(loss_fn):
         raise TypeError(f"profile_training: loss_fn: expected a callable (output, target) -> "
                         f"loss, got {type(loss_fn).__name__}")
@@ -329,6 +331,8 @@ def training_step(model, loss_fn, optimizer, device=None):
     params = list(model.parameters())
     target = torch.device(device) if device else (params[0].device if params
                                                    else torch.device("cpu"))
+    if mode == "graph" and not isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = torch.compile(model)
 
     def to_device(batch):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
