@@ -4,7 +4,8 @@ training as PyTorch exactly, shown in float64 where float32 rounding cannot hide
 pre-activation within rounding of 0 can take the other side of a ReLU); the Trainer's momentum
 across learning-rate changes and weight imports; weight decay on the weights only; batch norm's
 biased running variance, updated in the backward pass; the recording scope from forward to
-loss_forward; hybridization; the DataLoader's worker batches in shared memory; and that the
+loss_forward; hybridization, and graph mode's (what it counts as a compile, the native impls
+inside its graph); the DataLoader's worker batches in shared memory; and that the
 MXNet 1.9.1 hazards the adapter handles (oneDNN's in-place weight reorder in inference, the
 kernel conv impl's backward and the optimizer's queued update, queued Python work at exit: see
 ops/mxnet/loader.py and tests/test_mxnet_hazards.py) stay handled in the workloads, which keep
@@ -214,6 +215,76 @@ def test_hybridized_network_matches_imperative():
     hybrid_after, imperative_after = hybrid.export_weights(), imperative.export_weights()
     for name, value in imperative_after.items():
         assert rel_diff(hybrid_after[name], value) < 1e-5, name
+
+
+def test_graph_mode_counts_each_new_input_shape_as_a_compile():
+    """Graph mode builds the network's cached graph at the first step and reuses it; a predict
+    on another batch size makes MXNet infer the graph's shapes and plan its memory again
+    (static_shape), and so does the next training step, back at its own size: each is counted,
+    so a retrace is visible. Inference at the training size is not a new shape. The outputs
+    are eager's, and set_impls and a cast drop the graph (rebuilt, counted), the flags
+    kept."""
+    graph = build_workload("mxnet", model="resnet20", mode="graph", **SMALL)
+    eager = build_workload("mxnet", model="resnet20", **SMALL)
+    assert graph.net._active and not eager.net._active
+    assert graph.compile_count() == 0 and eager.compile_count() == 0
+    batches = [eager.to_device(b) for b, _ in zip(eager.make_loader(), range(2))]
+    x2, x4 = (np.random.default_rng(n).random((n, 3, 32, 32), np.float32) for n in (2, 4))
+    counts = []
+
+    def note(what, value=None):
+        counts.append((what, graph.compile_count()))
+        return value
+
+    expected_x2 = eager.predict(x2)
+    note("step 1", graph.train_step(batches[0]))
+    note("step 2", graph.train_step(batches[1]))
+    note("predict 2", graph.predict(x2))
+    note("predict 2 again", graph.predict(x2))
+    note("step 3", graph.train_step(batches[0]))
+    note("predict 4", graph.predict(x4))
+    graph.import_weights(spec.initial_weights("resnet20"))
+    assert rel_diff(note("predict 2, eager's weights", graph.predict(x2)), expected_x2) < 1e-5
+    graph.set_impls(conv="framework")
+    assert graph.net._active and dict(graph.net._flags)["static_shape"]
+    note("set_impls, predict 2", graph.predict(x2))
+    graph.net.cast("float64")
+    note("cast, step 4", graph.train_step((batches[1][0].astype("float64"), batches[1][1])))
+    assert counts == [("step 1", 1), ("step 2", 1), ("predict 2", 2), ("predict 2 again", 2),
+                      ("step 3", 3), ("predict 4", 3), ("predict 2, eager's weights", 4),
+                      ("set_impls, predict 2", 5), ("cast, step 4", 6)], counts
+    assert eager.compile_count() == 0
+
+
+@pytest.mark.parametrize("model", ["resnet20", "deeppose"])
+def test_graph_mode_native_impls_train_as_the_framework_conv(model):
+    """In graph mode the native conv is an operator inside the cached graph (the native loss
+    runs after it, as every loss): from the same weights, in float64, two steps of the graph
+    with native convolutions (and DeepPose's native loss) are those of the graph with MXNet's,
+    to the float64 tolerances above. The native workload switches after its float32 graph was
+    built and used, so the switch re-hybridizes and the cast rebuilds the graph in float64."""
+    framework = build_workload("mxnet", model=model, mode="graph", **SMALL)
+    native = build_workload("mxnet", model=model, mode="graph", **SMALL)
+    x = np.random.default_rng(5).random(
+        (2, 3) + ((220, 220) if model == "deeppose" else (32, 32)), np.float32)
+    native.predict(x)                                  # the framework conv's graph, float32
+    native.set_impls(conv="native", loss="native" if model == "deeppose" else None)
+    weights = perturbed_weights(model)
+    for workload in (framework, native):
+        workload.net.cast("float64")
+        workload.import_weights(weights)
+    batches = [tuple(a.astype("float64") if a.dtype == np.float32 else a for a in batch)
+               for batch, _ in zip(framework.make_loader(), range(2))]
+    for step, batch in enumerate(batches):
+        expected = framework.train_step(framework.to_device(batch))
+        assert native.train_step(native.to_device(batch)) == pytest.approx(expected, rel=1e-6)
+        after, expected_after = native.export_weights(), framework.export_weights()
+        for name, value in expected_after.items():
+            assert rel_diff(after[name] - weights[name], value - weights[name]) < 2e-6, \
+                f"step {step + 1} {name}"
+    graph_json = native.net._cached_graph[1].tojson()
+    assert "deepprof_conv2d" in graph_json and "Convolution" not in graph_json
+    assert native.compile_count() == 2 and framework.compile_count() == 1
 
 
 def test_predict_leaves_the_weights_in_the_plain_layout():

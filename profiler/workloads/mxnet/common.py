@@ -1,6 +1,28 @@
 """What both MXNet/Gluon workloads share: context, seeding, Gluon's DataLoader over the shared
 sample plan, the Trainer's SGD with momentum and weight decay, the autograd recording scope of a
-step, and the canonical weight mapping.
+step, the canonical weight mapping, and the two modes.
+
+Modes (base.py):
+
+- Eager (``config.mode == "eager"``): the network runs imperatively, block by block, every
+  operator dispatched from Python; Gluon calls each block's forward hooks, which the profiler's
+  layer ranges need.
+- Graph (``"graph"``), as Gluon and Keras-MXNet users train: the network is hybridized with
+  :data:`HYBRIDIZE_FLAGS` (``static_alloc``, ``static_shape``). At its first call Gluon traces
+  ``hybrid_forward`` with Symbols into one graph and makes a CachedOp of it, which MXNet runs,
+  and whose gradient graph the backward runs, with memory planned and operator executors made
+  once per input shape. Only the network is compiled: the loss, the ``backward`` call and the
+  Trainer stay as in eager, so a step is still the four calls of base.STEP_CALLS. No block's
+  hook fires inside the graph (the profiler's MXNet instrument refuses a hybridized network;
+  its engine installs no layer hooks in graph mode). Our ``native`` conv is an MXNet operator
+  and runs in the graph (the ``native`` loss is outside it, as every loss); the ``kernel``
+  impls are refused (base). ``set_impls`` clears the cached graphs and hybridizes again with
+  the same flags. ``predict`` runs the same hybridized network in inference mode.
+  ``compile_count()`` counts the graphs Gluon built (the first call; again after ``set_impls``
+  or ``net.cast``, which drop them) and the calls whose input shapes or dtypes differ from the
+  previous call's (MXNet then infers the graph's shapes and types again and plans its memory
+  anew: a retrace, visible). On a GPU the same code runs the graph on ``mx.gpu(0)``: written,
+  unverified there.
 
 Weight mapping: a layer's canonical name is the path of attribute names from the network to
 its block, joined by "." (as PyTorch's module names), a parameter's the layer name plus the
@@ -25,7 +47,12 @@ frameworks' steps agree to 3e-7: tests/test_workloads_mxnet.py).
 MXNet 1.9.1's hazards (the kernel conv impl's backward and the optimizer's update waiting on
 each other, oneDNN's in-place reorder of convolution weights in inference, queued Python work
 at interpreter exit) are handled by the adapter, ops.mxnet (documented in ops/mxnet/loader.py),
-for this workload as for any other user of it.
+for this workload as for any other user of it. A graph-mode ``predict`` leaves the convolution
+weights in oneDNN's layout (the graph runs MXNet's convolution without calling the layer that
+would put them back) until the next training step's convolution reorders them; nothing here
+needs them plain meanwhile: ``set_data`` takes an NDArray source (``import_weights``),
+``asnumpy`` converts (``export_weights``), and a switch to ``native`` puts them back (the
+adapter's Conv2D).
 """
 
 from __future__ import annotations
@@ -45,6 +72,10 @@ from ops.mxnet.loader import unavailable_impls
 from .. import spec
 from ..base import WorkloadBase
 
+# Graph mode's hybridization, as Gluon users train (and profiler.api's graph mode hybridizes a
+# user's own model): memory and operator executors planned once per input shape, not per call.
+HYBRIDIZE_FLAGS = dict(static_alloc=True, static_shape=True)
+
 
 def batch_norm(channels: int, prefix: str) -> gluon.nn.BatchNorm:
     """Gluon BatchNorm with the shared epsilon and running-average decay (MXNet's momentum is
@@ -62,12 +93,49 @@ def named_blocks(block: gluon.Block, name: str = "") -> Iterator[Tuple[str, gluo
         yield from named_blocks(child, f"{name}.{child_name}" if name else child_name)
 
 
+class CompileCounter:
+    """Counts the compiles of one hybridized block (the network): each cached graph Gluon
+    builds (``HybridBlock._build_cache``, which traces ``hybrid_forward`` and makes the
+    CachedOp: MXNet 1.9.1's gluon/block.py), and each call whose inputs' shapes or dtypes differ
+    from the previous call's, for which the CachedOp infers shapes and types again and plans
+    its memory anew (MXNet's CachedOp::SetForwardGraph). Installed on the block instance,
+    wrapping its two methods; the block's class and other instances are untouched."""
+
+    def __init__(self, block: gluon.HybridBlock):
+        self.count = 0
+        self._signature = None   # the inputs of the last call of the cached graph
+        build_cache, call_cached_op = block._build_cache, block._call_cached_op
+
+        def counting_build_cache(*args):
+            self.count += 1
+            self._signature = _input_signature(args)
+            return build_cache(*args)
+
+        def counting_call_cached_op(*args):
+            signature = _input_signature(args)
+            # No graph yet: the build counts itself (call_cached_op builds it).
+            if block._cached_op is not None and signature != self._signature:
+                self.count += 1
+            self._signature = signature
+            return call_cached_op(*args)
+
+        block._build_cache = counting_build_cache
+        block._call_cached_op = counting_call_cached_op
+
+
+def _input_signature(args) -> tuple:
+    """What of a call's inputs the CachedOp's shape and type inference see."""
+    return tuple((a.shape, np.dtype(a.dtype).name) if isinstance(a, mx.nd.NDArray) else None
+                 for a in args)
+
+
 class MXNetWorkload(WorkloadBase):
     """The MXNet/Gluon half of the workload interface (see profiler.workloads.base); the model
     file supplies ``build_network()`` and ``compute_loss``.
 
-    The network runs imperatively (not hybridized), so Gluon's per-block forward hooks fire;
-    ``self.net.hybridize()`` still works (``set_impls`` rebuilds the cached graphs)."""
+    Eager mode runs the network imperatively, so Gluon's per-block forward hooks fire; graph
+    mode hybridizes it (module docstring). In eager mode ``self.net.hybridize()`` still works
+    (``set_impls`` rebuilds the cached graphs)."""
 
     framework = "mxnet"
     # MXNet's CPU batch norm (and its own CUDA kernel) updates running_var with the biased
@@ -88,6 +156,9 @@ class MXNetWorkload(WorkloadBase):
         self.net.initialize(mx.init.Zero(), ctx=self.ctx)
         self._tensors = self._canonical_tensors()
         self.import_weights(spec.initial_weights(config.model, config.seed))
+        # Before set_impls, which (through impls_changed) hybridizes in graph mode; nothing is
+        # built until the first call.
+        self._compiles = CompileCounter(self.net) if config.mode == "graph" else None
         self.set_impls(conv=config.conv_impl, loss=config.loss_impl)
         self.trainer = self._make_trainer(spec.LEARNING_RATE)
 
@@ -112,6 +183,16 @@ class MXNetWorkload(WorkloadBase):
         for _, block in named_blocks(self.net):
             if isinstance(block, gluon.HybridBlock):
                 block._clear_cached_op()
+        if self.mode == "graph":
+            # The first call builds the graph anew, with the new convolutions, under the same
+            # flags: hybridize sets them on every block (and clears again, harmlessly).
+            self.net.hybridize(True, **HYBRIDIZE_FLAGS)
+
+    def compile_count(self) -> int:
+        """Graph mode: cached graphs Gluon built for the network since the workload was
+        built, plus calls with new input shapes or dtypes (:class:`CompileCounter`); 0 before
+        the first step, and in eager mode."""
+        return self._compiles.count if self._compiles is not None else 0
 
     # -- weights ---------------------------------------------------------------------------
     def _canonical_tensors(self) -> "OrderedDict[str, gluon.Parameter]":
@@ -244,9 +325,15 @@ class MXNetWorkload(WorkloadBase):
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Eval-mode output (batch norm's running statistics, no dropout) for NCHW float32
-        ``images``."""
+        ``images``; in graph mode through the hybridized network."""
         self._end_record()
         x = mx.nd.array(np.ascontiguousarray(images, np.float32), ctx=self.ctx,
                         dtype=np.float32)
+        # Graph mode predicts through the training step's graph, as a Gluon user of a
+        # hybridized network does: the compiled network is what graph mode measures, and
+        # running the blocks imperatively instead would mean hybridize(False) and back, which
+        # either drops the training graph (a rebuild per predict) or flips Gluon's flags on
+        # every block. The price, under static_shape: another batch size than training's
+        # replans the graph, and so does the next training step (compile_count shows both).
         with autograd.pause(train_mode=False):
             return self.net(x).asnumpy()
