@@ -409,7 +409,9 @@ class LayerProfiler:
         d = self.description
         # A seed workload's notes say what its phases are; a user's model gets this sentence.
         whose = "Phases" if d.notes else f"User model {d.model}: phases"
-        notes = list(self.instrument.notes) + list(d.notes) + [
+        # The layer instrument's notes say what its ranges mean; in graph mode it never ran.
+        instrument_notes = list(self.instrument.notes) if self.mode == "eager" else []
+        notes = instrument_notes + list(d.notes) + [
             f"{whose} from the step's boundaries (mark_output, the backward call, the "
             f"output's gradient, the optimizer step) and phases marked by hand "
             f"({', '.join(sorted(self.cursor.manual)) or 'none'}); 'other' is the rest."]

@@ -88,7 +88,9 @@ class WorkloadTarget:
         w = self.workload
         impls = {"conv": w.conv_impl,
                  "loss": w.loss_impl if w.is_pose else "framework cross-entropy"}
-        notes = list(SEED_NOTES)
+        notes = list(SEED_NOTES[:1]) + (["In graph mode this step is one compiled call, the "
+                                         "compiled_step phase."] if self._one_call
+                                        else list(SEED_NOTES[1:]))
         if w.config.xla:
             notes.append("XLA: the compiled step was built with jit_compile=True.")
         return RunDescription(w.config.model, w.config.batch_size, impls, w.config.workers,
