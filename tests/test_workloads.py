@@ -205,6 +205,11 @@ def _chainer_to_float64(net) -> None:
 #   (conv0's update 3.3x beyond it after one step, 10x after two, on a Xeon with AVX-512,
 #   2026-12-05; OPENBLAS_CORETYPE=Haswell on the same machine: within it).
 FLOAT64_RUNS = {"mxnet", "chainer"}
+# In graph mode also PyTorch: Inductor's fused float32 batch norm sums its statistics in
+# float32 (eager's CPU kernel in double), about 3x eager's rounding, which flipped a ReLU input
+# of stage2.block1.bn1 (+1.67e-6 exact, -6.9e-7 compiled) and moved upstream gradients by 1-3%
+# (2026-12-05); in float64 the compiled step matches.
+GRAPH_FLOAT64_RUNS = {"torch"}
 
 
 def batch_norm_count(bn: str, batch_size: int) -> int:
@@ -341,7 +346,7 @@ def test_graph_mode_trains_as_the_eager_reference(framework, model, steps):
     (a framework's ResNet step in float64 where its eager one is, FLOAT64_RUNS)."""
     graph_mode_available(framework)
     _, start, torch_losses, torch_after = run_steps("torch", model, steps, float64=True)
-    float32 = not (framework in FLOAT64_RUNS and model != "deeppose")
+    float32 = not (framework in FLOAT64_RUNS | GRAPH_FLOAT64_RUNS and model != "deeppose")
     workload, _, losses, after = run_steps(framework, model, steps, float64=not float32,
                                            mode="graph")
     assert workload.mode == "graph"

@@ -116,6 +116,7 @@ class ChainerWorkload(WorkloadBase):
     framework = "chainer"
     # Chainer's running variance takes the unbiased batch variance (m / (m - 1)), as PyTorch's.
     bn_running_var_unbiased = True
+    no_graph_mode = "Chainer runs define-by-run Python only; it has no graph compiler"
 
     def __init__(self, config):
         super().__init__(config)
