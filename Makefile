@@ -83,8 +83,10 @@ test-numpy2: setup $(NUMPY2_STAMP)
 bench: setup
 	$(PY) -m experiments.bench_kernels --rounds 15 --out runs/bench_kernels.json
 
-## experiments: every study of experiments/ at the quick scale (about 30 minutes on 2 cores),
-## then runs/experiments/REPORT.md; each study is also `python -m experiments.<study>`
+## experiments: every study of experiments/ at the quick scale, each in its default --mode
+## (resnet_depth, swap, parity: eager and graph; about 32 minutes on 2 cores), then
+## runs/experiments/REPORT.md with Tables A and B; each study is also
+## `python -m experiments.<study>`
 EXPERIMENTS := parity resnet_depth deeppose_loss swap data_loading
 # A study that fails still leaves its result.json (the report lists it); make fails at the end.
 experiments: setup

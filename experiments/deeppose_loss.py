@@ -10,6 +10,18 @@ native: our kernel registered as a framework op) rotate within interleaved round
 workload; instrumented steps give the loss-backward phase and the whole step. Part 2: the
 forward + backward time (no optimizer, no data loading) at batch 1, 2, 4, ... repeated in
 rounds alternating PyTorch and Chainer, mean and spread, as the original plot.
+
+Execution modes (--mode, default eager: the published DeepPose comparison ran PyTorch and
+Chainer eager, the H1 claims are about the loss-backward phase, which eager mode separates in
+every framework, and graph mode here costs a compilation per loss impl and, for the curve, per
+batch size): each part runs once per mode, the frameworks of that mode together. In graph mode
+each loss impl has a workload of its own (switching impls would recompile a TensorFlow or MXNet
+graph every round) and ``kernel`` is refused (Python glue cannot run in a compiled graph).
+Where a graph-mode step has no loss-backward phase of its own (TensorFlow's step is one call;
+MXNet's hybridized backward gives no hook; PyTorch's eager loss after its compiled network
+keeps it), H1 judges the whole step only, saying so. The curve needs the forward and backward
+as separate calls, which TensorFlow's one-call graph step has none of (said in the result, not
+run); Chainer has no graph mode (skipped, the reason noted).
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ import sys
 from typing import Dict, List, Optional
 
 from experiments import study
-from experiments.workers import Cell, Pool, interleaved_rounds, round_values
+from experiments.workers import ONE_CALL, Cell, Pool, interleaved_rounds, round_values
 from profiler.analysis.stats import bootstrap_diff_ci, iqr, median
 
 STUDY = "deeppose_loss"
@@ -33,13 +45,14 @@ QUICK = dict(h1_batch=8, h1_rounds=6, h1_steps=1, h1_warmup=2, curve_max_n=7,
              curve_rounds=3, curve_warmup=2, train_size=64)
 FULL = dict(h1_batch=32, h1_rounds=20, h1_steps=3, h1_warmup=3, curve_max_n=8,
             curve_rounds=100, curve_warmup=3, train_size=None)
+# The first graph-mode step compiles; the warm-ups above (>= 2) leave it out of the rounds.
 
 
 def parse_args(argv: Optional[List[str]] = None):
     parser = argparse.ArgumentParser(prog=f"python -m experiments.{STUDY}",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    study.add_common_arguments(parser, STUDY)
+    study.add_common_arguments(parser, STUDY, default_mode="eager")
     parser.add_argument("--h1-rounds", type=study.positive_int,
                         help="override the scale's rounds of the impl comparison")
     parser.add_argument("--h1-batch", type=study.positive_int,
@@ -62,7 +75,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     settings.update(frameworks=args.frameworks_list, threads=args.threads, device=args.device,
-                    impls=list(IMPLS))
+                    impls=list(IMPLS), mode=args.mode,
+                    modes=study.modes_for(args.mode, args.frameworks_list))
     departures = [
         f"H1 times {settings['h1_rounds']} rounds x {settings['h1_steps']} instrumented "
         f"step(s) per impl at batch {settings['h1_batch']} instead of 100 training epochs",
@@ -78,128 +92,187 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run(args, settings, result: study.Result) -> None:
     frameworks = args.frameworks_list
+    plan = study.ModePlan(args.mode, frameworks)
     with Pool(frameworks, threads=args.threads, device=args.device, log_dir=result.out) as pool:
         for framework in frameworks:
             result.record_worker(framework, pool.hello[framework])
-        h1 = run_h1(pool, frameworks, settings, result)
-        analyse_h1(args, settings, result, h1)
+        # One mode at a time, its frameworks together (H1 compares impls within a framework
+        # and mode); each mode's workloads are dropped before the next builds its own.
+        for mode in study.EXEC_MODES:
+            in_mode = [f for f in frameworks if plan.runs(f, mode)]
+            if not in_mode:
+                continue
+            h1 = run_h1(pool, in_mode, settings, result, plan, mode)
+            if h1:
+                analyse_h1(args, settings, result, h1, mode)
         # The curve needs PyTorch and Chainer only: free the others' memory first.
         for framework in frameworks:
             if framework not in CURVE_FRAMEWORKS:
                 pool.stop(framework)
-            else:
-                pool.use(framework).call("drop", name="h1")
-        curve_fws = [f for f in CURVE_FRAMEWORKS if f in frameworks]
-        if curve_fws:
-            curve = run_curve(pool, curve_fws, settings, result)
-            analyse_curve(args, settings, result, curve, curve_fws)
+        for mode in study.EXEC_MODES:
+            curve_fws = [f for f in CURVE_FRAMEWORKS if f in frameworks and plan.runs(f, mode)]
+            if curve_fws:
+                curve, curve_fws = run_curve(pool, curve_fws, settings, result, plan, mode)
+                if curve_fws:
+                    analyse_curve(args, settings, result, curve, curve_fws, mode)
         result.doc["settings"]["handoff_settle"] = pool.settle_summary()
         result.doc["machine"]["worker_peak_rss_mib"] = pool.peak_rss_mib()
         result.save()
 
 
-def run_h1(pool: Pool, frameworks, settings, result) -> Dict[str, Dict[str, list]]:
+def run_h1(pool: Pool, frameworks, settings, result, plan: study.ModePlan, mode: str
+           ) -> Dict[str, Dict[str, list]]:
+    """H1's rounds in ``mode``: {framework: {impl: answers}} for the frameworks that run it.
+    Eager: one workload, the impl switched before each visit; graph: one workload per impl
+    (built with it), so no round recompiles."""
     batch = settings["h1_batch"]
-    steps_needed = settings["h1_warmup"] * len(IMPLS) + settings["h1_rounds"] * settings[
-        "h1_steps"] * len(IMPLS) + 1
-    cells, warmups, skipped = {}, {}, {}
+    graph = mode == "graph"
+    per_workload = 1 if graph else len(IMPLS)
+    steps_needed = (settings["h1_warmup"] + settings["h1_rounds"] * settings["h1_steps"]) * \
+        per_workload + 1
+    config = {"model": "deeppose", "batch_size": batch, "mode": mode,
+              "train_size": settings["train_size"],
+              "test_size": batch if settings["train_size"] else None}
+    cells, warmups, skipped, names = {}, {}, {}, {}
     for framework in frameworks:
         worker = pool.use(framework)
-        study.progress(f"{STUDY}: {framework}: build DeepPose at batch {batch}")
-        built = worker.call("build", name="h1", steps_needed=steps_needed, config={
-            "model": "deeppose", "batch_size": batch, "train_size": settings["train_size"],
-            "test_size": batch if settings["train_size"] else None})
+        study.progress(f"{STUDY}: {framework} {mode}: build DeepPose at batch {batch}")
+        first = f"h1/{mode}/autograd" if graph else f"h1/{mode}"
+        built = plan.build(worker, result, name=first, steps_needed=steps_needed,
+                           config={**config, "loss_impl": "autograd"})
+        if built is None:
+            continue
         unavailable = built["unavailable"]["loss"]
         skipped[framework] = unavailable
         impls = [i for i in IMPLS if i not in unavailable]
-        cells[framework] = [Cell(i, "h1", {"loss": i}) for i in impls]
+        names[framework] = {i: f"h1/{mode}/{i}" if graph else first for i in impls}
+        cells[framework] = [Cell(i, names[framework][i], None if graph else {"loss": i})
+                            for i in impls]
         warmups[framework] = {}
         for impl in impls:
-            worker.call("set_impls", name="h1", loss=impl)
-            warmups[framework][impl] = worker.call("steps", name="h1", n=settings["h1_warmup"],
+            if graph and impl != "autograd":
+                worker.call("build", name=names[framework][impl], steps_needed=steps_needed,
+                            config={**config, "loss_impl": impl})
+            elif not graph:
+                worker.call("set_impls", name=first, loss=impl)
+            warmups[framework][impl] = worker.call("steps", name=names[framework][impl],
+                                                   n=settings["h1_warmup"],
                                                    mode="instrumented")["step_ms"]
-    result.add_samples("h1_warmup_step_ms", warmups)
+    result.doc["samples"].setdefault("h1_warmup_step_ms", {})[mode] = warmups
+    result.save()
     for framework, reasons in skipped.items():
         for impl, reason in reasons.items():
-            result.note(f"{framework}: loss impl {impl} not measured: {reason}")
+            result.note(f"{framework} {mode}: loss impl {impl} not measured: {reason}")
+    if not cells:
+        return {}
 
     def saved(r, samples):
-        result.add_samples("h1_rounds", samples)
-        study.progress(f"{STUDY}: H1 round {r + 1}/{settings['h1_rounds']} done")
+        result.doc["samples"].setdefault("h1_rounds", {})[mode] = samples
+        result.save()
+        study.progress(f"{STUDY}: H1 {mode} round {r + 1}/{settings['h1_rounds']} done")
 
-    return interleaved_rounds(pool, cells, rounds=settings["h1_rounds"],
-                              steps=settings["h1_steps"], mode="instrumented", on_round=saved)
+    samples = interleaved_rounds(pool, cells, rounds=settings["h1_rounds"],
+                                 steps=settings["h1_steps"], mode="instrumented",
+                                 on_round=saved)
+    for framework, by_impl in names.items():
+        worker = pool.use(framework)
+        for name in set(by_impl.values()):
+            worker.call("drop", name=name)
+    return samples
 
 
-def analyse_h1(args, settings, result, samples) -> None:
+def analyse_h1(args, settings, result, samples, mode: str) -> None:
     conds = study.conditions(args, result.doc["workers"], result.doc["scale"],
-                             list(samples))
+                             list(samples), mode)
     conds["batch_size"] = settings["h1_batch"]
-    rows = []
+    rows, without_phase = [], []
     for framework, by_impl in samples.items():
+        name = study.mode_label(framework, mode)
         step = {i: round_values(a) for i, a in by_impl.items()}
         loss_bwd = {i: round_values(a, phase="loss_backward") for i, a in by_impl.items()}
+        # Graph mode has no loss-backward phase of its own (0 in every step): whole step only.
+        separate = any(v > 0 for v in loss_bwd["autograd"])
+        if not separate:
+            without_phase.append(study.PUBLISHED_NAMES[framework])
         base_step = median(step["autograd"])
         for impl in by_impl:
-            cells = [study.PUBLISHED_NAMES[framework], impl, study.fmt(median(step[impl])),
-                     study.fmt(iqr(step[impl])), study.fmt(median(loss_bwd[impl]), 3),
-                     study.fmt(iqr(loss_bwd[impl]), 3)]
+            cells = [study.PUBLISHED_NAMES[framework], mode, impl,
+                     study.fmt(median(step[impl])), study.fmt(iqr(step[impl]))]
+            cells += ([study.fmt(median(loss_bwd[impl]), 3), study.fmt(iqr(loss_bwd[impl]), 3)]
+                      if separate else ["not separate", "-"])
             if impl == "autograd" or len(step[impl]) < 2:
                 cells += ["baseline", "baseline", "baseline"]
-            else:
+                rows.append(cells)
+                continue
+            if separate:
                 cells.append(study.fmt_ci(*bootstrap_diff_ci(loss_bwd["autograd"],
                                                              loss_bwd[impl])))
                 # The phase's change in ms as a share of the baseline step: what it is worth.
                 shift = [(b - a) / base_step * 100 for a, b in
                          zip(loss_bwd["autograd"], loss_bwd[impl])]
                 cells.append(f"{median(shift):+.3f}%")
-                est, lo, hi = bootstrap_diff_ci(step["autograd"], step[impl])
-                cells.append(study.fmt_ci(est, lo, hi))
-                if impl in ("explicit", "native"):
-                    claim = ("a loss backward in Python (explicit) makes the step slower than "
-                             "the framework's autograd (the published hypothesis, measured "
-                             "there in PyTorch: CPU 47.6 h vs 47.6 h, GPU 2.49 h vs 2.60 h)"
-                             if impl == "explicit" else
-                             "a natively run loss backward (our kernel as a framework op) "
-                             "makes the step faster than the framework's autograd")
-                    result.add_verdict(study.judge(
-                        study.Hypothesis(key=f"deeppose_loss.{framework}.{impl}_vs_autograd",
-                                         claim=f"{study.PUBLISHED_NAMES[framework]}: {claim}",
-                                         effect=f"DeepPose step, {impl} vs autograd",
-                                         direction="higher" if impl == "explicit"
-                                         else "lower"),
-                        est, lo, hi, conds))
-                    # The same claim through its mechanism: the step as it would be if only its
-                    # loss-backward phase changed (per round: the autograd step plus the
-                    # phase's change). The whole step's noise is many times the phase, so this
-                    # is the measurement that can say "no effect" at this scale.
-                    through = [a + (b - c) for a, b, c in
-                               zip(step["autograd"], loss_bwd[impl], loss_bwd["autograd"])]
-                    est, lo, hi = bootstrap_diff_ci(step["autograd"], through)
-                    result.add_verdict(study.judge(
-                        study.Hypothesis(
-                            key=f"deeppose_loss.{framework}.{impl}_vs_autograd_loss_phase",
-                            claim=f"{study.PUBLISHED_NAMES[framework]}: {claim}",
-                            effect=f"DeepPose step through its loss-backward phase, {impl} vs "
-                                   f"autograd",
-                            direction="higher" if impl == "explicit" else "lower"),
-                        est, lo, hi, conds))
+            else:
+                cells += ["-", "-"]
+            est, lo, hi = bootstrap_diff_ci(step["autograd"], step[impl])
+            cells.append(study.fmt_ci(est, lo, hi))
             rows.append(cells)
+            if impl not in ("explicit", "native"):
+                continue
+            claim = ("a loss backward in Python (explicit) makes the step slower than the "
+                     "framework's autograd (the published hypothesis, measured there in "
+                     "PyTorch: CPU 47.6 h vs 47.6 h, GPU 2.49 h vs 2.60 h)"
+                     if impl == "explicit" else
+                     "a natively run loss backward (our kernel as a framework op) makes the "
+                     "step faster than the framework's autograd")
+            direction = "higher" if impl == "explicit" else "lower"
+            result.add_verdict(study.judge(
+                study.Hypothesis(
+                    key=study.keyed(f"deeppose_loss.{framework}.{impl}_vs_autograd", mode),
+                    claim=f"{name}: {claim}", effect=f"DeepPose step, {impl} vs autograd",
+                    direction=direction),
+                est, lo, hi, conds))
+            if not separate:
+                continue
+            # The same claim through its mechanism: the step as it would be if only its
+            # loss-backward phase changed (per round: the autograd step plus the phase's
+            # change). The whole step's noise is many times the phase, so this is the
+            # measurement that can say "no effect" at this scale.
+            through = [a + (b - c) for a, b, c in
+                       zip(step["autograd"], loss_bwd[impl], loss_bwd["autograd"])]
+            est, lo, hi = bootstrap_diff_ci(step["autograd"], through)
+            result.add_verdict(study.judge(
+                study.Hypothesis(
+                    key=study.keyed(f"deeppose_loss.{framework}.{impl}_vs_autograd_loss_phase",
+                                    mode),
+                    claim=f"{name}: {claim}",
+                    effect=f"DeepPose step through its loss-backward phase, {impl} vs "
+                           f"autograd",
+                    direction=direction),
+                est, lo, hi, conds))
+    if without_phase:
+        result.note(f"H1 {mode}: {', '.join(without_phase)}: the loss backward is not a phase "
+                    f"of its own in this mode (no hook runs inside a compiled graph; "
+                    f"TensorFlow's graph step is one call), so only the whole step is judged "
+                    f"there")
     result.add_table(
-        "H1: DeepPose loss impls, loss-backward phase and whole step (instrumented steps)",
-        ["framework", "loss impl", "step ms", "step IQR", "loss backward ms",
+        f"H1 ({mode} mode): DeepPose loss impls, loss-backward phase and whole step "
+        f"(instrumented steps)",
+        ["framework", "mode", "loss impl", "step ms", "step IQR", "loss backward ms",
          "loss backward IQR", "loss backward vs autograd [95% CI]",
          "loss backward change as % of step", "step vs autograd [95% CI]"], rows,
         note=f"Batch {settings['h1_batch']}; per-round medians paired across impls; Chainer's "
              f"native is the same FunctionNode as its kernel (no C++ op registry), so their "
-             f"difference is the noise floor.")
-    plot_h1(result, samples)
+             f"difference is the noise floor."
+             + (" Graph mode: one workload per impl, each compiled in its warm-up; kernel "
+                "is refused there." if mode == "graph" else ""))
+    plot_h1(result, samples, mode)
 
 
-def plot_h1(result, samples) -> None:
+def plot_h1(result, samples, mode: str) -> None:
     plt = study.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(IMPLS)
+    any_phase = False
     for k, impl in enumerate(IMPLS):
         xs, step_ms, loss_ms = [], [], []
         for x, (framework, by_impl) in enumerate(samples.items()):
@@ -208,52 +281,76 @@ def plot_h1(result, samples) -> None:
                 step_ms.append(median(round_values(by_impl[impl])))
                 loss_ms.append(median(round_values(by_impl[impl], phase="loss_backward")))
         axes[0].bar(xs, step_ms, width, label=impl)
-        axes[1].bar(xs, loss_ms, width, label=impl)
-    for ax, title in zip(axes, ("whole step (ms)", "loss backward phase (ms)")):
+        # A loss-backward phase that is not separate (graph mode) is 0: nothing to draw.
+        axes[1].bar(xs, [v if v > 0 else float("nan") for v in loss_ms], width, label=impl)
+        any_phase |= any(v > 0 for v in loss_ms)
+    for ax, title in zip(axes, (f"whole step (ms), {mode} mode",
+                                f"loss backward phase (ms), {mode} mode")):
         ax.set_xticks(range(len(samples)))
         ax.set_xticklabels([study.PUBLISHED_NAMES[f] for f in samples])
         ax.set_title(title)
         ax.legend(fontsize=8)
-    axes[1].set_yscale("log")
-    result.add_plot(fig, "h1_loss_impls.png",
-                    "DeepPose step and loss-backward time per loss impl and framework "
-                    "(medians over rounds; the loss-backward axis is logarithmic).")
+    if any_phase:
+        axes[1].set_yscale("log")
+    else:
+        axes[1].text(0.5, 0.5, "not a separate phase in this mode", ha="center",
+                     transform=axes[1].transAxes)
+    result.add_plot(fig, "h1_loss_impls.png" if mode == "eager" else f"h1_loss_impls_{mode}.png",
+                    f"DeepPose step and loss-backward time per loss impl and framework, {mode} "
+                    f"mode (medians over rounds; the loss-backward axis is logarithmic, empty "
+                    f"where the phase is not separate).")
 
 
-def run_curve(pool: Pool, frameworks, settings, result) -> Dict[int, Dict[str, list]]:
+def run_curve(pool: Pool, frameworks, settings, result, plan: study.ModePlan, mode: str):
+    """The curve in ``mode``: ({batch: {framework: forward + backward ms per round}}, the
+    frameworks measured). A framework whose step is one compiled call in this mode has no
+    forward + backward to time apart: noted, left out."""
     curve: Dict[int, Dict[str, list]] = {}
     for n in range(settings["curve_max_n"] + 1):
         batch = 2 ** n
         steps_needed = settings["curve_warmup"] + settings["curve_rounds"] + 1
-        for framework in frameworks:
+        for framework in list(frameworks):
             worker = pool.use(framework)
-            worker.call("build", name="curve", steps_needed=steps_needed, config={
-                "model": "deeppose", "batch_size": batch,
+            built = plan.build(worker, result, name="curve", steps_needed=steps_needed, config={
+                "model": "deeppose", "batch_size": batch, "mode": mode,
                 "train_size": max(batch, settings["train_size"] or 0) or None,
                 "test_size": batch if settings["train_size"] else None})
+            if built is not None and tuple(built["step_calls"]) == ONE_CALL:
+                worker.call("drop", name="curve")
+                result.note(f"curve {mode}: {study.mode_label(framework, mode)} not measured: "
+                            f"its step is one compiled call (step_calls {built['step_calls']}), "
+                            f"so there is no forward + backward to time apart")
+                built = None
+            if built is None:
+                frameworks = [f for f in frameworks if f != framework]
+                continue
             worker.call("steps", name="curve", n=settings["curve_warmup"],
                         mode="forward_backward")
+        if not frameworks:
+            return curve, frameworks
         samples = interleaved_rounds(pool, {f: [Cell("curve", "curve")] for f in frameworks},
                                      rounds=settings["curve_rounds"], steps=1,
                                      mode="forward_backward")
         curve[batch] = {f: [a["step_ms"][0] for a in samples[f]["curve"]] for f in frameworks}
         for framework in frameworks:
             pool.use(framework).call("drop", name="curve")
-        result.add_samples("curve_forward_backward_ms", curve)
-        study.progress(f"{STUDY}: curve batch {batch}: " + ", ".join(
+        result.doc["samples"].setdefault("curve_forward_backward_ms", {})[mode] = curve
+        result.save()
+        study.progress(f"{STUDY}: curve {mode} batch {batch}: " + ", ".join(
             f"{f} {statistics.mean(curve[batch][f]):.0f} ms" for f in frameworks))
-    return curve
+    return curve, frameworks
 
 
-def analyse_curve(args, settings, result, curve, frameworks) -> None:
+def analyse_curve(args, settings, result, curve, frameworks, mode: str) -> None:
     rows = []
+    both = len(frameworks) == 2
     for batch, by_fw in curve.items():
         cells = [batch]
         for f in frameworks:
             values = by_fw[f]
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             cells += [study.fmt(statistics.mean(values)), study.fmt(sd ** 2, 1)]
-        if len(frameworks) == 2 and len(by_fw["torch"]) >= 2:
+        if both and len(by_fw["torch"]) >= 2:
             cells.append(study.fmt_ci(*bootstrap_diff_ci(by_fw["torch"], by_fw["chainer"])))
         else:
             cells.append("-")
@@ -265,32 +362,33 @@ def analyse_curve(args, settings, result, curve, frameworks) -> None:
     columns.append("Chainer vs PyTorch [95% CI]")
     published = PUBLISHED_EPOCH_S[args.device]
     result.add_table(
-        "Forward + backward of loss-plus-network vs batch 2^n (the published curve)", columns,
+        f"Forward + backward of loss-plus-network vs batch 2^n (the published curve), "
+        f"{study.describe_modes({f: mode for f in frameworks})}", columns,
         rows, note=f"Mean and variance over {settings['curve_rounds']} repetitions, alternating "
                    f"frameworks each repetition; the interval compares medians (paired by "
-                   f"repetition). Published per-epoch Chainer / PyTorch on this device kind: "
-                   f"{published['chainer']} s / {published['torch']} s = "
+                   f"repetition). Published per-epoch Chainer / PyTorch on this device kind "
+                   f"(both eager): {published['chainer']} s / {published['torch']} s = "
                    f"{published['chainer'] / published['torch']:.2f}.")
-    if len(frameworks) == 2:
+    if both:
         largest = max(curve)
         if len(curve[largest]["torch"]) >= 2:
             est, lo, hi = bootstrap_diff_ci(curve[largest]["torch"], curve[largest]["chainer"])
             conds = study.conditions(args, result.doc["workers"], result.doc["scale"],
-                                     frameworks)
+                                     frameworks, mode)
             conds["batch_size"] = largest
             result.add_verdict(study.judge(
                 study.Hypothesis(
-                    key="deeppose_loss.curve.chainer_slower_at_large_batch",
+                    key=study.keyed("deeppose_loss.curve.chainer_slower_at_large_batch", mode),
                     claim=f"at large batches Chainer's forward + backward is slower than "
                           f"PyTorch's (published per epoch: "
                           f"{published['chainer'] / published['torch']:.2f}x)",
-                    effect=f"forward + backward at batch {largest}, chainer vs torch",
+                    effect=f"forward + backward at batch {largest}, chainer vs torch, {mode}",
                     direction="higher"),
                 est, lo, hi, conds))
-    plot_curve(result, curve, frameworks)
+    plot_curve(result, curve, frameworks, mode)
 
 
-def plot_curve(result, curve, frameworks) -> None:
+def plot_curve(result, curve, frameworks, mode: str) -> None:
     plt = study.pyplot()
     fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4))
     batches = sorted(curve)
@@ -302,7 +400,7 @@ def plot_curve(result, curve, frameworks) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set(xlabel="batch size 2^n", ylabel="forward + backward ms (mean, bars: sd)",
-           title="Loss + network forward and backward")
+           title=f"Loss + network forward and backward, {mode} mode")
     ax.legend()
     if len(frameworks) == 2:
         ax_ratio.plot(batches, [median(curve[b]["chainer"]) / median(curve[b]["torch"])
@@ -311,9 +409,11 @@ def plot_curve(result, curve, frameworks) -> None:
         ax_ratio.set_xscale("log", base=2)
         ax_ratio.set(xlabel="batch size 2^n", ylabel="Chainer / PyTorch (medians)",
                      title="Ratio")
-    result.add_plot(fig, "curve_forward_backward.png",
-                    "Forward + backward time of DeepPose (loss plus network) vs batch size, "
-                    "PyTorch vs Chainer, as in the original plot.")
+    result.add_plot(fig, "curve_forward_backward.png" if mode == "eager" else
+                    f"curve_forward_backward_{mode}.png",
+                    f"Forward + backward time of DeepPose (loss plus network) vs batch size, "
+                    f"{study.describe_modes({f: mode for f in frameworks})}, as in the "
+                    f"original plot.")
 
 
 if __name__ == "__main__":

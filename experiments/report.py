@@ -1,6 +1,8 @@
 """Collects every study's result.json under runs/experiments/ into REPORT.md: per study its
 settings and where they depart from the published ones, the machine and versions, its tables,
-plots and verdicts, and one summary table of every verdict first.
+plots and verdicts, and first one summary table of every verdict (with the execution modes it
+was measured in) and resnet_depth's two mode tables: Table A, the published table with each
+framework in its published mode, and Table B, each framework's graph / eager ratio.
 
     python -m experiments.report                       # runs/experiments/REPORT.md
     python -m experiments.report --root runs/experiments --out REPORT.md
@@ -20,6 +22,8 @@ from experiments import study
 from profiler.console import output_file
 
 STUDIES = ("parity", "resnet_depth", "deeppose_loss", "swap", "data_loading")
+# Tables shown at the top of the report (study, title prefix), not again in the study's section.
+HEADLINE_TABLES = (("resnet_depth", "Table A"), ("resnet_depth", "Table B"))
 
 
 def load_results(root: Path) -> Dict[str, Dict[str, object]]:
@@ -56,6 +60,27 @@ def _ci(record) -> str:
     return study.fmt_ci(record["estimate_pct"], low, high)
 
 
+def _modes(conditions: Dict[str, object]) -> str:
+    """A verdict's execution modes: "Keras(TF) graph, PyTorch eager"; "eager" where the
+    conditions predate modes (every study ran eager then)."""
+    modes = conditions.get("modes")
+    if not isinstance(modes, dict) or not modes:
+        return "eager"
+    return ", ".join(f"{study.PUBLISHED_NAMES.get(f, f)} {m}" for f, m in modes.items())
+
+
+def _headline(name: str, table: Dict[str, object]) -> bool:
+    return any(name == s and table.get("title", "").startswith(prefix)
+               for s, prefix in HEADLINE_TABLES)
+
+
+def _render_table(table: Dict[str, object]) -> List[str]:
+    lines = [f"### {table['title']}", ""] + _table(table["columns"], table["rows"])
+    if table.get("note"):
+        lines += ["", f"_{table['note']}_"]
+    return lines + [""]
+
+
 def render(results: Dict[str, Dict[str, object]], root: Path) -> str:
     """The REPORT.md text for ``results`` (plots linked relative to ``root``)."""
     lines = ["# Experiments: the published framework comparisons, reproduced", "",
@@ -71,14 +96,31 @@ def render(results: Dict[str, Dict[str, object]], root: Path) -> str:
     for name in present:
         doc = results[name]
         for record in doc.get("verdicts", []):
-            verdict_rows.append([name, record["claim"], record["effect"], _ci(record),
+            verdict_rows.append([name, record["claim"], record["effect"],
+                                 _modes(record.get("conditions") or {}), _ci(record),
                                  f"{record['threshold_pct']:g}%", f"**{record['verdict']}**"])
     lines += ["## Verdicts", ""]
     if verdict_rows:
-        lines += _table(["study", "claim", "effect", "estimate [95% CI]", "threshold",
+        lines += _table(["study", "claim", "effect", "modes", "estimate [95% CI]", "threshold",
                          "verdict"], verdict_rows)
     else:
         lines.append("No verdicts: no study has finished.")
+    headline = [(name, t) for name in present for t in results[name].get("tables", [])
+                if _headline(name, t)]
+    lines += ["", "## Each framework as its users train it (resnet_depth)", ""]
+    if headline:
+        lines += ["Table A is the published table with each framework in the execution mode it "
+                  "ran in there (Keras on TensorFlow and on MXNet: graph; Chainer and PyTorch: "
+                  "eager); Table B gives each framework's compiled (graph) step over its eager "
+                  "step with its interval, and how the gap grows with depth: what eager dispatch "
+                  "costs. The mode of every figure is in its row or title.", ""]
+        for _, table in headline:
+            lines += _render_table(table)
+        if not any(t["title"].startswith("Table B") for _, t in headline):
+            lines.append("Table B (graph / eager) needs `python -m experiments.resnet_depth "
+                         "--mode both` (the default).")
+    else:
+        lines.append("Not measured: resnet_depth has no result here with these tables.")
     devices = {r.get("settings", {}).get("device") for r in results.values()}
     if "cuda" not in devices:
         lines += ["", "GPU rows: **not measured yet** (every study here ran with --device cpu; "
@@ -140,10 +182,10 @@ def render_study(name: str, doc: Dict[str, object], root: Path) -> List[str]:
         lines += ["Where this run departs from the published settings:", ""]
         lines += [f"- {d}" for d in doc["departures"]] + [""]
     for table in doc["tables"]:
-        lines += [f"### {table['title']}", ""] + _table(table["columns"], table["rows"])
-        if table.get("note"):
-            lines += ["", f"_{table['note']}_"]
-        lines.append("")
+        if _headline(name, table):
+            lines += [f"### {table['title']}", "", "Shown at the top of this report.", ""]
+        else:
+            lines += _render_table(table)
     for plot in doc["plots"]:
         lines += [f"![{plot['caption']}]({name}/{plot['file']})", "", f"_{plot['caption']}_",
                   ""]
@@ -153,11 +195,12 @@ def render_study(name: str, doc: Dict[str, object], root: Path) -> List[str]:
             c = record["conditions"]
             versions = ", ".join(f"{k} {v}" for k, v in (c.get("versions") or {}).items())
             extra = ", ".join(f"{k} {v}" for k, v in c.items()
-                              if k not in ("versions", "device", "threads", "scale"))
+                              if k not in ("versions", "device", "threads", "scale", "modes"))
             lines.append(f"- **{record['verdict']}** — {record['claim']}: {record['effect']} "
                          f"{_ci(record)}, threshold {record['threshold_pct']:g}%. Conditions: "
                          f"{c.get('device')}, {c.get('threads')} threads, {c.get('scale')} "
-                         f"scale{', ' + extra if extra else ''}; {versions}.")
+                         f"scale, modes: {_modes(c)}{', ' + extra if extra else ''}; "
+                         f"{versions}.")
         lines.append("")
     if doc["notes"]:
         lines += ["Notes:", ""] + [f"- {n}" for n in doc["notes"]] + [""]

@@ -1,6 +1,7 @@
-"""What every study under experiments/ shares: its command-line options, the result.json it
-writes (settings, versions, machine, every raw sample, tables, verdicts), the verdict rule,
-plot saving and the published-vs-ours ratio helpers.
+"""What every study under experiments/ shares: its command-line options (--mode: the execution
+modes it runs each framework in), the result.json it writes (settings, versions, machine, every
+raw sample, tables, verdicts), the verdict rule, plot saving and the published-vs-ours ratio
+helpers.
 
 A study measures through experiments.workers and computes with profiler.analysis.stats; this
 module only records, judges and draws. It imports no framework (each framework runs in a
@@ -23,6 +24,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 from ops.frameworks import CUDA_FRAMEWORKS, FRAMEWORKS
 from profiler.console import output_dir, positive_int  # noqa: F401  (argparse types)
 from profiler.report import write_json_atomic
+from experiments.workers import ModeUnavailable
 
 SCHEMA = "deepprof.experiment/1"
 # The names the published comparison used for what our workloads run.
@@ -33,6 +35,32 @@ STAND_IN_NOTE = ("The published 'Keras(TF)' and 'Keras(MXNet)' columns are Keras
                  "(Keras 3 layers, TensorFlow backend) and MXNet runs it as a Gluon block: the "
                  "same frameworks underneath, not the same front end (Keras on MXNet no longer "
                  "exists for MXNet 1.9).")
+
+# Execution modes (profiler.workloads.base "Modes"): eager runs the step op by op; graph is the
+# framework's compiled mode (TensorFlow: the whole step in one tf.function; MXNet: the network
+# hybridized; PyTorch: the network through torch.compile; Chainer has none).
+EXEC_MODES = ("eager", "graph")
+MODE_CHOICES = ("eager", "graph", "both", "published")
+# A verdict's mode where it compares a framework's graph mode with its eager mode.
+BOTH_MODES = "graph vs eager"
+# How the published comparison ran each framework: Keras 2 builds a graph of the model and runs
+# each step as one call of it (on TensorFlow and on MXNet, whose Keras backend bound MXNet's
+# symbolic executor: hybridized Gluon is the same engine here); Chainer and PyTorch are
+# define-by-run, so eager.
+PUBLISHED_MODES = {"tensorflow": "graph", "mxnet": "graph", "torch": "eager",
+                   "chainer": "eager"}
+MODE_HELP = ("the execution mode(s) each framework runs in: eager (op by op, as Python runs "
+             "it); graph (the framework's compiled mode: TensorFlow's whole step in one "
+             "tf.function, MXNet's hybridized network, PyTorch's torch.compile'd network; "
+             "Chainer has none and is skipped, the reason noted); both (eager and graph side "
+             "by side, in the same rounds); published (each framework in the mode the "
+             "published comparison ran it in: TensorFlow and MXNet graph, PyTorch and Chainer "
+             "eager)")
+
+# Fewer paired rounds than this and a bootstrap percentile bracket of their median is about
+# the range of the rounds' values, not a 95% interval (with 5 rounds it is exactly the range);
+# the same rule as experiments.bench_modes.
+MIN_ROUNDS_FOR_INTERVAL = 10
 
 CIFAR_TRAIN_IMAGES = 50_000
 PUBLISHED_BATCH = 128
@@ -96,6 +124,91 @@ def published_comparison(ours: Dict[str, float], published: Dict[str, float],
     return {name: {"ours_ratio": ours_r[name], "published_ratio": published_r[name],
                    "ours_over_published": ours_r[name] / published_r[name]}
             for name in ours if name in published}
+
+
+# --------------------------------------------------------------------------- modes
+
+def modes_for(mode: str, frameworks: Sequence[str]) -> Dict[str, List[str]]:
+    """The execution modes each of ``frameworks`` runs in under ``--mode mode``: eager or graph
+    for all, both (eager first), or published (PUBLISHED_MODES)."""
+    if mode not in MODE_CHOICES:
+        raise ValueError(f"modes_for: mode: expected one of {list(MODE_CHOICES)}, got {mode!r}")
+    unknown = [f for f in frameworks if f not in PUBLISHED_MODES]
+    if unknown:
+        raise ValueError(f"modes_for: frameworks: expected names from {list(PUBLISHED_MODES)}, "
+                         f"got {unknown}")
+    if mode == "both":
+        return {f: list(EXEC_MODES) for f in frameworks}
+    if mode == "published":
+        return {f: [PUBLISHED_MODES[f]] for f in frameworks}
+    return {f: [mode] for f in frameworks}
+
+
+def comparison_sets(mode: str, frameworks: Sequence[str]) -> Dict[str, Dict[str, str]]:
+    """What a study's cross-framework tables compare under ``--mode mode``: {label: {framework:
+    its mode}}: one set per mode measured for all ("eager", "graph"; both under "both"), or
+    "published" (each framework in its published mode)."""
+    if mode == "published":
+        return {"published": {f: PUBLISHED_MODES[f] for f in modes_for(mode, frameworks)}}
+    chosen = EXEC_MODES if mode == "both" else (mode,)
+    modes_for(mode, frameworks)          # checks mode and frameworks
+    return {m: {f: m for f in frameworks} for m in chosen}
+
+
+def mode_label(framework: str, mode: str) -> str:
+    """'Keras(TF) graph', 'PyTorch eager'."""
+    return f"{PUBLISHED_NAMES[framework]} {mode}"
+
+
+def describe_modes(modes: Dict[str, str]) -> str:
+    """'all eager', 'all graph', or 'PyTorch eager, Keras(TF) graph, ...' for a table title."""
+    kinds = set(modes.values())
+    if len(kinds) == 1 and len(modes) > 1:
+        return f"all {kinds.pop()}"
+    return ", ".join(mode_label(f, m) for f, m in modes.items())
+
+
+def keyed(key: str, label: str) -> str:
+    """A verdict key for a comparison set: unchanged for "eager" (the keys the studies had
+    before they had modes), ``key@label`` otherwise."""
+    return key if label == "eager" else f"{key}@{label}"
+
+
+class ModePlan:
+    """The execution modes each framework runs in (``--mode``), narrowed as the workers refuse
+    a mode the framework has none of: :meth:`build` notes the reason in the result and returns
+    None instead of failing, and the mode leaves the plan. ``skipped`` keeps {framework: {mode:
+    reason}}, also recorded in the result's settings."""
+
+    def __init__(self, mode: str, frameworks: Sequence[str]):
+        self.mode = mode
+        self.modes = modes_for(mode, frameworks)
+        self.skipped: Dict[str, Dict[str, str]] = {}
+
+    def runs(self, framework: str, mode: str) -> bool:
+        return mode in self.modes.get(framework, ())
+
+    def build(self, worker, result: "Result", *, name: str, config: Dict[str, object],
+              steps_needed: int) -> Optional[Dict[str, object]]:
+        """``worker``'s build of ``config`` (its "mode" one of the plan's); None, with the
+        reason noted, where the framework has no such mode."""
+        framework, mode = worker.framework, config.get("mode", "eager")
+        if not self.runs(framework, mode):
+            return None
+        try:
+            return worker.call("build", name=name, config=config, steps_needed=steps_needed)
+        except ModeUnavailable as e:
+            self.modes[framework].remove(mode)
+            self.skipped.setdefault(framework, {})[mode] = e.reason
+            result.doc["settings"]["modes_skipped"] = self.skipped
+            result.doc["settings"]["modes"] = self.modes
+            result.note(f"{PUBLISHED_NAMES[framework]} not measured in {mode} mode: {e.reason}")
+            return None
+
+    def sets(self) -> Dict[str, Dict[str, str]]:
+        """comparison_sets, less the frameworks whose mode in a set was refused."""
+        return {label: {f: m for f, m in members.items() if self.runs(f, m)}
+                for label, members in comparison_sets(self.mode, list(self.modes)).items()}
 
 
 # --------------------------------------------------------------------------- verdicts
@@ -214,8 +327,10 @@ def library_versions() -> Dict[str, str]:
 
 # --------------------------------------------------------------------------- command line
 
-def add_common_arguments(parser: argparse.ArgumentParser, study: str) -> None:
-    """--full, --out, --threads, --device, --frameworks for ``study``'s parser."""
+def add_common_arguments(parser: argparse.ArgumentParser, study: str, *,
+                         default_mode: str = "eager") -> None:
+    """--full, --out, --threads, --device, --frameworks, --mode (default ``default_mode``) for
+    ``study``'s parser."""
     from experiments.timing import add_threads_argument
     parser.add_argument("--full", action="store_true",
                         help="the published settings (hours on a CPU) instead of the quick "
@@ -230,6 +345,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, study: str) -> None:
     parser.add_argument("--frameworks", default=None, metavar="A,B",
                         help=f"comma-separated subset of {','.join(FRAMEWORKS)} (default: all "
                              f"that the study and device allow)")
+    if default_mode not in MODE_CHOICES:
+        raise ValueError(f"add_common_arguments: default_mode: expected one of "
+                         f"{list(MODE_CHOICES)}, got {default_mode!r}")
+    parser.add_argument("--mode", choices=MODE_CHOICES, default=default_mode,
+                        help=f"{MODE_HELP} (default: %(default)s)")
 
 
 def resolve_frameworks(parser: argparse.ArgumentParser, args, allowed: Sequence[str]
@@ -399,9 +519,18 @@ def validate_result(doc: Dict[str, object]) -> None:
 
 
 def conditions(args, workers: Dict[str, Dict[str, object]], scale: str,
-               frameworks: Sequence[str]) -> Dict[str, object]:
-    """The conditions a verdict holds under: device, threads, versions, scale."""
+               frameworks: Sequence[str], modes) -> Dict[str, object]:
+    """The conditions a verdict holds under: device, threads, versions, scale, and the
+    execution mode each framework was measured in (``modes``: {framework: mode}, or one mode
+    for all; BOTH_MODES where the verdict compares a framework's two modes)."""
+    if isinstance(modes, str):
+        modes = {f: modes for f in frameworks}
+    missing = [f for f in frameworks if modes.get(f) not in EXEC_MODES + (BOTH_MODES,)]
+    if missing:
+        raise ValueError(f"conditions: modes: expected eager, graph or {BOTH_MODES!r} for each "
+                         f"of {list(frameworks)}, got {modes}")
     return {"device": args.device, "threads": args.threads, "scale": scale,
+            "modes": {f: modes[f] for f in frameworks},
             "versions": {f: workers.get(f, {}).get("version") for f in frameworks}}
 
 

@@ -15,6 +15,15 @@ in rotating order, timing uninstrumented steps. Per round:
     conv part      = gap - gap with the same conv
 
 A few instrumented steps with our conv everywhere then split what remains by phase.
+
+Execution modes (--mode): every (conv, mode) is a cell of the same rounds. In eager mode one
+workload switches its conv before each visit; in graph mode each conv has a workload of its own
+(built with it: switching would recompile a TensorFlow or MXNet graph every round), and "our
+conv" is ``native`` there too (``kernel``, Python glue, is refused in a compiled graph). The
+tables compare the frameworks within each set of modes the --mode gives (eager, graph, both
+sets, or published: each framework in the mode the published comparison ran it in), every
+framework's gap taken to PyTorch in the set's mode for PyTorch. Chainer has no graph mode
+(skipped, the reason noted).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from typing import List, Optional
 from experiments import study
 from experiments.workers import Cell, Pool, interleaved_rounds, round_values
 from profiler.analysis.stats import bootstrap_diff_ci, iqr, median
-from profiler.timeline import PHASES
+from profiler.timeline import OPTIONAL_PHASES, PHASES
 
 STUDY = "swap"
 CONVS = ("framework", "native")
@@ -40,7 +49,7 @@ def parse_args(argv: Optional[List[str]] = None):
     parser = argparse.ArgumentParser(prog=f"python -m experiments.{STUDY}",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    study.add_common_arguments(parser, STUDY)
+    study.add_common_arguments(parser, STUDY, default_mode="both")
     parser.add_argument("--rounds", type=study.positive_int, help="override the scale's rounds")
     parser.add_argument("--batch-size", type=study.positive_int,
                         help="override the scale's batch")
@@ -58,7 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings.update({k: v for k, v in (("rounds", args.rounds), ("batch_size", args.batch_size))
                      if v is not None})
     settings.update(frameworks=args.frameworks_list, threads=args.threads, device=args.device,
-                    convs=list(CONVS))
+                    convs=list(CONVS), mode=args.mode,
+                    modes=study.modes_for(args.mode, args.frameworks_list))
     departures = ["not a published experiment: the published comparison could not swap "
                   "kernels; ResNet-20 stands for the model"]
     if settings["train_size"]:
@@ -68,62 +78,90 @@ def main(argv: Optional[List[str]] = None) -> int:
     return result.run(run, args, settings, result)
 
 
+def cell_key(conv: str, mode: str) -> str:
+    """The key a (conv, execution mode) cell is sampled under: "native/graph"."""
+    return f"{conv}/{mode}"
+
+
 def run(args, settings, result: study.Result) -> None:
     frameworks = args.frameworks_list
     batch = settings["batch_size"]
     steps_needed = (settings["warmup"] * 2 + settings["rounds"] * settings["steps_per_round"]
                     * 2 + settings["phase_rounds"] + 1)
+    config = {"model": settings["model"], "batch_size": batch,
+              "train_size": settings["train_size"],
+              "test_size": batch if settings["train_size"] else None}
+    plan = study.ModePlan(args.mode, frameworks)
     with Pool(frameworks, threads=args.threads, device=args.device, log_dir=result.out) as pool:
-        warmups = {}
+        warmups, cells, phase_cells = {}, {}, {}
         for framework in frameworks:
             result.record_worker(framework, pool.hello[framework])
             worker = pool.use(framework)
-            study.progress(f"{STUDY}: {framework}: build, warm up both convs")
-            built = worker.call("build", name="net", steps_needed=steps_needed, config={
-                "model": settings["model"], "batch_size": batch,
-                "train_size": settings["train_size"],
-                "test_size": batch if settings["train_size"] else None})
-            missing = {c: r for c, r in built["unavailable"]["conv"].items() if c in CONVS}
-            if missing:
-                raise RuntimeError(f"{framework}: conv impls unavailable here: {missing}")
-            warmups[framework] = {}
-            for conv in CONVS:
-                worker.call("set_impls", name="net", conv=conv)
-                warmups[framework][conv] = worker.call("steps", name="net",
-                                                       n=settings["warmup"],
-                                                       mode="plain")["step_ms"]
+            warmups[framework], cells[framework], phase_cells[framework] = {}, [], []
+            for mode in list(plan.modes[framework]):
+                study.progress(f"{STUDY}: {framework} {mode}: build, warm up both convs")
+                for conv in CONVS:
+                    # Graph mode: a workload per conv, built with it; eager: one, switched.
+                    name = f"net/{mode}/{conv}" if mode == "graph" else f"net/{mode}"
+                    if mode == "graph" or conv == CONVS[0]:
+                        built = plan.build(worker, result, name=name,
+                                           steps_needed=steps_needed,
+                                           config={**config, "mode": mode, "conv_impl": conv})
+                        if built is None:
+                            break
+                        missing = {c: r for c, r in built["unavailable"]["conv"].items()
+                                   if c in CONVS}
+                        if missing:
+                            raise RuntimeError(f"{framework} {mode}: conv impls unavailable "
+                                               f"here: {missing}")
+                    impls = None if mode == "graph" else {"conv": conv}
+                    if impls:
+                        worker.call("set_impls", name=name, **impls)
+                    warmups[framework][cell_key(conv, mode)] = worker.call(
+                        "steps", name=name, n=settings["warmup"], mode="plain")["step_ms"]
+                    cells[framework].append(Cell(cell_key(conv, mode), name, impls))
+                    if conv == "native":
+                        phase_cells[framework].append(Cell(cell_key(conv, mode), name, impls))
         result.add_samples("warmup_step_ms", warmups)
+        cells = {f: c for f, c in cells.items() if c}
+        phase_cells = {f: c for f, c in phase_cells.items() if c}
 
         def saved(r, samples):
             result.add_samples("rounds", samples)
             study.progress(f"{STUDY}: round {r + 1}/{settings['rounds']} done")
 
-        cells = {f: [Cell(c, "net", {"conv": c}) for c in CONVS] for f in frameworks}
         samples = interleaved_rounds(pool, cells, rounds=settings["rounds"],
                                      steps=settings["steps_per_round"], mode="plain",
                                      on_round=saved)
         # Where the remaining overhead sits: instrumented steps with our conv everywhere.
-        phases = interleaved_rounds(pool, {f: [Cell("native", "net", {"conv": "native"})]
-                                           for f in frameworks},
-                                    rounds=settings["phase_rounds"], steps=1,
-                                    mode="instrumented")
+        phases = interleaved_rounds(pool, phase_cells, rounds=settings["phase_rounds"],
+                                    steps=1, mode="instrumented")
         result.add_samples("phase_rounds_native", phases)
         result.doc["settings"]["handoff_settle"] = pool.settle_summary()
         result.doc["machine"]["worker_peak_rss_mib"] = pool.peak_rss_mib()
         result.save()
-    analyse(args, settings, result, samples, phases)
+    for label, modes in plan.sets().items():
+        if "torch" not in modes:
+            result.note(f"swap {label}: PyTorch did not run in this set's mode; no gaps to it")
+            continue
+        analyse(args, settings, result, samples, phases, label, modes)
 
 
-def analyse(args, settings, result, samples, phases) -> None:
-    frameworks = args.frameworks_list
-    step = {f: {c: round_values(samples[f][c]) for c in CONVS} for f in frameworks}
+def analyse(args, settings, result, samples, phases, label: str, modes) -> None:
+    """The decomposition for one comparison set: ``modes`` {framework: its mode}, the gap of
+    each to PyTorch in PyTorch's mode of the set (``label``: its name)."""
+    frameworks = list(modes)
+    step = {f: {c: round_values(samples[f][cell_key(c, modes[f])]) for c in CONVS}
+            for f in frameworks}
     rounds = settings["rounds"]
-    conds = study.conditions(args, result.doc["workers"], result.doc["scale"], frameworks)
+    conds = study.conditions(args, result.doc["workers"], result.doc["scale"], frameworks,
+                             modes)
     conds.update(batch_size=settings["batch_size"], model=settings["model"])
+    in_modes = study.describe_modes(modes)
     rows, decomposition = [], {}
     for f in frameworks:
         own, ours = step[f]["framework"], step[f]["native"]
-        row = [study.PUBLISHED_NAMES[f], study.fmt(median(own)), study.fmt(iqr(own)),
+        row = [study.PUBLISHED_NAMES[f], modes[f], study.fmt(median(own)), study.fmt(iqr(own)),
                study.fmt(median(ours)), study.fmt(iqr(ours))]
         if f == "torch":
             rows.append(row + ["baseline"] * 6)
@@ -141,44 +179,61 @@ def analyse(args, settings, result, samples, phases) -> None:
             ratio_own = [o / t for o, t in zip(own, step["torch"]["framework"])]
             ratio_ours = [o / t for o, t in zip(ours, step["torch"]["native"])]
             row.append(study.fmt_ci(*bootstrap_diff_ci(ratio_own, ratio_ours)))
-            row.append(judge_gap(result, f, gap, remaining, conds))
+            row.append(judge_gap(result, f, gap, remaining, conds, label, modes))
         else:
             row += ["-", "-"]
         rows.append(row)
     result.add_table(
         f"Decomposition of each framework's gap to PyTorch ({settings['model']}, batch "
-        f"{settings['batch_size']})",
-        ["framework", "step ms, own conv", "IQR", "step ms, our conv", "IQR",
+        f"{settings['batch_size']}; {in_modes})",
+        ["framework", "mode", "step ms, own conv", "IQR", "step ms, our conv", "IQR",
          "gap to PyTorch ms (IQR)", "of which convolution ms", "remaining overhead ms (IQR)",
          "convolution share of the gap", "ratio to PyTorch, same conv vs own [95% CI]",
          "gap, same conv vs own [95% CI]"],
         rows, note="Medians of per-round differences (each round measures every cell). A "
                    "negative gap means faster than PyTorch; the convolution part is what the "
                    "gap loses when both run our kernel. The ratio column moves with PyTorch's "
-                   "own change of conv too; the verdict uses the gap in ms.")
+                   "own change of conv too; the verdict uses the gap in ms. Our conv is "
+                   "'native' (our kernel as the framework's op) in both modes.")
+    phase_ms = {f: phases[f][cell_key("native", modes[f])] for f in frameworks}
+    # The phases any framework of the set separates (a one-call graph step has compiled_step).
+    shown = list(PHASES[:-1]) + [p for p in OPTIONAL_PHASES
+                                 if any(p in a["phases_ms"] for f in frameworks
+                                        for a in phase_ms[f])] + ["other"]
+    per_phase = {f: {p: median(round_values(phase_ms[f], phase=p))
+                     if all(p in a["phases_ms"] for a in phase_ms[f]) else 0.0 for p in shown}
+                 for f in frameworks}
     phase_rows = []
-    phase_ms = {f: {p: median(round_values(phases[f]["native"], phase=p)) for p in PHASES}
-                for f in frameworks}
     for f in frameworks:
         if f == "torch":
             continue
-        phase_rows.append([study.PUBLISHED_NAMES[f]] + [
-            f"{phase_ms[f][p] - phase_ms['torch'][p]:+.1f}" for p in PHASES])
+        # A phase a mode does not separate (0: inside a compiled call, or not split from the
+        # backward) has no difference to show.
+        whole = median(round_values(phase_ms[f])) - median(round_values(phase_ms["torch"]))
+        phase_rows.append([study.PUBLISHED_NAMES[f], modes[f]] + [
+            f"{per_phase[f][p] - per_phase['torch'][p]:+.1f}"
+            if per_phase[f][p] > 0 and per_phase["torch"][p] > 0 else "-" for p in shown]
+            + [f"{whole:+.1f}"])
     result.add_table(
-        "Where the remaining overhead sits: per-phase difference to PyTorch with our conv in "
-        "both (ms, instrumented steps)", ["framework"] + list(PHASES), phase_rows,
+        f"Where the remaining overhead sits: per-phase difference to PyTorch with our conv in "
+        f"both (ms, instrumented steps; {in_modes})",
+        ["framework", "mode"] + shown + ["whole step"], phase_rows,
         note=f"{settings['phase_rounds']} instrumented step(s) per framework; forward and "
              f"backward include every layer's framework overhead (batch norm, ReLU, adds, "
-             f"autograd bookkeeping); instrumentation adds its own per-layer cost.")
-    plot(result, step, decomposition, frameworks)
+             f"autograd bookkeeping); instrumentation adds its own per-layer cost. '-': a "
+             f"phase one side does not separate (graph mode: no hook inside a compiled graph; "
+             f"TensorFlow's graph step is one call, timed as compiled_step).")
+    if decomposition:
+        plot(result, decomposition, frameworks, label, modes)
 
 
-def judge_gap(result, framework, gap_ms, remaining_ms, conds) -> str:
+def judge_gap(result, framework, gap_ms, remaining_ms, conds, label, modes) -> str:
     """The H2 verdict for one framework from its per-round gaps (own conv, then our conv in
     both); returns the table cell. No verdict where the framework is not behind PyTorch."""
-    name = study.PUBLISHED_NAMES[framework]
+    name = study.mode_label(framework, modes[framework])
+    torch = study.mode_label("torch", modes["torch"])
     if median(gap_ms) <= 0:
-        result.note(f"swap: {name} is not slower than PyTorch with its own conv (gap "
+        result.note(f"swap: {name} is not slower than {torch} with its own conv (gap "
                     f"{median(gap_ms):.1f} ms): no gap to decompose, no verdict")
         return "no gap"
     try:
@@ -188,8 +243,8 @@ def judge_gap(result, framework, gap_ms, remaining_ms, conds) -> str:
         return "no interval"
     result.add_verdict(study.judge(
         study.Hypothesis(
-            key=f"swap.{framework}.gap_is_convolution",
-            claim=f"part of {name}'s gap to PyTorch is its convolution: with the same conv "
+            key=study.keyed(f"swap.{framework}.gap_is_convolution", label),
+            claim=f"part of {name}'s gap to {torch} is its convolution: with the same conv "
                   f"kernel in both, the gap shrinks",
             effect=f"gap {framework} - torch in ms, same conv (ours) vs own convs, "
                    f"threshold as % of the gap",
@@ -199,7 +254,7 @@ def judge_gap(result, framework, gap_ms, remaining_ms, conds) -> str:
     return study.fmt_ci(est, lo, hi)
 
 
-def plot(result, step, decomposition, frameworks) -> None:
+def plot(result, decomposition, frameworks, label, modes) -> None:
     plt = study.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     names = [f for f in frameworks if f != "torch"]
@@ -207,18 +262,21 @@ def plot(result, step, decomposition, frameworks) -> None:
     base = [decomposition[f]["torch_ms"] for f in names]
     conv = [decomposition[f]["conv_part_ms"] for f in names]
     rest = [decomposition[f]["remaining_ms"] for f in names]
-    ax.bar(x, base, label="PyTorch's step (own conv)", color="#999999")
+    ax.bar(x, base, label=f"{study.mode_label('torch', modes['torch'])}'s step (own conv)",
+           color="#999999")
     ax.bar(x, conv, bottom=base, label="gap: convolution", color="#4c72b0")
     ax.bar(x, rest, bottom=[b + max(c, 0) for b, c in zip(base, conv)],
            label="gap: remaining framework overhead", color="#dd8452")
     ax.set_xticks(list(x))
-    ax.set_xticklabels([study.PUBLISHED_NAMES[f] for f in names])
+    ax.set_xticklabels([study.mode_label(f, modes[f]) for f in names])
     ax.set_ylabel("ms per step (medians)")
     ax.set_title("Each framework's step = PyTorch's + convolution + the rest")
     ax.legend(fontsize=8)
-    result.add_plot(fig, "swap_decomposition.png",
-                    "Stacked bars: PyTorch's step, the part of the gap that is the "
-                    "convolution, and the part that remains with the same kernel in both.")
+    result.add_plot(fig, "swap_decomposition.png" if label == "eager" else
+                    f"swap_decomposition_{label}.png",
+                    f"Stacked bars ({study.describe_modes(modes)}): PyTorch's step, the part of "
+                    f"the gap that is the convolution, and the part that remains with the same "
+                    f"kernel in both.")
 
 
 if __name__ == "__main__":

@@ -6,31 +6,46 @@ The worker (``python -m experiments.workers --framework torch --threads 2``) set
 count before its framework starts, then answers one JSON line on stdout for every JSON line on
 stdin. Requests (``cmd`` and its fields):
 
-=============  ===================================================================  =========
-cmd            fields                                                               answer
-=============  ===================================================================  =========
-hello          -                                                                    framework,
-                                                                                    version,
-                                                                                    pid, threads
-build          name, config (WorkloadConfig fields), steps_needed                   parameters
-set_impls      name, conv and/or loss                                               -
-steps          name, n, mode: "plain" (uninstrumented train steps), "instrumented"  step_ms,
-               (every phase timed), "forward_backward" (forward + loss + backward,  losses,
-               no optimizer, no data loading)                                       phases_ms
-drop           name                                                                 -
-quit           -                                                                    -
-=============  ===================================================================  =========
+=============  ========================================================  ==================
+cmd            fields                                                    answer
+=============  ========================================================  ==================
+hello          -                                                         framework, version,
+                                                                         pid, threads
+build          name, config (WorkloadConfig fields, ``mode`` and         parameters,
+               ``xla`` included), steps_needed                           unavailable, mode,
+                                                                         step_calls
+set_impls      name, conv and/or loss                                    -
+steps          name, n, mode: "plain" (uninstrumented train steps),      step_ms, losses,
+               "instrumented" (every phase timed), "forward_backward"    phases_ms,
+               (forward + loss + backward, no optimizer, no data         compile_count
+               loading)
+drop           name                                                      -
+quit           -                                                         -
+=============  ========================================================  ==================
 
 Every answer has ``ok``; a failed request answers ``{"ok": false, "error": "..."}`` naming the
-field, what was expected and what came, and the worker keeps serving. The client side is
-:class:`Worker` (one process) and :class:`Pool` (one per framework, one running at a time,
-waiting after each hand-off until the previous worker's threads have gone idle).
+field, what was expected and what came, and the worker keeps serving.
+
+Two request fields are both called "mode": a build's ``config["mode"]`` is the workload's
+execution mode ("eager" or "graph", profiler.workloads.base), a ``steps`` request's ``mode`` is
+what kind of steps to time. A build in graph mode that the framework has none of (Chainer) is
+refused with the reason and ``"mode_unavailable": reason`` in the error answer (the client raises
+:class:`ModeUnavailable`), so a study can skip it instead of failing. "forward_backward" needs
+the forward, the loss and the backward as separate calls; where the graph-mode step is one
+compiled call (TensorFlow: ``step_calls == ["train_step"]``) it is refused, saying so.
+``compile_count`` is the workload's count of graphs compiled so far (0 in eager mode): a study
+compares it before and after its measured steps to see that nothing recompiled there.
+
+The client side is :class:`Worker` (one process) and :class:`Pool` (one per framework, one
+running at a time, waiting after each hand-off until the previous worker's threads have gone
+idle).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import subprocess
@@ -45,12 +60,32 @@ from ops.frameworks import FRAMEWORKS
 
 MODES = ("plain", "instrumented", "forward_backward")
 CONFIG_FIELDS = ("model", "device", "batch_size", "seed", "conv_impl", "loss_impl", "workers",
-                 "data", "augment", "standardize", "dropout", "train_size", "test_size")
+                 "data", "mode", "xla", "augment", "standardize", "dropout", "train_size",
+                 "test_size")
+# A graph-mode step made of one compiled call (profiler.workloads.base: step_calls).
+ONE_CALL = ("train_step",)
 REPO = Path(__file__).resolve().parent.parent
 
 
 class WorkerError(RuntimeError):
     """A request a worker refused or failed, or a worker that died."""
+
+
+class ModeUnavailable(WorkerError):
+    """A build in an execution mode its framework does not have (Chainer in graph mode);
+    ``reason`` is the framework's own reason."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class _Refusal(ValueError):
+    """A refused request whose error answer carries ``fields`` besides the message."""
+
+    def __init__(self, message: str, **fields):
+        super().__init__(message)
+        self.fields = fields
 
 
 # --------------------------------------------------------------------------- worker side
@@ -98,12 +133,18 @@ over a seed workload's target."""
             raise ValueError(f"build: steps_needed: expected an int >= 1, got {steps_needed}")
         config = WorkloadConfig(**{"device": self.device, **config})
         self._drop(name)
+        if config.mode == "graph":
+            reason = _no_graph_mode(self.framework, config.model)
+            if reason:
+                raise _Refusal(f"build: config: mode: 'graph' is not available for "
+                               f"{self.framework}: {reason}", mode_unavailable=reason)
         target = WorkloadTarget.build(self.framework, config)
         workload = target.workload
         self.sessions[name] = Session(target, steps_needed=steps_needed)
         return {"parameters": workload.parameter_count(),
-                "unavailable": {kind: workload.unavailable_impls(kind)
-                                for kind in ("conv", "loss")}}
+                # What set_impls refuses here: unavailable_impls plus, in graph mode, kernel.
+                "unavailable": {kind: workload._unavailable(kind) for kind in ("conv", "loss")},
+                "mode": workload.mode, "step_calls": list(workload.step_calls)}
 
     def _session(self, request, cmd: str):
         name = _field(request, "name", str)
@@ -135,6 +176,15 @@ over a seed workload's target."""
         mode = request.get("mode")
         if mode not in MODES:
             raise ValueError(f"steps: mode: expected one of {list(MODES)}, got {mode!r}")
+        workload = session.target.workload
+        if mode == "forward_backward" and tuple(workload.step_calls) == ONE_CALL:
+            raise ValueError(f"steps: mode: 'forward_backward' times the forward, the loss and "
+                             f"the backward as separate calls, but this {self.framework} "
+                             f"workload runs in {workload.mode} mode, where the whole step "
+                             f"(forward, loss, gradients, update) is one compiled call "
+                             f"(step_calls {list(workload.step_calls)}): there is no forward + "
+                             f"backward to time apart; time 'plain' steps, or build it in eager "
+                             f"mode")
         losses = session.target.losses
         first_loss = len(losses)
         if mode == "instrumented":
@@ -142,13 +192,15 @@ over a seed workload's target."""
             step_ms = [session.step() for _ in range(n)]
             breakdown = phase_breakdown(timeline)
             phases_ms = {p: s["samples"] for p, s in breakdown["phases_ms"].items()}
-            return {"step_ms": step_ms, "phases_ms": phases_ms, "losses": losses[first_loss:]}
+            return {"step_ms": step_ms, "phases_ms": phases_ms, "losses": losses[first_loss:],
+                    "compile_count": workload.compile_count()}
         if mode == "plain":
             step_ms = [session.plain_step() for _ in range(n)]
         else:
             session.hooks_off()
             step_ms = [_forward_backward_ms(session) for _ in range(n)]
-        return {"step_ms": step_ms, "losses": losses[first_loss:]}
+        return {"step_ms": step_ms, "losses": losses[first_loss:],
+                "compile_count": workload.compile_count()}
 
     def cmd_drop(self, request) -> Dict[str, object]:
         self._session(request, "drop")
@@ -172,6 +224,14 @@ def _forward_backward_ms(session) -> float:
     elapsed_ms = (time.perf_counter_ns() - began) / 1e6
     session.target.losses.append(w.loss_value(loss))
     return elapsed_ms
+
+
+def _no_graph_mode(framework: str, model: str) -> Optional[str]:
+    """Why ``framework``'s workloads have no graph mode (their class's ``no_graph_mode``,
+    profiler.workloads.base), or None where they have one."""
+    kind = "deeppose" if model == "deeppose" else "resnet"
+    module = importlib.import_module(f"profiler.workloads.{framework}.{kind}")
+    return getattr(module.Workload, "no_graph_mode", None)
 
 
 def _field(request: dict, key: str, kind: type):
@@ -208,7 +268,9 @@ def serve(framework: str, threads: int, device: str) -> int:
             try:
                 answer = {"ok": True, **server.handle(request)}
             except Exception as e:
-                answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                # A refusal reads as the ValueError it is, its fields beside the message.
+                kind = "ValueError" if isinstance(e, _Refusal) else type(e).__name__
+                answer = {"ok": False, "error": f"{kind}: {e}", **getattr(e, "fields", {})}
         channel.write(json.dumps(answer) + "\n")
         if isinstance(request, dict) and request.get("cmd") == "quit" and answer["ok"]:
             break
@@ -259,7 +321,10 @@ class Worker:
                               f"during {cmd}: {self._log_tail()}")
         answer = json.loads(line)
         if not answer.pop("ok", False):
-            raise WorkerError(f"{self.framework} worker: {cmd}: {answer.get('error')}")
+            message = f"{self.framework} worker: {cmd}: {answer.get('error')}"
+            if answer.get("mode_unavailable"):
+                raise ModeUnavailable(message, answer["mode_unavailable"])
+            raise WorkerError(message)
         return answer
 
     def close(self) -> None:

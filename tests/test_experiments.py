@@ -1,6 +1,8 @@
 """The experiments: the verdict rule on known inputs, the s/epoch extrapolation, the slope
-interval, the worker protocol's answers to bad input, and every study's result.json (and the
-report built from them) at tiny settings: PyTorch and Chainer, 2 rounds, batches of 1-2."""
+interval, the worker protocol's answers to bad input and its graph-mode builds, the --mode
+argument and the published modes, Table B's graph / eager ratio on synthetic rounds, and every
+study's result.json (and the report built from them) at tiny settings: PyTorch and Chainer, 2
+rounds, batches of 1-2; resnet_depth once more in both modes (PyTorch and MXNet)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import study
-from experiments.workers import Worker, WorkerError
+from experiments.workers import ModeUnavailable, Worker, WorkerError
 from profiler.analysis.stats import bootstrap_slope_ci
 
 
@@ -178,6 +180,47 @@ def test_worker_survives_a_line_that_is_not_json_and_checks_steps(chainer_worker
     assert len(answer["step_ms"]) == 1 and "loss_backward" in answer["phases_ms"]
 
 
+def test_worker_refuses_graph_mode_for_chainer_with_the_reason(chainer_worker):
+    with pytest.raises(ModeUnavailable) as info:
+        chainer_worker.call("build", name="g", steps_needed=2, config={
+            "model": "resnet20", "mode": "graph", "batch_size": 2, "train_size": 8,
+            "test_size": 2})
+    assert "graph compiler" in info.value.reason and "mode" in str(info.value)
+    assert chainer_worker.call("hello")["framework"] == "chainer"     # still serving
+
+
+@pytest.fixture(scope="module")
+def tensorflow_worker():
+    pytest.importorskip("tensorflow")
+    worker = Worker("tensorflow", threads=1)
+    yield worker
+    worker.close()
+
+
+def test_worker_builds_a_graph_mode_workload_and_steps_it(tensorflow_worker):
+    """TensorFlow's graph mode: the whole step is one compiled call; plain and instrumented
+    steps run (the instrumented one timed as compiled_step), the compile count is the graph
+    built in the first step, and forward_backward is refused saying why."""
+    built = tensorflow_worker.call("build", name="g", steps_needed=6, config={
+        "model": "resnet20", "mode": "graph", "batch_size": 2, "train_size": 8,
+        "test_size": 2})
+    assert built["mode"] == "graph" and built["step_calls"] == ["train_step"]
+    assert "kernel" in built["unavailable"]["conv"]       # Python glue: refused in a graph
+    plain = tensorflow_worker.call("steps", name="g", n=2, mode="plain")
+    assert len(plain["step_ms"]) == 2 and plain["compile_count"] >= 1
+    assert all(math.isfinite(v) for v in plain["losses"])
+    instrumented = tensorflow_worker.call("steps", name="g", n=1, mode="instrumented")
+    assert instrumented["phases_ms"]["compiled_step"][0] > 0
+    assert instrumented["compile_count"] == plain["compile_count"]   # no recompile
+    with pytest.raises(WorkerError) as info:
+        tensorflow_worker.call("steps", name="g", n=1, mode="forward_backward")
+    assert "one compiled call" in str(info.value) and "forward_backward" in str(info.value)
+    with pytest.raises(WorkerError, match="xla"):
+        tensorflow_worker.call("build", name="x", steps_needed=2, config={
+            "model": "resnet20", "mode": "eager", "xla": True})
+    tensorflow_worker.call("drop", name="g")
+
+
 def test_worker_refuses_an_unknown_framework():
     with pytest.raises(ValueError, match="framework"):
         Worker("keras", threads=1)
@@ -231,13 +274,16 @@ def test_bench_impls_reports_stats_medians_iqrs_and_per_round_ratios(tmp_path):
 
 # --------------------------------------------------------------------------- studies
 
+# Eager only here (resnet_depth, swap and parity default to both modes: PyTorch's compiles
+# would take minutes); the run in both modes is its own test below.
 TINY = {
-    "resnet_depth": ["--models", "resnet20,resnet32", "--rounds", "2", "--batch-size", "2"],
+    "resnet_depth": ["--models", "resnet20,resnet32", "--rounds", "2", "--batch-size", "2",
+                     "--mode", "eager"],
     "deeppose_loss": ["--h1-rounds", "2", "--h1-batch", "1", "--curve-max-n", "0",
                       "--curve-rounds", "2"],
-    "swap": ["--rounds", "2", "--batch-size", "2"],
+    "swap": ["--rounds", "2", "--batch-size", "2", "--mode", "eager"],
     "data_loading": ["--rounds", "2", "--batch-size", "2"],
-    "parity": ["--steps", "3", "--batch-size", "2"],
+    "parity": ["--steps", "3", "--batch-size", "2", "--mode", "eager"],
 }
 
 
@@ -258,6 +304,8 @@ def test_study_writes_a_complete_result(tiny_runs, name):
     study.validate_result(doc)
     assert doc["status"] == "complete", doc["errors"]
     assert doc["study"] == name and doc["settings"]["frameworks"] == ["torch", "chainer"]
+    assert doc["settings"]["mode"] == "eager"
+    assert doc["settings"]["modes"] == {"torch": ["eager"], "chainer": ["eager"]}
     assert set(doc["versions"]) >= {"torch", "chainer", "numpy"}
     assert doc["machine"]["physical_cores"] >= 1 and "load_average_end" in doc["machine"]
     assert doc["tables"] and doc["samples"]
@@ -267,14 +315,19 @@ def test_study_writes_a_complete_result(tiny_runs, name):
         low, high = record["ci95_pct"]
         assert low <= record["estimate_pct"] <= high
         assert record["conditions"]["threads"] == 1
+        assert set(record["conditions"]["modes"].values()) == {"eager"}
 
 
 def test_resnet_depth_extrapolates_from_its_raw_samples(tiny_runs):
     doc = json.loads((tiny_runs / "resnet_depth" / "result.json").read_text())
-    rounds = doc["samples"]["rounds"]["torch"]["resnet20"]
+    rounds = doc["samples"]["rounds"]["torch"]["resnet20/eager"]
     median_ms = float(np.median([r["step_ms"][0] for r in rounds]))
-    row = next(r for r in doc["tables"][0]["rows"] if r[0] == 20 and r[1] == "PyTorch")
-    assert float(row[4]) == pytest.approx(median_ms * 391 / 1000, abs=0.06)
+    table_a = next(t for t in doc["tables"] if t["title"].startswith("Table A"))
+    assert "all eager" in table_a["title"]
+    row = next(r for r in table_a["rows"] if r[0] == 20 and r[1] == "PyTorch")
+    assert row[2] == "eager"
+    assert float(row[5]) == pytest.approx(median_ms * 391 / 1000, abs=0.06)
+    assert not any(t["title"].startswith("Table B") for t in doc["tables"])
     assert {v["key"] for v in doc["verdicts"]} == {"resnet_depth.chainer.per_layer_cost",
                                                    "resnet_depth.chainer.slower_than_torch"}
 
@@ -318,7 +371,7 @@ def test_deeppose_loss_judges_the_step_through_its_loss_phase(tiny_runs):
     # loss-backward phase, against the autograd step, paired by round.
     from profiler.analysis.stats import bootstrap_diff_ci
     doc = json.loads((tiny_runs / "deeppose_loss" / "result.json").read_text())
-    rounds = doc["samples"]["h1_rounds"]["torch"]
+    rounds = doc["samples"]["h1_rounds"]["eager"]["torch"]
 
     def per_round(impl, phase=None):
         return [float(np.median(r["phases_ms"][phase] if phase else r["step_ms"]))
@@ -378,3 +431,192 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(module
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --out: expected a folder this process can create and write in" in err
+
+
+# --------------------------------------------------------------------------- modes
+
+def test_published_modes_are_those_of_the_published_comparison():
+    assert study.PUBLISHED_MODES == {"tensorflow": "graph", "mxnet": "graph",
+                                     "torch": "eager", "chainer": "eager"}
+    fws = ["torch", "chainer", "tensorflow", "mxnet"]
+    assert study.modes_for("published", fws) == {"torch": ["eager"], "chainer": ["eager"],
+                                                 "tensorflow": ["graph"], "mxnet": ["graph"]}
+    assert study.modes_for("both", ["torch"]) == {"torch": ["eager", "graph"]}
+    assert study.modes_for("graph", ["chainer"]) == {"chainer": ["graph"]}
+    assert study.comparison_sets("both", ["torch", "mxnet"]) == {
+        "eager": {"torch": "eager", "mxnet": "eager"},
+        "graph": {"torch": "graph", "mxnet": "graph"}}
+    assert study.comparison_sets("published", ["torch", "tensorflow"]) == {
+        "published": {"torch": "eager", "tensorflow": "graph"}}
+    assert study.describe_modes({"torch": "eager", "tensorflow": "graph"}) == (
+        "PyTorch eager, Keras(TF) graph")
+    assert study.describe_modes({"torch": "graph", "mxnet": "graph"}) == "all graph"
+    assert study.keyed("swap.x", "eager") == "swap.x"
+    assert study.keyed("swap.x", "published") == "swap.x@published"
+    with pytest.raises(ValueError, match="mode"):
+        study.modes_for("compiled", fws)
+    with pytest.raises(ValueError, match="frameworks"):
+        study.modes_for("eager", ["keras"])
+
+
+@pytest.mark.parametrize("module, default", [
+    ("resnet_depth", "both"), ("deeppose_loss", "eager"), ("swap", "both"),
+    ("data_loading", "eager"), ("parity", "both")])
+def test_every_study_takes_a_mode_with_its_default(module, default, capsys):
+    parse_args = importlib.import_module(f"experiments.{module}").parse_args
+    assert parse_args([]).mode == default
+    for mode in study.MODE_CHOICES:
+        assert parse_args(["--mode", mode]).mode == mode
+    with pytest.raises(SystemExit):
+        parse_args(["--mode", "compiled"])
+    assert "--mode: invalid choice: 'compiled'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("eager (op by op", "graph (the framework's compiled mode",
+                  "both (eager and graph side by side", "published (each framework in the "
+                  "mode the published comparison ran it in: TensorFlow and MXNet graph, "
+                  "PyTorch and Chainer eager)", f"(default: {default})"):
+        assert words in text, words
+
+
+def test_conditions_record_each_frameworks_mode():
+    class Args:
+        device, threads = "cpu", 2
+    conds = study.conditions(Args, {"torch": {"version": "2"}}, "quick", ["torch", "mxnet"],
+                             {"torch": "eager", "mxnet": "graph"})
+    assert conds["modes"] == {"torch": "eager", "mxnet": "graph"}
+    assert study.conditions(Args, {}, "quick", ["torch"], "graph")["modes"] == {"torch": "graph"}
+    with pytest.raises(ValueError, match="modes"):
+        study.conditions(Args, {}, "quick", ["torch", "mxnet"], {"torch": "eager"})
+
+
+class RefusingWorker:
+    """A worker double: Chainer refuses graph mode, as the real one answers."""
+    framework = "chainer"
+
+    def __init__(self):
+        self.calls = []
+
+    def call(self, cmd, **fields):
+        self.calls.append(fields["config"]["mode"])
+        if fields["config"]["mode"] == "graph":
+            raise ModeUnavailable("chainer worker: build: no graph", "it has no graph compiler")
+        return {"mode": "eager"}
+
+
+def test_mode_plan_skips_a_refused_mode_with_the_reason_noted(tmp_path):
+    result = study.Result("parity", tmp_path, settings={}, scale="quick")
+    plan = study.ModePlan("both", ["torch", "chainer"])
+    worker = RefusingWorker()
+    assert plan.build(worker, result, name="a", config={"mode": "eager"}, steps_needed=1)
+    assert plan.build(worker, result, name="b", config={"mode": "graph"}, steps_needed=1) is None
+    # Refused once: the mode leaves the plan, so no second request is made.
+    assert plan.build(worker, result, name="c", config={"mode": "graph"}, steps_needed=1) is None
+    assert worker.calls == ["eager", "graph"]
+    assert plan.modes == {"torch": ["eager", "graph"], "chainer": ["eager"]}
+    assert plan.skipped == {"chainer": {"graph": "it has no graph compiler"}}
+    assert any("Chainer not measured in graph mode: it has no graph compiler" in n
+               for n in result.doc["notes"])
+    assert result.doc["settings"]["modes_skipped"] == plan.skipped
+    assert plan.sets() == {"eager": {"torch": "eager", "chainer": "eager"},
+                           "graph": {"torch": "graph"}}
+
+
+# --------------------------------------------------------------------------- Table B
+
+def test_graph_over_eager_is_the_paired_ratio_with_its_interval():
+    from experiments.resnet_depth import eager_gap_slope, graph_over_eager
+    rng = np.random.default_rng(11)
+    drift = rng.uniform(0.7, 1.6, size=8)            # load shared by a round's two cells
+    eager = [100.0 * d for d in drift]
+    exact = graph_over_eager(eager, [0.6 * e for e in eager])
+    assert exact["ratio"] == pytest.approx(0.6) and exact["n"] == 8
+    assert exact["bracket"] == "range"                      # under 10 rounds
+    assert exact["ci95"] == pytest.approx([0.6, 0.6])        # pairing cancels the drift
+    noisy = graph_over_eager(eager, [0.6 * e * rng.normal(1, 0.02) for e in eager])
+    assert noisy["ci95"][0] < 0.6 < noisy["ci95"][1] and noisy["ci95"][1] < 0.7
+    assert graph_over_eager(eager + eager, [0.6 * e for e in eager] * 2)["bracket"] == "95% CI"
+    assert graph_over_eager([10.0], [5.0]) == {"ratio": 0.5, "ci95": None, "n": 1,
+                                               "bracket": None}
+    with pytest.raises(ValueError, match="as many"):
+        graph_over_eager([1.0, 2.0], [1.0])
+    # The gap grows 2 ms per layer: eager = 5 + 3 x layers, graph = 5 + 1 x layers.
+    x = [20, 32, 44, 56]
+    eager_rounds = [[(5 + 3 * xi) * d for xi in x] for d in (1.0, 1.0, 1.0)]
+    graph_rounds = [[5 + 1 * xi for xi in x]] * 3
+    assert eager_gap_slope(x, eager_rounds, graph_rounds) == pytest.approx((2.0, 2.0, 2.0))
+
+
+def test_table_b_gives_each_frameworks_graph_over_eager_ratio(tmp_path):
+    """Synthetic rounds with known ratios (TensorFlow 0.5, MXNet 0.8; PyTorch eager only) and a
+    known gap slope: the rows, the slope table and the verdicts say so."""
+    from experiments import resnet_depth
+
+    class Args:
+        device, threads, mode = "cpu", 2, "both"
+    models = ["resnet20", "resnet56"]
+    drift = [1.0, 1.3, 0.9, 1.1]
+    eager = {m: [10.0 * resnet_depth.layers(m) * d for d in drift] for m in models}
+    times = {"tensorflow": {"eager": eager,
+                            "graph": {m: [0.5 * v for v in eager[m]] for m in models}},
+             "mxnet": {"eager": eager,
+                       "graph": {m: [0.8 * v for v in eager[m]] for m in models}},
+             "torch": {"eager": eager}}
+    result = study.Result("resnet_depth", tmp_path, settings={}, scale="quick")
+    resnet_depth.table_b(Args, {"rounds": 4, "batch_size": 128}, result, times, models)
+    ratios = result.doc["graph_over_eager"]
+    assert set(ratios) == {"tensorflow", "mxnet"}
+    assert ratios["tensorflow"]["resnet56"]["ratio"] == pytest.approx(0.5)
+    assert ratios["mxnet"]["resnet20"]["ratio"] == pytest.approx(0.8)
+    table, slopes = result.doc["tables"]
+    assert table["title"].startswith("Table B")
+    row = next(r for r in table["rows"] if r[0] == "Keras(MXNet)" and r[1] == 20)
+    assert row[4] == "0.80 [0.80, 0.80]" and row[7] == 4
+    assert row[5] == "range"               # 4 rounds: the bracket is not a 95% interval
+    # Gap = (1 - ratio) x 10 ms x layers, per round; the slope is over the per-depth medians.
+    gap_slope = 0.5 * 10.0 * float(np.median(drift))
+    tf_row = next(r for r in slopes["rows"] if r[0] == "Keras(TF)")
+    assert tf_row[3].startswith(f"{gap_slope:.2f} [")
+    verdicts = {v["key"]: v for v in result.doc["verdicts"]}
+    assert set(verdicts) == {"resnet_depth.tensorflow.graph_faster_than_eager",
+                             "resnet_depth.mxnet.graph_faster_than_eager"}
+    assert verdicts["resnet_depth.tensorflow.graph_faster_than_eager"]["estimate_pct"] == \
+        pytest.approx(-50.0)
+    assert verdicts["resnet_depth.mxnet.graph_faster_than_eager"]["verdict"] == "supported"
+    assert verdicts["resnet_depth.mxnet.graph_faster_than_eager"]["conditions"]["modes"] == {
+        "mxnet": study.BOTH_MODES}
+
+
+def test_resnet_depth_in_both_modes_gives_tables_a_and_b(tmp_path):
+    """A tiny real run: PyTorch (eager and torch.compile) and MXNet (eager and hybridized),
+    one depth, 2 rounds. Table A has each framework in its published mode, Table B both."""
+    from experiments import report, resnet_depth
+    out = tmp_path / "resnet_depth"
+    assert resnet_depth.main(["--frameworks", "torch,mxnet", "--models", "resnet20",
+                              "--rounds", "2", "--batch-size", "2", "--threads", "1",
+                              "--mode", "both", "--out", str(out)]) == 0
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["status"] == "complete", doc["errors"]
+    assert doc["settings"]["mode"] == "both"
+    assert set(doc["samples"]["rounds"]["mxnet"]) == {"resnet20/eager", "resnet20/graph"}
+    titles = [t["title"] for t in doc["tables"]]
+    table_a = next(t for t in doc["tables"] if t["title"].startswith("Table A"))
+    assert "PyTorch eager, Keras(MXNet) graph" in table_a["title"]
+    assert [r[2] for r in table_a["rows"]] == ["eager", "graph"]
+    table_b = next(t for t in doc["tables"] if t["title"].startswith("Table B"))
+    assert {r[0] for r in table_b["rows"]} == {"PyTorch", "Keras(MXNet)"}
+    assert any(t.startswith("Compilation") for t in titles)
+    for f in ("torch", "mxnet"):
+        compiled = doc["compile"][f]["graph"]["resnet20"]
+        assert compiled["graphs_compiled_in_warmup"] >= 1
+        assert compiled["first_step_ms"] > 0
+    keys = {v["key"] for v in doc["verdicts"]}
+    assert keys == {"resnet_depth.mxnet.slower_than_torch@published",
+                    "resnet_depth.torch.graph_faster_than_eager",
+                    "resnet_depth.mxnet.graph_faster_than_eager"}
+    assert report.main(["--root", str(tmp_path)]) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "## Each framework as its users train it" in text
+    assert "### Table A" in text and "### Table B" in text
+    assert "| PyTorch eager, Keras(MXNet) graph |" in text      # the verdicts' modes column
