@@ -143,7 +143,7 @@ over a seed workload's target."""
         self.sessions[name] = Session(target, steps_needed=steps_needed)
         return {"parameters": workload.parameter_count(),
                 # What set_impls refuses here: unavailable_impls plus, in graph mode, kernel.
-                "unavailable": {kind: workload._unavailable(kind) for kind in ("conv", "loss")},
+                "unavailable": {kind: workload.refused_impls(kind) for kind in ("conv", "loss")},
                 "mode": workload.mode, "step_calls": list(workload.step_calls)}
 
     def _session(self, request, cmd: str):

@@ -217,13 +217,13 @@ class WorkloadBase:
         changes."""
         function = f"{type(self).__name__}.set_impls"
         if conv is not None:
-            check_impl(function, conv, CONV_IMPLS, self._unavailable("conv"))
+            check_impl(function, conv, CONV_IMPLS, self.refused_impls("conv"))
         if loss is not None:
             if not self.is_pose and loss != "autograd":
                 raise ValueError(f"{function}: loss: {self.model_name} trains with the "
                                  f"framework's softmax cross-entropy; loss impls apply to "
                                  f"deeppose only, got {loss!r}")
-            check_impl(function, loss, LOSS_IMPLS, self._unavailable("loss"))
+            check_impl(function, loss, LOSS_IMPLS, self.refused_impls("loss"))
         if conv is not None:
             for layer in self.conv_layers():
                 layer.impl = conv
@@ -232,8 +232,9 @@ class WorkloadBase:
         if loss is not None:
             self.loss_impl = loss
 
-    def _unavailable(self, kind: str) -> Dict[str, str]:
-        """unavailable_impls, plus the kernel impls in graph mode."""
+    def refused_impls(self, kind: str) -> Dict[str, str]:
+        """impl -> why not, for the ``kind`` impls that cannot run here: on this device
+        (unavailable_impls) and in this mode (the kernel impls in graph mode)."""
         refused = dict(self.unavailable_impls(kind))
         if self.config.mode == "graph":
             refused.setdefault("kernel", "the kernel impl is Python glue between the framework "
