@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from profiler.analysis.trace_events import to_chrome_trace
 from profiler.report import write_json_atomic
-from profiler.timeline import PHASES, OPTIONAL_PHASES
+from profiler.timeline import phases_of
 
 MERGED_SCHEMA_VERSION = 1
 
@@ -85,8 +85,8 @@ def gather_to_rank0(report) -> Optional[List[Dict[str, Any]]]:
 
 
 def _phase_names(reports: Sequence[Dict[str, Any]]) -> List[str]:
-    extra = [p for p in OPTIONAL_PHASES if any(p in r["phases_ms"] for r in reports)]
-    return list(PHASES[:-1]) + extra + [PHASES[-1]]
+    """The phases any rank measured, in display order (a graph-mode rank has fewer)."""
+    return list(phases_of({p for r in reports for p in r["phases_ms"]}))
 
 
 def _spread(values_by_rank: Dict[int, float]) -> Dict[str, Any]:
