@@ -248,6 +248,15 @@ def test_training_steps_match_torch(framework, model, steps):
     # DeepPose has no batch norm: every framework is compared in float32 there.
     float32 = not (framework in FLOAT64_RUNS and model != "deeppose")
     workload, _, losses, after = run_steps(framework, model, steps, float64=not float32)
+    assert_steps_match(workload, losses, after, torch_losses, torch_after, start, model, steps,
+                       float32, f"{framework} {model}")
+
+
+def assert_steps_match(workload, losses, after, torch_losses, torch_after, start, model, steps,
+                       float32, what):
+    """A framework's losses and weights after ``steps`` steps against PyTorch's float64 run
+    from the same ``start``: losses to 1e-4, every update within assert_update_matches'
+    tolerances (running variances converted where the framework's takes the biased one)."""
     np.testing.assert_allclose(losses, torch_losses, rtol=1e-4)
     for name, expected in torch_after.items():
         if name.endswith(".running_var"):
@@ -256,7 +265,7 @@ def test_training_steps_match_torch(framework, model, steps):
                                             batch_norm_count(name.rsplit(".", 1)[0], 4),
                                             steps)
         assert_update_matches(after[name], expected, start[name], model, float32,
-                              f"{framework} {model} {name} after {steps} step(s)")
+                              f"{what} {name} after {steps} step(s)")
 
 
 # An update (after - before) computed in float32 differs from the exact one in two ways:
@@ -351,15 +360,8 @@ def test_graph_mode_trains_as_the_eager_reference(framework, model, steps):
                                            mode="graph")
     assert workload.mode == "graph"
     assert workload.compile_count() >= 1, "graph mode compiled nothing"
-    np.testing.assert_allclose(losses, torch_losses, rtol=1e-4)
-    for name, expected in torch_after.items():
-        if name.endswith(".running_var"):
-            expected = expected_running_var(start[name], expected,
-                                            workload.bn_running_var_unbiased,
-                                            batch_norm_count(name.rsplit(".", 1)[0], 4),
-                                            steps)
-        assert_update_matches(after[name], expected, start[name], model, float32,
-                              f"{framework} graph {model} {name} after {steps} step(s)")
+    assert_steps_match(workload, losses, after, torch_losses, torch_after, start, model, steps,
+                       float32, f"{framework} graph {model}")
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
