@@ -37,8 +37,9 @@ compiled call (TensorFlow: ``step_calls == ["train_step"]``) it is refused, sayi
 compares it before and after its measured steps to see that nothing recompiled there.
 
 The client side is :class:`Worker` (one process) and :class:`Pool` (one per framework, one
-running at a time, waiting after each hand-off until the previous worker's threads have gone
-idle).
+running at a time, waiting after each hand-off until the previous worker's threads, and its
+loader processes', have gone idle); :func:`interleaved_rounds` measures each visit's CPU with
+experiments.contention.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from experiments.contention import VisitMeter, tree_ticks
 from ops import frameworks
 from ops.frameworks import FRAMEWORKS
 
@@ -69,6 +71,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 class WorkerError(RuntimeError):
     """A request a worker refused or failed, or a worker that died."""
+
+
+class ThreadSettingIgnored(WorkerError):
+    """A worker whose framework or libraries did not take the requested thread count: its
+    timings would not be of the machine the study describes, so the pool refuses to start."""
 
 
 class ModeUnavailable(WorkerError):
@@ -345,11 +352,6 @@ class Worker:
             except OSError:
                 pass
 
-    def cpu_ticks(self) -> int:
-        """CPU time (clock ticks, user + system, all threads) the worker has used so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])   # utime, stime (fields 14, 15)
-
     def peak_rss_mib(self) -> Optional[float]:
         """The worker's peak resident memory so far (VmHWM), in MiB; None if unreadable."""
         try:
@@ -367,15 +369,16 @@ class Worker:
 
 
 def wait_until_idle(worker: Worker, *, window_s: float = 0.05, max_s: float = 2.0) -> float:
-    """Waits until ``worker`` has used no CPU for one ``window_s`` (its OpenMP threads spin
-    for a while after their last work: GOMP_SPINCOUNT, KMP_BLOCKTIME), at most ``max_s``.
-    Returns the seconds waited, which the studies record."""
+    """Waits until ``worker`` and its descendants have used no CPU for one ``window_s`` (its
+    OpenMP threads spin for a while after their last work: GOMP_SPINCOUNT, KMP_BLOCKTIME, and
+    so do its data-loader processes' threads), at most ``max_s``. Returns the seconds waited,
+    which the studies record."""
     began = time.monotonic()
     try:
-        before = worker.cpu_ticks()
+        before = tree_ticks(worker.pid)
         while time.monotonic() - began < max_s:
             time.sleep(window_s)
-            after = worker.cpu_ticks()
+            after = tree_ticks(worker.pid)
             if after == before:
                 break
             before = after
@@ -405,12 +408,28 @@ class Pool:
 
     def start(self, framework: str) -> Dict[str, object]:
         """Starts ``framework``'s worker (one at a time: imports are CPU-heavy) and returns
-        its hello."""
+        its hello. Raises ThreadSettingIgnored (the worker stopped) if any of its thread pools
+        did not take ``threads``."""
         log = self.log_dir / f"worker-{framework}.log" if self.log_dir else None
         worker = Worker(framework, threads=self.threads, device=self.device, log=log)
         self.workers[framework] = worker
         self.hello[framework] = worker.call("hello")
+        report = self.hello[framework]["threads"]
+        if report.get("ignored"):
+            counts = pool_counts(report)
+            pools = ", ".join(f"{name} runs {counts.get(name, 'an unreported count')}"
+                              for name in report["ignored"])
+            self.stop(framework)
+            raise ThreadSettingIgnored(f"{framework} worker: threads: requested "
+                                       f"{self.threads} for every pool, but {pools}")
         return self.hello[framework]
+
+    def effective_threads(self) -> Dict[str, Dict[str, int]]:
+        """{framework: {pool: threads}}: every pool each worker reported at start-up
+        (intra_op, inter_op where the framework has it, and each BLAS, OpenMP and our own
+        kernels' library), named as in the report's "ignored", for the studies to record."""
+        return {framework: pool_counts(hello["threads"])
+                for framework, hello in self.hello.items()}
 
     def stop(self, framework: str) -> None:
         """Ends ``framework``'s worker (to free its memory)."""
@@ -452,6 +471,16 @@ class Pool:
         self.close()
 
 
+def pool_counts(report: Dict[str, object]) -> Dict[str, int]:
+    """ops.threads.thread_report's counts flattened under the names its "ignored" uses:
+    intra_op, inter_op, ours:<library>, blas:<library>, openmp:<library>."""
+    counts = {kind: report[kind] for kind in ("intra_op", "inter_op")
+              if report.get(kind) is not None}
+    for kind in ("ours", "blas", "openmp"):
+        counts.update({f"{kind}:{name}": n for name, n in report.get(kind, {}).items()})
+    return counts
+
+
 @dataclass(frozen=True)
 class Cell:
     """One thing a round measures: a built workload (``workload``, the name it was built
@@ -464,28 +493,36 @@ class Cell:
 def interleaved_rounds(pool: Pool, cells: Dict[str, List[Cell]], *, rounds: int, steps: int,
                        mode: str, on_round: Optional[Callable[[int, dict], None]] = None
                        ) -> Dict[str, Dict[str, List[dict]]]:
-    """Measures every cell of ``cells[framework]`` once per round: the frameworks' order
-    rotates round by round (interleaved_order) and so does the order of each framework's
-    cells, so drift hits every cell alike. Each visit sets the cell's impls, then runs
-    ``steps`` steps of ``mode``. Returns {framework: {cell key: [one answer per round]}}
-    (answers as the worker's ``steps``), and calls ``on_round(r, samples_so_far)`` after every
-    round, so a caller can save what was measured before a later round fails."""
-    from profiler.analysis.stats import interleaved_order
+    """Measures every cell of ``cells[framework]`` once per round. The frameworks' order and
+    the order of each framework's cells follow balanced_order: over each of its periods every
+    framework (cell) takes every position equally often and follows every other one equally
+    often, so drift and what one leaves behind for the next (spinning threads, caches) hit
+    every cell alike; use a multiple of stats.balanced_period rounds for the full balance.
+    Each visit sets the cell's impls, then runs ``steps`` steps of ``mode``, measured by a
+    contention.VisitMeter. Returns {framework: {cell key: [one answer per round]}} (answers
+    as the worker's ``steps``, plus the visit's CPU under "cpu": wall_s, worker_cpu_s,
+    others_cpu_s, worker_utilization, others_cores; contention.round_contention reads them),
+    and calls ``on_round(r, samples_so_far)`` after every round, so a caller can save what was
+    measured before a later round fails."""
+    from profiler.analysis.stats import balanced_order
     samples: Dict[str, Dict[str, List[dict]]] = {f: {c.key: [] for c in framework_cells}
                                                  for f, framework_cells in cells.items()}
-    framework_orders = interleaved_order(list(cells), rounds)
-    cell_orders = {f: interleaved_order([c.key for c in framework_cells], rounds)
+    framework_orders = balanced_order(list(cells), rounds)
+    cell_orders = {f: balanced_order([c.key for c in framework_cells], rounds)
                    for f, framework_cells in cells.items()}
+    meter = VisitMeter()
     for r in range(rounds):
         for framework in framework_orders[r]:
             worker = pool.use(framework)
             by_key = {c.key: c for c in cells[framework]}
             for key in cell_orders[framework][r]:
                 cell = by_key[key]
+                meter.start(worker.pid)
                 if cell.impls:
                     worker.call("set_impls", name=cell.workload, **cell.impls)
-                samples[framework][key].append(worker.call("steps", name=cell.workload,
-                                                           n=steps, mode=mode))
+                answer = worker.call("steps", name=cell.workload, n=steps, mode=mode)
+                answer["cpu"] = meter.stop(pool.threads)
+                samples[framework][key].append(answer)
         if on_round is not None:
             on_round(r, samples)
     return samples

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
@@ -69,6 +70,43 @@ def interleaved_order(variants: Sequence[str], rounds: int) -> List[List[str]]:
         raise ValueError(f"interleaved_order: rounds must be an int >= 0, got {rounds!r}")
     k = len(variants)
     return [[variants[(r + i) % k] for i in range(k)] for r in range(rounds)]
+
+
+def balanced_period(k: int) -> int:
+    """How many rounds balanced_order takes to balance ``k`` variants: k for an even k, 2k for
+    an odd one (a Williams square of odd order balances carry-over only with its rows
+    reversed), 1 for k = 1."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"balanced_period: k must be an int >= 1, got {k!r}")
+    return 1 if k == 1 else k if k % 2 == 0 else 2 * k
+
+
+def balanced_order(variants: Sequence[str], rounds: int) -> List[List[str]]:
+    """The order in which to run variants: one list per round, every variant once per round,
+    the rows of a Williams design (a balanced Latin square) cycling over the rounds.
+
+    interleaved_order's rotation balances positions but not neighbours: B always follows A. A
+    variant leaves state for the next one (a framework's OpenMP threads still spinning, caches
+    and allocator pools it filled), so its cost lands on whichever follows it. Over each
+    balanced_period(k) rounds here, every variant takes every position equally often and
+    immediately follows every other variant equally often, so first-order carry-over hits
+    every variant alike. Rows: 0, 1, k-1, 2, k-2, ... shifted by the row's number (mod k);
+    for an odd k, those k rows and then each of them reversed.
+    """
+    variants = list(variants)
+    if not variants:
+        raise ValueError("balanced_order: variants is empty; expected at least one name")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"balanced_order: variants {variants} repeat a name; expected "
+                         f"distinct names")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"balanced_order: rounds must be an int >= 0, got {rounds!r}")
+    k = len(variants)
+    first = [0] + [(j + 1) // 2 if j % 2 else k - j // 2 for j in range(1, k)]
+    rows = [[(i + shift) % k for i in first] for shift in range(k)]
+    if k % 2 and k > 1:
+        rows += [row[::-1] for row in rows]
+    return [[variants[i] for i in rows[r % len(rows)]] for r in range(rounds)]
 
 
 def overhead_schedule(instrumented: int, plain: int) -> List[bool]:
@@ -164,9 +202,10 @@ def bootstrap_diff_ci(a: Sequence[Number], b: Sequence[Number], *,
         # A resample whose baseline statistic is 0 (e.g. mostly-zero samples) divides by zero.
         raise ValueError(f"bootstrap_diff_ci: the interval is not finite ({low}, {high}); the "
                          f"baseline statistic is 0 in some resamples of a")
-    # Percentile intervals of a near-constant sample can miss the point estimate by rounding;
-    # widen to include it so "estimate [low, high]" always reads consistently.
-    return estimate, min(low, estimate), max(high, estimate)
+    # Not widened to contain the estimate: a percentile interval that misses its own estimate
+    # says the bootstrap is unreliable here (too few or too coarse samples), which a reader
+    # should see.
+    return estimate, low, high
 
 
 def _fmt_pct(x: float) -> str:
@@ -263,7 +302,7 @@ def bootstrap_slope_ci(x: Sequence[Number], y_rounds: Sequence[Sequence[Number]]
                          "the relative interval is not finite")
     tail = (1.0 - confidence) / 2.0 * 100.0
     low, high = np.percentile(values, [tail, 100.0 - tail])
-    return estimate, min(float(low), estimate), max(float(high), estimate)
+    return estimate, float(low), float(high)
 
 
 def paired_ratio_ci(a: Sequence[Number], b: Sequence[Number], *, confidence: float = 0.95,
@@ -292,7 +331,7 @@ def paired_ratio_ci(a: Sequence[Number], b: Sequence[Number], *, confidence: flo
     medians = np.median(log_ratios[picks], axis=1)
     tail = (1.0 - confidence) / 2.0 * 100.0
     low, high = np.expm1(np.percentile(medians, [tail, 100.0 - tail])) * 100.0
-    return estimate, min(float(low), estimate), max(float(high), estimate)
+    return estimate, float(low), float(high)
 
 
 # The instrumentation's overhead budget, in percent of the uninstrumented step.
@@ -346,3 +385,72 @@ def describe_overhead(summary: Dict[str, object]) -> str:
     interval = f" [{_fmt_pct(ci[0])}, {_fmt_pct(ci[1])}]" if ci else ""
     return (f"instrumentation overhead: {_fmt_pct(est)}%{interval} of the step (goal "
             f"{summary['overhead_goal_pct']:g}%): {summary['overhead_verdict']}")
+
+
+# --------------------------------------------------------------------------- exact intervals
+
+@dataclass(frozen=True)
+class MedianInterval:
+    """A median with its distribution-free interval: ``low`` and ``high`` are order statistics
+    of the n values, and ``confidence`` is the interval's exact coverage of the population
+    median for n independent values from any continuous distribution (not the nominal level
+    asked for: at n = 10 a "95%" interval is [x(2), x(9)], whose coverage is 97.9%)."""
+    estimate: float
+    low: float
+    high: float
+    confidence: float
+    n: int
+
+
+def median_interval_rank(n: int, confidence: float = 0.95) -> Tuple[int, float]:
+    """(k, coverage): the largest k such that [x(k), x(n+1-k)] (1-based order statistics)
+    covers the median with probability >= ``confidence``, and that probability,
+    1 - 2 P(Binomial(n, 1/2) <= k - 1). k is 0 where even the range [x(1), x(n)] falls short
+    (n <= 5 at 95%: the range of 5 values covers 93.75%)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"median_interval_rank: n: expected an int >= 1, got {n!r}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"median_interval_rank: confidence: expected a number in (0, 1), got "
+                         f"{confidence!r}")
+    best = (0, 0.0)
+    for k in range(1, (n + 1) // 2 + 1):
+        coverage = 1.0 - 2.0 * float(scipy_stats.binom.cdf(k - 1, n, 0.5))
+        if coverage < confidence:
+            break
+        best = (k, coverage)
+    return best
+
+
+def median_ci(values: Sequence[Number], confidence: float = 0.95) -> MedianInterval:
+    """The median of ``values`` with its exact distribution-free interval (order statistics,
+    median_interval_rank). Raises ValueError where n is too small for ``confidence`` (fewer
+    than 6 values at 95%): a bracket of so few values is their range, not an interval."""
+    arr = np.sort(_as_samples(values, "values"))
+    k, coverage = median_interval_rank(int(arr.size), confidence)
+    if k == 0:
+        raise ValueError(f"median_ci: values: {arr.size} value(s) cannot give a "
+                         f"{confidence:.0%} interval of the median (even their range covers "
+                         f"it with probability {1 - 2 * 0.5 ** arr.size:.1%}); expected more")
+    return MedianInterval(float(np.median(arr)), float(arr[k - 1]), float(arr[arr.size - k]),
+                          coverage, int(arr.size))
+
+
+def paired_ratio_interval(a: Sequence[Number], b: Sequence[Number], *,
+                          confidence: float = 0.95) -> MedianInterval:
+    """The effect of b over a measured in paired rounds, in percent: per round the ratio
+    b[r] / a[r] (the round's drift cancels), then the median of the rounds' ratios with its
+    exact interval (median_ci over the log ratios, mapped back: (ratio - 1) * 100).
+
+    The estimate is the statistic the interval is for (the median of paired ratios), and the
+    interval is never widened; its ``confidence`` is its exact coverage at this n."""
+    a_arr, b_arr = _as_samples(a, "a"), _as_samples(b, "b")
+    if a_arr.size != b_arr.size:
+        raise ValueError(f"paired_ratio_interval: a and b: expected one value per round each "
+                         f"(the same count), got {a_arr.size} and {b_arr.size}")
+    if np.any(a_arr <= 0) or np.any(b_arr <= 0):
+        raise ValueError("paired_ratio_interval: a and b: expected positive values (times), "
+                         f"got min {min(a_arr.min(), b_arr.min())}")
+    logs = median_ci(np.log(b_arr / a_arr), confidence)
+    pct = lambda x: float(np.expm1(x) * 100.0)   # noqa: E731
+    return MedianInterval(pct(logs.estimate), pct(logs.low), pct(logs.high), logs.confidence,
+                          logs.n)
