@@ -22,13 +22,14 @@ from typing import List, Optional
 
 from experiments import study
 from experiments.workers import Cell, Pool, interleaved_rounds, round_values
-from profiler.analysis.stats import bootstrap_diff_ci, median
+from profiler.analysis.stats import median
 
 STUDY = "data_loading"
 WORKERS = (0, 1, 2)
 GPU_ONLY = ("pinned memory (PyTorch DataLoader pin_memory)", "cuDNN autotune on/off",
             "channels-last memory format")
-QUICK = dict(model="resnet20", batch_size=32, rounds=6, steps_per_round=2, warmup=2,
+# rounds >= study.MIN_ROUNDS: the verdicts are medians over rounds with exact intervals.
+QUICK = dict(model="resnet20", batch_size=32, rounds=10, steps_per_round=2, warmup=2,
              train_size=1024)
 FULL = dict(model="resnet20", batch_size=128, rounds=15, steps_per_round=5, warmup=3,
             train_size=None)
@@ -62,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.device == "cpu":
         departures.append("GPU-only rows not measured: " + "; ".join(GPU_ONLY))
     result = study.Result(STUDY, args.out, settings=settings, scale=scale,
-                          departures=departures)
+                          departures=departures, quiet_wait_s=args.quiet_wait)
     return result.run(run, args, settings, result)
 
 
@@ -117,68 +118,106 @@ def run(args, settings, result: study.Result) -> None:
 
 def analyse(args, settings, result, samples, plan: study.ModePlan) -> None:
     rows, shares = [], {}
+    contended = result.contention(samples)
     for f in samples:
         for mode in plan.modes[f]:
             step = {n: round_values(samples[f][cell_name(n, mode)]) for n in WORKERS}
             wait = {n: round_values(samples[f][cell_name(n, mode)], phase="data_wait")
                     for n in WORKERS}
             label = study.mode_label(f, mode)
-            shares[label] = {n: median([w / s * 100 for w, s in zip(wait[n], step[n])])
-                             for n in WORKERS}
+            per_round = {n: [w / s * 100 for w, s in zip(wait[n], step[n])] for n in WORKERS}
+            shares[label] = {n: per_round[n] for n in WORKERS}
             for n in WORKERS:
+                share = study.per_round_effect(per_round[n])
                 row = [study.PUBLISHED_NAMES[f], mode, n, study.fmt(median(step[n])),
-                       study.fmt(median(wait[n]), 2), f"{shares[label][n]:.1f}%"]
-                if n == 0 or len(step[n]) < 2:
-                    row.append("baseline" if n == 0 else "-")
-                else:
-                    row.append(study.fmt_ci(*bootstrap_diff_ci(step[0], step[n])))
+                       study.fmt(median(wait[n]), 2),
+                       f"{share.estimate:.1f}% [{share.low:.1f}, {share.high:.1f}]" if share
+                       else f"{median(per_round[n]):.1f}%"]
+                row.append("baseline" if n == 0 else
+                           study.fmt_effect(study.paired_effect(step[0], step[n])))
                 rows.append(row)
-            if len(step[0]) >= 2:
-                most = max(WORKERS)
-                conds = study.conditions(args, result.doc["workers"], result.doc["scale"], [f],
-                                         mode)
-                conds.update(batch_size=settings["batch_size"], model=settings["model"])
-                est, lo, hi = bootstrap_diff_ci(step[0], step[most])
-                result.add_verdict(study.judge(
-                    study.Hypothesis(
-                        key=study.keyed(f"data_loading.{f}.workers_speed_up_step", mode),
-                        claim=f"{label}: an asynchronous loader with {most} workers makes the "
-                              f"training step faster than loading in the training process",
-                        effect=f"step time, {most} loader workers vs 0, {mode} mode",
-                        direction="lower"),
-                    est, lo, hi, conds, data_wait_share_pct={str(n): shares[label][n]
-                                                             for n in WORKERS}))
+            most = max(WORKERS)
+            conds = study.conditions(args, result.doc["workers"], result.doc["scale"], [f], mode)
+            base_share = study.per_round_effect(per_round[0])
+            ceiling = None
+            if base_share is not None and base_share.high < study.DEFAULT_THRESHOLD_PCT:
+                ceiling = (f"data wait is {base_share.estimate:.1f}% [{base_share.low:.1f}, "
+                           f"{base_share.high:.1f}] of the step with 0 loader workers: no "
+                           f"loader can make the step {study.DEFAULT_THRESHOLD_PCT:g}% faster")
+            q = study.quantity(model=model_label(settings["model"]),
+                               batch=settings["batch_size"],
+                               compared=f"{label}, {most} loader workers vs 0",
+                               timed="instrumented training step (data loading included)",
+                               device=args.device, threads=args.threads)
+            effect = study.paired_effect(step[0], step[most])
+            result.add_verdict(study.judge(
+                study.Claim(key=study.keyed(f"data_loading.{f}.workers_speed_up_step", mode),
+                            kind="direction", direction="lower",
+                            threshold=study.DEFAULT_THRESHOLD_PCT,
+                            claim=f"{label}: an asynchronous loader with {most} workers makes "
+                                  f"the training step faster than loading in the training "
+                                  f"process, by more than {study.DEFAULT_THRESHOLD_PCT:g}%",
+                            published_text="common advice for GPU training (keep the device "
+                                           "fed); no published figure for a CPU"),
+                effect or [(b / a - 1) * 100 for a, b in zip(step[0], step[most])], q, conds,
+                ceiling=ceiling, contended_rounds=contended,
+                data_wait_share_pct={str(n): median(per_round[n]) for n in WORKERS}))
     for factor in GPU_ONLY if args.device == "cpu" else ():
         rows.append(["(GPU only)", "-", factor, "not measured (CPU run)", "-", "-", "-"])
     in_modes = ", ".join(sorted({m for f in samples for m in plan.modes[f]}))
     result.add_table(
         f"Loader workers: data-wait share of the step ({settings['model']}, batch "
         f"{settings['batch_size']}; {in_modes} mode)",
-        ["framework", "mode", "loader workers", "step ms", "data wait ms", "data-wait share",
-         "step vs 0 workers [95% CI]"], rows,
+        ["framework", "mode", "loader workers", "step ms", "data wait ms",
+         "data-wait share [interval]", "step vs 0 workers [interval] (n)"], rows,
         note="Instrumented steps; data wait is the time blocked on the loader's next batch. "
              "Each framework's loaders stay alive side by side (their idle workers sleep on "
-             "full prefetch queues). The mode column is the execution mode of the step.")
+             "full prefetch queues). The mode column is the execution mode of the step. "
+             + study.INTERVAL_NOTE)
     plot(result, shares)
+    study.plot_verdicts(result, [r for r in result.doc["verdicts"]
+                                 if r["key"].startswith("data_loading.")], "verdicts.png",
+                        f"data_loading verdicts ({settings['model']}, batch "
+                        f"{settings['batch_size']}, {in_modes} mode)")
+
+
+def model_label(model: str) -> str:
+    """'ResNet-20'."""
+    return model.replace("resnet", "ResNet-")
 
 
 def plot(result, shares) -> None:
-    """Bars per framework and mode (``shares``: {label: {workers: share %}})."""
+    """Bars per framework and mode (``shares``: {label: {workers: per-round share %}}), each
+    the median with its exact interval."""
     plt = study.pyplot()
     labels = list(shares)
     fig, ax = plt.subplots(figsize=(max(7, 1.4 * len(labels)), 4))
     width = 0.8 / len(WORKERS)
-    for k, n in enumerate(WORKERS):
-        ax.bar([x + (k - 1) * width for x in range(len(labels))],
-               [shares[label][n] for label in labels], width, label=f"{n} workers")
+    n = None
+    for k, workers in enumerate(WORKERS):
+        centres, err = [], [[], []]
+        for label in labels:
+            values = shares[label][workers]
+            n = len(values)
+            effect = study.per_round_effect(values)
+            centre = median(values)
+            centres.append(centre)
+            err[0].append(centre - effect.low if effect else 0.0)
+            err[1].append(effect.high - centre if effect else 0.0)
+        ax.bar([x + (k - 1) * width for x in range(len(labels))], centres, width, yerr=err,
+               capsize=3, label=f"{workers} workers")
+    ax.axhline(study.DEFAULT_THRESHOLD_PCT, color="#b07d00", lw=0.8, ls=":",
+               label=f"{study.DEFAULT_THRESHOLD_PCT:g}% (the speed-up claim's threshold)")
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylabel("data wait, % of step (median)")
-    ax.set_title("Time blocked on the loader")
-    ax.legend()
+    ax.set_ylabel("data wait, % of the step (median of rounds)")
+    ax.set_title(f"Time blocked on the loader (bars: exact interval, n {n} rounds)")
+    ax.legend(fontsize=8)
     result.add_plot(fig, "data_wait_share.png",
                     "Data-wait share of the training step per framework, execution mode and "
-                    "loader workers.")
+                    "loader workers (median of per-round shares with its exact interval); "
+                    "below the dotted line, removing the wait could not make the step 5% "
+                    "faster.")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"reached a minimum test error of 0.08-0.10 in all four); synthetic "
                   f"CIFAR-shaped data"]
     result = study.Result(STUDY, args.out, settings=settings, scale=scale,
-                          departures=departures, notes=[study.STAND_IN_NOTE])
+                          departures=departures, notes=[study.STAND_IN_NOTE],
+                          quiet_wait_s=args.quiet_wait)
     return result.run(run, args, settings, result)
 
 

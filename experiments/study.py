@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from ops.frameworks import CUDA_FRAMEWORKS, FRAMEWORKS
-from profiler.console import output_dir, positive_int  # noqa: F401  (argparse types)
+from profiler.console import (non_negative_int, output_dir,  # noqa: F401  (argparse types)
+                              positive_int)
 from profiler.report import write_json_atomic
-from experiments.workers import ModeUnavailable
+from experiments.workers import ModeUnavailable, pool_counts
 
-SCHEMA = "deepprof.experiment/1"
+# 2: verdicts of a declared kind with their quantity and exact interval (interval_pct,
+# confidence, n), per-visit CPU contention, the wait for a quiet machine.
+SCHEMA = "deepprof.experiment/2"
 # The names the published comparison used for what our workloads run.
 PUBLISHED_NAMES = {"torch": "PyTorch", "chainer": "Chainer", "tensorflow": "Keras(TF)",
                    "mxnet": "Keras(MXNet)"}
@@ -57,15 +60,25 @@ MODE_HELP = ("the execution mode(s) each framework runs in: eager (op by op, as 
              "published comparison ran it in: TensorFlow and MXNet graph, PyTorch and Chainer "
              "eager)")
 
-# Fewer paired rounds than this and a bootstrap percentile bracket of their median is about
-# the range of the rounds' values, not a 95% interval (with 5 rounds it is exactly the range);
-# the same rule as experiments.bench_modes.
-MIN_ROUNDS_FOR_INTERVAL = 10
+# Fewer paired rounds than this and no verdict ("too few rounds"): the exact interval of a
+# median (profiler.analysis.stats.median_ci) is [x(2), x(9)] at n = 10, 97.9% coverage; at
+# n = 5 only the range of the five values is left (93.8%), and a bootstrap bracket of so few
+# is that range too. The same rule as experiments.bench_modes.
+MIN_ROUNDS = 10
+MIN_ROUNDS_FOR_INTERVAL = MIN_ROUNDS
 
 CIFAR_TRAIN_IMAGES = 50_000
 PUBLISHED_BATCH = 128
 VERDICTS = ("supported", "refuted", "inconclusive")
+# What a claim gets instead of a verdict, with its reason.
+NO_VERDICTS = ("too few rounds", "not testable here")
+CLAIM_KINDS = ("direction", "magnitude", "mechanism")
 DEFAULT_THRESHOLD_PCT = 5.0
+# How long a study waits for other processes to leave the CPU before it starts.
+QUIET_WAIT_S = 120.0
+# A magnitude claim agrees with its published ratio when our interval lies within this factor of
+# it: the published runs were one machine's epochs (no interval), on a GPU, with other versions.
+MAGNITUDE_BAND = 1.25
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -214,72 +227,193 @@ class ModePlan:
 # --------------------------------------------------------------------------- verdicts
 
 @dataclass(frozen=True)
-class Hypothesis:
-    """A published claim with a direction: ``effect`` is a relative difference in percent
-    (variant vs baseline, from paired rounds), and the claim says it is ``direction``
-    ("lower" or "higher") by at least ``threshold_pct``."""
+class Claim:
+    """A claim a study tests, of one declared ``kind``:
+
+    - "direction": "the effect is ``direction`` ("higher" or "lower") by more than
+      ``threshold`` percent"; the effect is a paired per-round ratio, in percent;
+    - "magnitude": "our ratio agrees with the published one (``published``, a ratio) within a
+      factor ``threshold``" (an equivalence band on the log scale, e.g. 1.25: from 0.8x to
+      1.25x the published ratio); the effect is our ratio, in percent over 1;
+    - "mechanism": "a part accounts for at least ``threshold`` percent of a gap"; the effect is
+      the part's per-round share of the gap, in percent.
+
+    ``published_text`` names the published figure and the regime it was measured in (device,
+    batch, front end), for the line that quotes it."""
     key: str
+    kind: str
     claim: str
-    effect: str
-    direction: str
-    threshold_pct: float = DEFAULT_THRESHOLD_PCT
+    threshold: float
+    direction: str = "higher"
+    published: Optional[float] = None
+    published_text: str = ""
 
     def __post_init__(self):
+        if self.kind not in CLAIM_KINDS:
+            raise ValueError(f"Claim {self.key}: kind: expected one of {list(CLAIM_KINDS)}, "
+                             f"got {self.kind!r}")
         if self.direction not in ("lower", "higher"):
-            raise ValueError(f"Hypothesis {self.key}: direction: expected 'lower' or 'higher', "
-                             f"got {self.direction!r}")
-        if not (isinstance(self.threshold_pct, (int, float)) and self.threshold_pct > 0):
-            raise ValueError(f"Hypothesis {self.key}: threshold_pct: expected a number > 0, "
-                             f"got {self.threshold_pct!r}")
+            raise ValueError(f"Claim {self.key}: direction: expected 'lower' or 'higher', got "
+                             f"{self.direction!r}")
+        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold)
+                and self.threshold > 0):
+            raise ValueError(f"Claim {self.key}: threshold: expected a finite number > 0, got "
+                             f"{self.threshold!r}")
+        if self.kind == "magnitude" and (self.threshold <= 1 or not (
+                isinstance(self.published, (int, float)) and self.published > 0)):
+            raise ValueError(f"Claim {self.key}: a magnitude claim needs published > 0 and a "
+                             f"band threshold > 1, got published {self.published!r}, threshold "
+                             f"{self.threshold!r}")
+
+    def threshold_text(self) -> str:
+        if self.kind == "direction":
+            return f"{'+' if self.direction == 'higher' else '-'}{self.threshold:g}%"
+        if self.kind == "magnitude":
+            return (f"{self.published / self.threshold:.2f}x-{self.published * self.threshold:.2f}x"
+                    f" (published {self.published:.2f}x, band {self.threshold:g}x)")
+        return f">= {self.threshold:g}% of the gap"
 
 
-def verdict(estimate: float, low: float, high: float, *, direction: str,
-            threshold: float) -> str:
-    """The verdict rule. ``estimate`` [``low``, ``high``] is the effect with its 95% interval;
-    the claim is that the effect is ``direction`` ("lower": negative, "higher": positive).
-
-    supported: the interval excludes 0 on the claimed side and |estimate| >= threshold;
-    refuted: the interval lies inside [-threshold, threshold], or excludes 0 on the other side;
-    inconclusive: anything else (e.g. an interval too wide to say)."""
+def rule_direction(low: float, high: float, *, direction: str, threshold: float) -> str:
+    """A direction claim's verdict from its interval [low, high] (percent): with the claimed
+    side made positive, supported when the low end clears the threshold (low > threshold),
+    refuted when the high end falls short of it (high < threshold: the effect is smaller than
+    claimed, or has the other sign), inconclusive otherwise."""
+    _check_interval("rule_direction", low, high)
     if direction not in ("lower", "higher"):
-        raise ValueError(f"verdict: direction: expected 'lower' or 'higher', got {direction!r}")
-    if not (isinstance(threshold, (int, float)) and threshold > 0):
-        raise ValueError(f"verdict: threshold: expected a number > 0, got {threshold!r}")
-    for name, value in (("estimate", estimate), ("low", low), ("high", high)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"verdict: {name}: expected a finite number, got {value!r}")
-    if not low <= estimate <= high:
-        raise ValueError(f"verdict: expected low <= estimate <= high, got {low}, {estimate}, "
-                         f"{high}")
-    sign = -1.0 if direction == "lower" else 1.0
-    # Flip so that the claimed side is positive.
-    est = sign * estimate
-    lo, hi = sorted((sign * low, sign * high))
-    if lo > 0 and est >= threshold:
+        raise ValueError(f"rule_direction: direction: expected 'lower' or 'higher', got "
+                         f"{direction!r}")
+    lo, hi = (low, high) if direction == "higher" else (-high, -low)
+    if lo > threshold:
         return "supported"
-    if hi < 0 or (-threshold <= lo and hi <= threshold):
+    if hi < threshold:
         return "refuted"
     return "inconclusive"
 
 
-def judge(hypothesis: Hypothesis, estimate: float, low: float, high: float,
-          conditions: Dict[str, object], **details) -> Dict[str, object]:
-    """A verdict record: the claim, the effect with its interval, the threshold, the verdict
-    and the conditions it was measured under (device, threads, versions, scale)."""
-    return {"key": hypothesis.key, "claim": hypothesis.claim, "effect": hypothesis.effect,
-            "direction": hypothesis.direction, "threshold_pct": hypothesis.threshold_pct,
-            "estimate_pct": estimate, "ci95_pct": [low, high],
-            "verdict": verdict(estimate, low, high, direction=hypothesis.direction,
-                               threshold=hypothesis.threshold_pct),
-            "conditions": conditions, **details}
+def rule_magnitude(low_ratio: float, high_ratio: float, *, published: float,
+                   band: float) -> str:
+    """A magnitude claim's verdict (an equivalence test on the log scale): our ratio's interval
+    [low_ratio, high_ratio] against [published / band, published * band]: supported (agrees)
+    when the interval lies inside the band, refuted when it lies wholly outside it,
+    inconclusive when it straddles an edge."""
+    _check_interval("rule_magnitude", low_ratio, high_ratio)
+    lower, upper = published / band, published * band
+    if lower <= low_ratio and high_ratio <= upper:
+        return "supported"
+    if high_ratio < lower or low_ratio > upper:
+        return "refuted"
+    return "inconclusive"
+
+
+def rule_mechanism(low: float, high: float, *, share: float) -> str:
+    """A mechanism claim's verdict: the part's share of the gap (percent) has the interval
+    [low, high]; supported when it is at least ``share`` (low >= share), refuted when it is
+    surely less (high < share), inconclusive otherwise."""
+    _check_interval("rule_mechanism", low, high)
+    if low >= share:
+        return "supported"
+    if high < share:
+        return "refuted"
+    return "inconclusive"
+
+
+def _check_interval(name: str, low: float, high: float) -> None:
+    for label, value in (("low", low), ("high", high)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+                value):
+            raise ValueError(f"{name}: {label}: expected a finite number, got {value!r}")
+    if low > high:
+        raise ValueError(f"{name}: expected low <= high, got {low} > {high}")
+
+
+def quantity(*, model: str, batch: int, timed: str, compared: str, device: str,
+             threads: object, layers: Optional[int] = None) -> Dict[str, object]:
+    """What a verdict's effect is of: the model (and its depth), the batch, the execution modes
+    compared, what is timed (the whole step with the loader, forward + backward, a phase),
+    device and threads. :func:`judge` adds n."""
+    return {"model": model, "layers": layers, "batch": batch, "compared": compared,
+            "timed": timed, "device": device, "threads": threads}
+
+
+def describe_quantity(q: Dict[str, object]) -> str:
+    """'ResNet-20 (20 layers), batch 128, Chainer eager vs PyTorch eager, uninstrumented
+    training step (loader included), cpu, 2 threads, n = 10 rounds'."""
+    depth = f" ({q['layers']} layers)" if q.get("layers") else ""
+    n = f", n = {q['n']} rounds" if q.get("n") is not None else ""
+    return (f"{q['model']}{depth}, batch {q['batch']}, {q['compared']}, {q['timed']}, "
+            f"{q['device']}, {q['threads']} threads{n}")
+
+
+def judge(claim: Claim, effect, q: Dict[str, object], conditions: Dict[str, object], *,
+          ceiling: Optional[str] = None, contended_rounds: Sequence[int] = (),
+          **details) -> Dict[str, object]:
+    """A verdict record. ``effect`` is a profiler.analysis.stats.MedianInterval in percent
+    (the median of per-round values with its exact interval), or the list of per-round values
+    (percent) to compute it from; fewer than MIN_ROUNDS rounds give no verdict ("too few
+    rounds"). ``ceiling``: why the claim cannot reach its threshold at this scale (measured by
+    the caller, e.g. "data wait is 2.2% of the step"): then the verdict is "not testable
+    here", the reason beside it, and the effect is still shown. ``contended_rounds``: the
+    rounds during which other processes used the CPU beyond the contention level (the verdict
+    is flagged)."""
+    from profiler.analysis.stats import MedianInterval, median_ci
+    if not isinstance(effect, MedianInterval):
+        values = [float(v) for v in effect]
+        effect = median_ci(values) if len(values) >= MIN_ROUNDS else None
+        if effect is None:
+            estimate = float(sorted(values)[len(values) // 2]) if values else None
+    record = {"key": claim.key, "kind": claim.kind, "claim": claim.claim,
+              "direction": claim.direction, "threshold": claim.threshold,
+              "threshold_text": claim.threshold_text(), "published": claim.published,
+              "published_text": claim.published_text, "conditions": conditions,
+              "contended_rounds": list(contended_rounds), "reason": None, **details}
+    if effect is None or effect.n < MIN_ROUNDS:
+        n = effect.n if effect is not None else len(values)
+        record.update(quantity={**q, "n": n}, n=n, confidence=None, interval_pct=None,
+                      estimate_pct=effect.estimate if effect is not None else estimate,
+                      verdict="too few rounds",
+                      reason=f"{n} round(s); a verdict needs at least {MIN_ROUNDS}")
+        return record
+    record.update(quantity={**q, "n": effect.n}, n=effect.n, confidence=effect.confidence,
+                  estimate_pct=effect.estimate, interval_pct=[effect.low, effect.high])
+    if ceiling:
+        record.update(verdict="not testable here", reason=ceiling)
+    elif claim.kind == "direction":
+        record["verdict"] = rule_direction(effect.low, effect.high, direction=claim.direction,
+                                           threshold=claim.threshold)
+    elif claim.kind == "magnitude":
+        record["verdict"] = rule_magnitude(1 + effect.low / 100, 1 + effect.high / 100,
+                                           published=claim.published, band=claim.threshold)
+    else:
+        record["verdict"] = rule_mechanism(effect.low, effect.high, share=claim.threshold)
+    return record
+
+
+def describe_effect(record: Dict[str, object]) -> str:
+    """The effect as its kind reads: '+12.3% [+8.0, +16.1] (97.9%, n = 10)' (direction,
+    mechanism: a share), '8.07x [7.45, 8.59] (97.9%, n = 10)' (magnitude: our ratio)."""
+    est, ci, n = record["estimate_pct"], record.get("interval_pct"), record.get("n")
+    if est is None:
+        return f"- (n = {n})"
+    if record["kind"] == "magnitude":
+        text = f"{1 + est / 100:.2f}x"
+        bracket = f" [{1 + ci[0] / 100:.2f}, {1 + ci[1] / 100:.2f}]" if ci else ""
+    else:
+        text = f"{est:+.1f}%"
+        bracket = f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""
+    level = f"{record['confidence']:.1%}, " if record.get("confidence") else ""
+    return f"{text}{bracket} ({level}n = {n})"
 
 
 def describe_verdict(record: Dict[str, object]) -> str:
-    """One line: "supported: <claim> (<effect> -12.3% [-15.0, -9.1], threshold 5%)"."""
-    low, high = record["ci95_pct"]
-    return (f"{record['verdict']}: {record['claim']} ({record['effect']} "
-            f"{record['estimate_pct']:+.1f}% [{low:+.1f}, {high:+.1f}], threshold "
-            f"{record['threshold_pct']:g}%)")
+    """One line: "supported (direction): <claim>: <quantity>: +12.3% [+8.0, +16.1] (97.9%,
+    n = 10), threshold +5%"."""
+    reason = f" ({record['reason']})" if record.get("reason") else ""
+    flag = (f"; {len(record['contended_rounds'])} contended round(s)"
+            if record.get("contended_rounds") else "")
+    return (f"{record['verdict']}{reason} [{record['kind']}]: {record['claim']}: "
+            f"{describe_quantity(record['quantity'])}: {describe_effect(record)}, threshold "
+            f"{record['threshold_text']}{flag}")
 
 
 # --------------------------------------------------------------------------- machine
@@ -350,6 +484,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, study: str, *,
                          f"{list(MODE_CHOICES)}, got {default_mode!r}")
     parser.add_argument("--mode", choices=MODE_CHOICES, default=default_mode,
                         help=f"{MODE_HELP} (default: %(default)s)")
+    parser.add_argument("--quiet-wait", type=non_negative_int, default=int(QUIET_WAIT_S),
+                        metavar="SECONDS",
+                        help="before measuring, wait up to this long for other processes to "
+                             "leave the CPU nearly idle (the wait and whether it succeeded are "
+                             "recorded); 0: do not wait (default: %(default)s)")
 
 
 def resolve_frameworks(parser: argparse.ArgumentParser, args, allowed: Sequence[str]
@@ -386,7 +525,8 @@ class Result:
     half-way keeps what it measured (``status`` then says "failed" with the error)."""
 
     def __init__(self, study: str, out: Path, *, settings: Dict[str, object], scale: str,
-                 departures: Iterable[str] = (), notes: Iterable[str] = ()):
+                 departures: Iterable[str] = (), notes: Iterable[str] = (),
+                 quiet_wait_s: float = QUIET_WAIT_S):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / "result.json"
@@ -400,14 +540,36 @@ class Result:
             "machine": machine_info(), "versions": library_versions(), "workers": {},
             "samples": {}, "tables": [], "plots": [], "verdicts": [], "notes": list(notes),
             "errors": []}
-        load_1min, cores = self.doc["machine"]["load_average_start"][0], self.doc["machine"][
-            "physical_cores"]
-        if load_1min > 0.5 * cores:
-            # Other work on the cores slows OpenMP barriers far more than its share.
-            self.note(f"the machine was busy when this study started (1-minute load "
-                      f"{load_1min:.2f} on {cores} cores): timings include that contention; "
-                      f"ratios from interleaved rounds suffer least")
         self.save()
+        self.wait_for_quiet(quiet_wait_s)
+
+    def wait_for_quiet(self, max_s: float) -> None:
+        """Waits (up to ``max_s``; 0: not at all) until other processes leave the CPU nearly
+        idle before anything is measured, and records the wait; a machine that never went
+        quiet is a note, and the per-round contention flags the rounds it touched."""
+        from experiments.contention import wait_for_quiet
+        if not max_s:
+            self.doc["machine"]["quiet_wait"] = None
+            return
+        progress(f"{self.doc['study']}: waiting for a quiet machine (at most {max_s:.0f} s)")
+        waited = wait_for_quiet(max_s=max(float(max_s), 3.0))
+        self.doc["machine"]["quiet_wait"] = waited
+        if not waited["quiet"]:
+            self.note(f"the machine did not go quiet within {waited['waited_s']:.0f} s (other "
+                      f"processes used {waited['busy_cores_last']:.2f} cores, the quiet level "
+                      f"is {waited['quiet_cores']:g}): measured anyway; rounds above the "
+                      f"contention level are flagged in the verdicts")
+        self.save()
+
+    def contention(self, samples) -> List[int]:
+        """Per-round contention of ``samples`` (interleaved_rounds' answers, each visit's CPU
+        use measured), kept under ``contention``; returns the contended rounds (0-based)."""
+        from experiments.contention import CONTENTION_LEVEL_CORES, round_contention
+        rounds = round_contention(samples)
+        self.doc.setdefault("contention", {"level_cores": CONTENTION_LEVEL_CORES,
+                                           "blocks": []})["blocks"].append(rounds)
+        self.save()
+        return [r["round"] for r in rounds if r["contended"]]
 
     def record_worker(self, framework: str, hello: Dict[str, object]) -> None:
         """What a framework's worker reported at start-up (version, threads, pid)."""
@@ -509,13 +671,13 @@ def validate_result(doc: Dict[str, object]) -> None:
                 raise ValueError(f"result: table {table['title']!r}: a row has {len(row)} cells "
                                  f"for {len(table['columns'])} columns")
     for record in doc["verdicts"]:
-        for key in ("key", "claim", "estimate_pct", "ci95_pct", "threshold_pct", "verdict",
-                    "conditions"):
+        for key in ("key", "kind", "claim", "quantity", "estimate_pct", "interval_pct", "n",
+                    "threshold", "verdict", "conditions"):
             if key not in record:
                 raise ValueError(f"result: verdicts: {record.get('key')!r} lacks {key!r}")
-        if record["verdict"] not in VERDICTS:
+        if record["verdict"] not in VERDICTS + NO_VERDICTS:
             raise ValueError(f"result: verdicts: {record['key']!r}: verdict expected one of "
-                             f"{VERDICTS}, got {record['verdict']!r}")
+                             f"{VERDICTS + NO_VERDICTS}, got {record['verdict']!r}")
 
 
 def conditions(args, workers: Dict[str, Dict[str, object]], scale: str,
@@ -531,7 +693,11 @@ def conditions(args, workers: Dict[str, Dict[str, object]], scale: str,
                          f"of {list(frameworks)}, got {modes}")
     return {"device": args.device, "threads": args.threads, "scale": scale,
             "modes": {f: modes[f] for f in frameworks},
-            "versions": {f: workers.get(f, {}).get("version") for f in frameworks}}
+            "versions": {f: workers.get(f, {}).get("version") for f in frameworks},
+            # What each pool reported after the setting (the preflight stops a study whose
+            # pools ignored it), not only the count asked for.
+            "threads_effective": {f: pool_counts(workers.get(f, {}).get("threads") or {})
+                                  for f in frameworks}}
 
 
 # --------------------------------------------------------------------------- plots
@@ -567,3 +733,101 @@ def fmt(value: Optional[float], digits: int = 1) -> str:
 def fmt_ci(estimate: float, low: float, high: float) -> str:
     """'+12.3% [+8.0, +16.1]'."""
     return f"{estimate:+.1f}% [{low:+.1f}, {high:+.1f}]"
+
+
+def paired_effect(a: Sequence[float], b: Sequence[float]):
+    """b over a from paired rounds: the median of the per-round ratios in percent with its
+    exact interval (profiler.analysis.stats.paired_ratio_interval); None where the rounds are
+    too few for any 95% interval (<= 5)."""
+    from profiler.analysis.stats import paired_ratio_interval
+    if len(a) != len(b):
+        raise ValueError(f"paired_effect: a and b: expected one value per round each, got "
+                         f"{len(a)} and {len(b)}")
+    if len(a) < 6:
+        return None
+    return paired_ratio_interval(a, b)
+
+
+def per_round_effect(values: Sequence[float]):
+    """The median of per-round values with its exact interval (median_ci); None where the
+    rounds are too few for a 95% interval (<= 5)."""
+    from profiler.analysis.stats import median_ci
+    return median_ci(values) if len(values) >= 6 else None
+
+
+def fmt_effect(effect, *, ratio: bool = False, digits: int = 1) -> str:
+    """A table cell for a MedianInterval in percent: '+12.3% [+8.0, +16.1] (n 10)', or as a
+    ratio ('1.12 [1.08, 1.16] (n 10)'); '-' for None (too few rounds for an interval)."""
+    if effect is None:
+        return "- (too few rounds)"
+    if ratio:
+        r = lambda x: f"{1 + x / 100:.2f}"   # noqa: E731
+        return f"{r(effect.estimate)} [{r(effect.low)}, {r(effect.high)}] (n {effect.n})"
+    return (f"{effect.estimate:+.{digits}f}% [{effect.low:+.{digits}f}, "
+            f"{effect.high:+.{digits}f}] (n {effect.n})")
+
+
+INTERVAL_NOTE = ("Intervals: the median of the per-round values (paired ratios, shares or "
+                 "slopes, one per round) with its exact distribution-free interval, two order "
+                 "statistics of the rounds (profiler.analysis.stats.median_ci): at n = 10 "
+                 "rounds it is [x(2), x(9)] with 97.9% coverage, at n = 12 [x(3), x(10)] with "
+                 "96.1%; the coverage of each verdict's interval is printed with it.")
+
+
+def plot_verdicts(result: "Result", records: Sequence[Dict[str, object]], name: str,
+                  title: str) -> None:
+    """The verdicts' own figure: each claim's effect with the interval its verdict used, the
+    threshold (direction, mechanism) or the published band (magnitude) it was judged against,
+    n and the verdict; one panel per kind, labelled in its unit."""
+    shown = [r for r in records if r.get("estimate_pct") is not None]
+    if not shown:
+        return
+    plt = pyplot()
+    kinds = [k for k in CLAIM_KINDS if any(r["kind"] == k for r in shown)]
+    heights = [max(1.5, 0.42 * sum(r["kind"] == k for r in shown) + 0.9) for k in kinds]
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, sum(heights)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    colours = {"supported": "#2a9d4b", "refuted": "#c0392b", "inconclusive": "#7f7f7f",
+               "too few rounds": "#bbbbbb", "not testable here": "#bbbbbb"}
+    for ax, kind in zip(axes[:, 0], kinds):
+        rows = [r for r in shown if r["kind"] == kind]
+        for y, r in enumerate(rows):
+            scale = (lambda v: 1 + v / 100) if kind == "magnitude" else (lambda v: v)
+            est = scale(r["estimate_pct"])
+            colour = colours[r["verdict"]]
+            if r.get("interval_pct"):
+                lo, hi = (scale(v) for v in r["interval_pct"])
+                ax.plot([lo, hi], [y, y], color=colour, lw=2.5)
+            ax.plot([est], [y], "o", color=colour)
+            if kind == "magnitude":
+                p, band = r["published"], r["threshold"]
+                ax.plot([p / band, p * band], [y, y], color="#f0b429", lw=9, alpha=0.35,
+                        solid_capstyle="butt")
+                ax.plot([p], [y], "|", color="#b07d00", ms=14)
+            else:
+                edge = r["threshold"] * (-1 if r["direction"] == "lower" and
+                                         kind == "direction" else 1)
+                ax.plot([edge, edge], [y - 0.4, y + 0.4], color="#b07d00", lw=1.5)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([f"{_short(r)} (n {r['n']}): {r['verdict']}" for r in rows],
+                           fontsize=7)
+        ax.invert_yaxis()
+        if kind == "magnitude":
+            ax.set_xscale("log")
+            ax.set_xlabel("our ratio (x); band: published ratio / 1.25 to x 1.25 (tick: "
+                          "published)")
+        elif kind == "direction":
+            ax.axvline(0, color="black", lw=0.6)
+            ax.set_xlabel("effect, % of the baseline's time (tick: threshold)")
+        else:
+            ax.set_xlabel("share of the gap, % (tick: claimed share)")
+        ax.set_title(f"{kind} claims", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    result.add_plot(fig, name, f"{title}: each claim's median effect (dot) with the exact "
+                               f"interval its verdict used (line), against its threshold or "
+                               f"published band; n rounds and the verdict in the label.")
+
+
+def _short(record: Dict[str, object]) -> str:
+    """A verdict's label for a plot: its key without the study's name."""
+    return record["key"].split(".", 1)[-1]
