@@ -150,14 +150,16 @@ def run(args, settings, result: study.Result) -> None:
         result.doc["settings"]["handoff_settle"] = pool.settle_summary()
         result.doc["machine"]["worker_peak_rss_mib"] = pool.peak_rss_mib()
         result.save()
+    # Once for all comparison sets: they share the rounds.
+    contended = result.contention(samples)
     for label, modes in plan.sets().items():
         if "torch" not in modes:
             result.note(f"swap {label}: PyTorch did not run in this set's mode; no gaps to it")
             continue
-        analyse(args, settings, result, samples, phases, label, modes)
+        analyse(args, settings, result, samples, phases, label, modes, contended)
 
 
-def analyse(args, settings, result, samples, phases, label: str, modes) -> None:
+def analyse(args, settings, result, samples, phases, label: str, modes, contended) -> None:
     """The decomposition for one comparison set: ``modes`` {framework: its mode}, the gap of
     each to PyTorch in PyTorch's mode of the set (``label``: its name)."""
     frameworks = list(modes)
@@ -167,7 +169,6 @@ def analyse(args, settings, result, samples, phases, label: str, modes) -> None:
     conds = study.conditions(args, result.doc["workers"], result.doc["scale"], frameworks,
                              modes)
     in_modes = study.describe_modes(modes)
-    contended = result.contention(samples)
     rows, decomposition = [], {}
     for f in frameworks:
         own, ours = step[f]["framework"], step[f]["native"]
