@@ -197,13 +197,11 @@ def plot(result, shares) -> None:
     for k, workers in enumerate(WORKERS):
         centres, err = [], [[], []]
         for label in labels:
-            values = shares[label][workers]
-            n = len(values)
-            effect = study.per_round_effect(values)
-            centre = median(values)
+            n = len(shares[label][workers])
+            centre, below, above = study.median_bar(shares[label][workers])
             centres.append(centre)
-            err[0].append(centre - effect.low if effect else 0.0)
-            err[1].append(effect.high - centre if effect else 0.0)
+            err[0].append(below)
+            err[1].append(above)
         ax.bar([x + (k - 1) * width for x in range(len(labels))], centres, width, yerr=err,
                capsize=3, label=f"{workers} workers")
     ax.axhline(study.DEFAULT_THRESHOLD_PCT, color="#b07d00", lw=0.8, ls=":",

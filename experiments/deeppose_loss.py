@@ -358,12 +358,11 @@ def plot_h1(result, samples, mode: str) -> None:
             if impl in by_impl:
                 values = round_values(by_impl[impl])
                 n = len(values)
-                effect = study.per_round_effect(values)
-                centre = median(values)
+                centre, below, above = study.median_bar(values)
                 xs.append(x + (k - 1.5) * width)
                 step_ms.append(centre)
-                step_err[0].append(centre - effect.low if effect else 0.0)
-                step_err[1].append(effect.high - centre if effect else 0.0)
+                step_err[0].append(below)
+                step_err[1].append(above)
                 loss_ms.append(median(round_values(by_impl[impl], phase="loss_backward")))
         axes[0].bar(xs, step_ms, width, yerr=step_err, capsize=2, label=impl)
         # A loss-backward phase that is not separate (graph mode) is 0: nothing to draw.

@@ -755,6 +755,16 @@ def per_round_effect(values: Sequence[float]):
     return median_ci(values) if len(values) >= 6 else None
 
 
+def median_bar(values: Sequence[float]):
+    """A bar for a plot: (the median of ``values``, how far its exact interval reaches below
+    it, and above it); no whisker (0, 0) where the rounds are too few for an interval."""
+    from profiler.analysis.stats import median
+    centre, effect = median(values), per_round_effect(values)
+    if effect is None:
+        return centre, 0.0, 0.0
+    return centre, centre - effect.low, effect.high - centre
+
+
 def fmt_effect(effect, *, ratio: bool = False, digits: int = 1) -> str:
     """A table cell for a MedianInterval in percent: '+12.3% [+8.0, +16.1] (n 10)', or as a
     ratio ('1.12 [1.08, 1.16] (n 10)'); '-' for None (too few rounds for an interval)."""

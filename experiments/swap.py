@@ -289,14 +289,12 @@ def plot(result, decomposition, frameworks, label, modes) -> None:
     for k, (key, text, colour) in enumerate(parts):
         xs, centres, err = [], [], [[], []]
         for x, f in enumerate(names):
-            values = decomposition[f][key]
-            n = len(values)
-            effect = study.per_round_effect(values)
-            centre = median(values)
+            n = len(decomposition[f][key])
+            centre, below, above = study.median_bar(decomposition[f][key])
             xs.append(x + (k - 1) * width)
             centres.append(centre)
-            err[0].append(centre - effect.low if effect else 0.0)
-            err[1].append(effect.high - centre if effect else 0.0)
+            err[0].append(below)
+            err[1].append(above)
         ax.bar(xs, centres, width, yerr=err, capsize=3, color=colour, label=text)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(names)))

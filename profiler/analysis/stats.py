@@ -60,16 +60,21 @@ def interleaved_order(variants: Sequence[str], rounds: int) -> List[List[str]]:
     slow drift (thermal throttling, a background job) and the cost of going first or following a
     given variant hit every variant alike instead of biasing one.
     """
-    variants = list(variants)
-    if not variants:
-        raise ValueError("interleaved_order: variants is empty; expected at least one name")
-    if len(set(variants)) != len(variants):
-        raise ValueError(f"interleaved_order: variants {variants} repeat a name; expected "
-                         f"distinct names")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"interleaved_order: rounds must be an int >= 0, got {rounds!r}")
+    variants = _order_arguments("interleaved_order", variants, rounds)
     k = len(variants)
     return [[variants[(r + i) % k] for i in range(k)] for r in range(rounds)]
+
+
+def _order_arguments(name: str, variants: Sequence[str], rounds: int) -> List[str]:
+    """An order's variants as a list, after checking them and ``rounds`` (ValueError)."""
+    variants = list(variants)
+    if not variants:
+        raise ValueError(f"{name}: variants is empty; expected at least one name")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"{name}: variants {variants} repeat a name; expected distinct names")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"{name}: rounds must be an int >= 0, got {rounds!r}")
+    return variants
 
 
 def balanced_period(k: int) -> int:
@@ -93,14 +98,7 @@ def balanced_order(variants: Sequence[str], rounds: int) -> List[List[str]]:
     every variant alike. Rows: 0, 1, k-1, 2, k-2, ... shifted by the row's number (mod k);
     for an odd k, those k rows and then each of them reversed.
     """
-    variants = list(variants)
-    if not variants:
-        raise ValueError("balanced_order: variants is empty; expected at least one name")
-    if len(set(variants)) != len(variants):
-        raise ValueError(f"balanced_order: variants {variants} repeat a name; expected "
-                         f"distinct names")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"balanced_order: rounds must be an int >= 0, got {rounds!r}")
+    variants = _order_arguments("balanced_order", variants, rounds)
     k = len(variants)
     first = [0] + [(j + 1) // 2 if j % 2 else k - j // 2 for j in range(1, k)]
     rows = [[(i + shift) % k for i in first] for shift in range(k)]
