@@ -535,7 +535,10 @@ def render_comparison(lines: Sequence[str], console: Optional[Console] = None, *
     """Print describe_diff lines as one table, colouring the verdicts."""
     console = console or Console()
     # Text, not a str: a title naming a factory ("file.py:factory") is no emoji code.
-    table = Table(title=Text(title, style="table.title"), show_header=False)
+    # At least as wide as its title: rich wraps a title to the table's width, which follows the
+    # lines' lengths (their digits), so a title could break on one run and not the next.
+    table = Table(title=Text(title, style="table.title"), show_header=False,
+                  min_width=len(title) + 4)
     table.add_column("comparison")
     for line in lines:
         # Text, not markup: the interval's brackets must not be read as rich style tags.
