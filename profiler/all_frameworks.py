@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 from ops import frameworks
 from profiler.nsys.capture import strip_options
-from profiler.report import build_report, write_json_atomic
+from profiler.report import build_report, layer_table_across, write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 # The options of the parent's command line that each child gets its own value of.
@@ -26,8 +26,9 @@ def profile_each(argv: Sequence[str], out: Path, *, pythons: Mapping[str, str],
                  fields: Dict[str, Any], console) -> List[Dict[str, Any]]:
     """Runs ``python -m profiler.layerwise argv`` once per framework (with ``pythons``'
     interpreter where given) into ``out/<framework>``; returns the reports in registry order
-    and writes them to ``out/summary.json``. ``fields``: what an error report says of the run
-    (model, batch_size, ...) for a child that wrote none."""
+    and writes them to ``out/summary.json`` with their layers side by side
+    (``layers_across_frameworks``: report.layer_table_across). ``fields``: what an error report
+    says of the run (model, batch_size, ...) for a child that wrote none."""
     reports = []
     passthrough = strip_options(argv, _PER_CHILD)
     for framework in frameworks.FRAMEWORKS:
@@ -53,6 +54,9 @@ def profile_each(argv: Sequence[str], out: Path, *, pythons: Mapping[str, str],
             report["errors"].append(f"exit status {proc.returncode}: "
                                     f"{proc.stderr.strip()[-800:]}")
         reports.append(report)
-    write_json_atomic(Path(out) / "summary.json", {"reports": reports})
+    measured = [r for r in reports if "layers" in r]
+    write_json_atomic(Path(out) / "summary.json", {
+        "reports": reports,
+        "layers_across_frameworks": layer_table_across(measured) if measured else None})
     return reports
 

@@ -39,7 +39,8 @@ from profiler.engine import Comparison, LayerFilter, LayerProfiler, Report
 from profiler.targets import UserTarget
 
 __all__ = ["LayerProfiler", "Report", "Comparison", "profile_training", "compare_training",
-           "load_factory", "build_from_factory", "build_variants", "FACTORY_KEYS"]
+           "diff_runs", "layer_table_across", "load_factory", "build_from_factory",
+           "build_variants", "FACTORY_KEYS"]
 
 
 def profile_training(model, loader: Iterable, loss_fn: Callable, optimizer, *,
@@ -93,6 +94,32 @@ def compare_training(builds: Dict[str, Dict[str, Any]], *, framework: str = "tor
     return engine.compare(targets, rounds=rounds, steps_per_round=steps_per_round,
                           warmup=warmup, sync=sync, progress=progress,
                           function="compare_training")
+
+
+def diff_runs(*runs, renames: Optional[Dict[str, str]] = None, rank="slowest",
+              labels: Optional[Sequence[str]] = None):
+    """Where the gap between runs comes from: ``python -m profiler.diff`` from Python
+    (profiler.diff.diff_runs). ``runs``: report folders or files, merged reports, --framework
+    all or --compare folders, report dicts or Reports; the first is the baseline. Returns a
+    profiler.diff.Diff: ``doc`` (per phase and layer each run's median and IQR, the difference
+    with its 95% interval, the gap breakdown, the comparability warnings), ``print()``,
+    ``save(out)`` (diff.json, the waterfall plots) and ``gate(threshold_pct, on=["step"])``
+    (``.exit_code``: 0, 1 slower, 3 cannot judge)."""
+    from profiler.diff import diff_runs as run_diff
+    return run_diff(*runs, renames=renames, rank=rank, labels=labels)
+
+
+def layer_table_across(reports: Sequence[Any]) -> Dict[str, Any]:
+    """The layers of several reports (Reports or report dicts, e.g. one per framework) side by
+    side, as ``--framework all`` prints them: {"labels", "rows": [{"name", "type",
+    "forward_ms": {label: ms}, "backward_ms": {...}, "ratio": {label: (fwd + bwd) over the
+    first report's}}]} (profiler.report.layer_table_across; render_layers_across prints it)."""
+    from profiler.report import layer_table_across as table
+    docs = [getattr(r, "doc", r) for r in reports]
+    if not docs or not all(isinstance(d, dict) for d in docs):
+        raise ValueError(f"layer_table_across: reports: expected a list of Reports or report "
+                         f"dicts, got {[type(d).__name__ for d in docs]}")
+    return table(docs)
 
 
 def _check_build(where: str, build: Any) -> None:

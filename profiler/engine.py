@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Union
@@ -449,7 +450,9 @@ class LayerProfiler:
             device={"name": self.target.device_name(), "kind": self.target.device_kind()},
             model=d.model, mode=self.mode, batch_size=self.batch_size or 1, impls=dict(d.impls),
             workers=d.workers, seed=d.seed, sync=self.recorder.sync, iters=len(inst),
-            warmup=self.warmup, notes=notes, errors=errors, **sections)
+            warmup=self.warmup, notes=notes, errors=errors,
+            instrument_kind=self.instrument.kind, **_model_facts(self.target, notes),
+            **sections)
         try:
             validate_report(doc)
         except ValueError as e:
@@ -528,6 +531,26 @@ class LayerProfiler:
     def _communication_launch(self) -> None:
         if self._in_step and self.recorder.enabled:
             self._last_communication_ns = self.recorder.now_ns()
+
+
+def _model_facts(subject: Subject, notes: List[str]) -> Dict[str, Any]:
+    """The report's parameters and dtype, where the subject can tell: a seed workload counts
+    its parameters (``parameter_count``) and exports its weights (``export_weights``); a
+    user's model does neither, and the report then has no such key (a diff compares its
+    layers' names instead)."""
+    facts: Dict[str, Any] = {}
+    count = getattr(subject, "parameter_count", None)
+    export = getattr(subject, "export_weights", None)
+    try:
+        if callable(count):
+            facts["parameters"] = int(count())
+        if callable(export):
+            dtypes = sorted({str(w.dtype) for w in export().values() if hasattr(w, "dtype")})
+            if dtypes:
+                facts["dtype"] = ",".join(dtypes)
+    except Exception as e:   # facts about the model, not measurements: keep the report
+        notes.append(f"parameter count / dtype not recorded: {type(e).__name__}: {e}")
+    return facts
 
 
 def layer_filter(layers: LayerFilter) -> Callable[[str, Any], bool]:
@@ -787,12 +810,19 @@ def compare(targets: Dict[str, Target], *, rounds: int = 5, steps_per_round: int
            f"{warmup} warm-up step(s) each, then {rounds} round(s) of {steps_per_round} "
            f"step(s) per variant, the order rotating each round.")
     reports = {}
+    # One id for the run: a diff pairs two reports by round only when they share it.
+    run_id = uuid.uuid4().hex
     for variant, session in sessions.items():
         if not session.profiler.step_ms:
             errors.append(f"{variant}: no measured step")
             continue
         report = reports[variant] = session.report()
         report.doc["notes"].append(f"Variant {variant!r}. {how}")
+        report.doc["interleaved"] = {
+            "run_id": run_id, "variant": variant, "variants": variants, "rounds": rounds,
+            "steps_per_round": steps_per_round,
+            "step_rounds": [step_round[variant].get(i)
+                            for i in range(len(session.profiler.step_ms))]}
     # What the instruments measure is the same for every variant: the first one's notes.
     first = sessions[variants[0]].profiler
     notes = list(first.instrument.notes) + list(first.events.notes) + [how]

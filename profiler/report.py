@@ -4,8 +4,11 @@ A report is a plain JSON-able dict; building and checking it (data) is kept apar
 rendering it (``render_table``, ``render_comparison``). Nothing here measures or reaches back
 into instrumentation; the analyses' outputs come in as arguments.
 
-Layout of a report, schema version 2 (times in milliseconds, means per measured step;
-version 2 added mode, phases_absent and compilation, CHANGELOG.md):
+Layout of a report, schema version 3 (times in milliseconds, means per measured step;
+version 2 added mode, phases_absent and compilation; version 3 added the per-step samples of
+every phase and layer direction, parameters, dtype, machine, instrument_kind and interleaved,
+CHANGELOG.md). Reports of version 2 are still read and checked (READABLE_SCHEMA_VERSIONS);
+they lack what version 3 added.
 
 ====================  =========================  ================================================
 key                   type                       meaning
@@ -30,11 +33,12 @@ warmup                int >= 0                   steps run before measuring, not
 step_ms               {samples: [number], mean,  per-step wall time of the measured steps (more
                       median, iqr: number, ...}  keys, e.g. min, max, n, may follow)
 phases_ms             {phase: {mean, median,     one entry for each of the eight
-                      iqr: number}}              ``timeline.PHASES`` not in phases_absent, and
-                                                 for an optional phase where measured
+                      iqr: number, samples?:     ``timeline.PHASES`` not in phases_absent, and
+                      [number]}}                 for an optional phase where measured
                                                  (OPTIONAL_PHASES: "communication",
                                                  "compiled_step"); the means add up to
-                                                 step_ms.mean ("other" is the remainder)
+                                                 step_ms.mean ("other" is the remainder);
+                                                 samples (v3): per step, as step_ms.samples
 phases_absent         {phase: str}               optional: phases this mode has no boundary
                                                  for (e.g. forward inside a one-call compiled
                                                  step), each with why and where its time is
@@ -45,8 +49,10 @@ layers                [{name: str, type: str or  per layer in forward order: inc
                       self_backward_ms, calls:   then forward_ms etc. are the device numbers
                       number, host_forward_ms?,
                       host_backward_ms?,
-                      device_forward_ms?,
-                      device_backward_ms?}]
+                      device_forward_ms?,        forward_samples_ms, backward_samples_ms (v3,
+                      device_backward_ms?,       both or neither): the inclusive times step by
+                      forward_samples_ms?,       step, as step_ms.samples
+                      backward_samples_ms?}]
 instrumentation       {instrumented_step_ms_     step-time medians with and without the
                       median: number,            profiler's ranges, and the overhead in percent
                       uninstrumented_step_ms_    (the median of the neighbouring pairs' ratios,
@@ -55,6 +61,22 @@ instrumentation       {instrumented_step_ms_     step-time medians with and with
 compilation           {compiles_in_warmup: int,  optional (graph mode): graphs the framework
                       compiles_measured: int,    traced or compiled in the warm-up and in the
                       first_step_ms, ...}        measured steps (a retrace: a warning in notes)
+parameters            int >= 0                   optional (v3): the model's parameter count,
+                                                 where the profiled model can count it (the
+                                                 seed workloads)
+dtype                 str                        optional (v3): its weights' dtype(s), e.g.
+                                                 "float32", where it can tell
+machine               {cpu: str, logical_cores:  optional (v3): the machine the run was on
+                      int, usable_cores: int,    (build_report fills it): the CPU model, its
+                      host: str}                 logical cores, those this process may use
+instrument_kind       "hooks" or "trace"         optional (v3): how the layer ranges were made
+                                                 (instrument.base.INSTRUMENT_KINDS)
+interleaved           {run_id: str, variant:     optional (v3): a variant of a comparison in
+                      str, variants: [str],      interleaved rounds (--compare); step_rounds
+                      rounds: int,               gives each measured step's round (null: none),
+                      steps_per_round: int,      and variants of one run share run_id, so a
+                      step_rounds: [int or       diff pairs them by round
+                      null]}
 threads               {requested: int, intra_op, optional: the CPU threads asked for (--threads)
                       inter_op: int or null,     and what the framework, its BLAS/OpenMP
                       blas, openmp, ours:        libraries (file -> threads) and our kernels
@@ -84,10 +106,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from profiler.analysis.diff import layers_across
 from profiler.analysis.stats import describe_overhead, summarize
 from profiler.timeline import OPTIONAL_PHASES, PHASES, phases_of
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: The versions validate_report accepts: this one and version 2, which lacks _V3_KEYS and the
+#: per-step samples of phases and layers.
+READABLE_SCHEMA_VERSIONS = (2, 3)
+INSTRUMENT_KINDS = ("hooks", "trace")
 MODES = ("eager", "graph")
 TOOL = "deepprof"
 
@@ -95,11 +122,13 @@ _REQUIRED = ("schema_version", "tool", "created", "framework", "framework_versio
              "device", "model", "mode", "batch_size", "impls", "workers", "seed", "sync",
              "iters", "warmup", "notes", "errors")
 _MEASURED = ("step_ms", "phases_ms", "layers", "instrumentation")
-_OPTIONAL = ("threads", "phases_absent", "compilation")
+_V3_KEYS = ("parameters", "dtype", "machine", "instrument_kind", "interleaved")
+_OPTIONAL = ("threads", "phases_absent", "compilation") + _V3_KEYS
 _KEYS = frozenset(_REQUIRED + _MEASURED + _OPTIONAL)
 _LAYER_NUMBERS = ("forward_ms", "backward_ms", "self_forward_ms", "self_backward_ms", "calls")
 _LAYER_SPLIT = ("host_forward_ms", "host_backward_ms", "device_forward_ms",
                 "device_backward_ms")
+_LAYER_SAMPLES = ("forward_samples_ms", "backward_samples_ms")
 # The phases are measured separately from the step; 2% leaves room for rounding in a report
 # assembled by hand while still catching a phase counted twice or left out.
 _PHASE_SUM_TOLERANCE = 0.02
@@ -109,7 +138,8 @@ _PHASE_SUM_TOLERANCE = 0.02
 
 def build_report(**fields: Any) -> Dict[str, Any]:
     """A report dict from the given top-level fields, filling schema_version, tool, created
-    (now, UTC) and python, and notes/errors as empty lists if not given.
+    (now, UTC), python and machine (machine_facts), and notes/errors as empty lists if not
+    given.
 
     Raises ValueError for a key the schema does not know. Does not check the rest: call
     validate_report before writing.
@@ -121,9 +151,30 @@ def build_report(**fields: Any) -> Dict[str, Any]:
     doc: Dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "tool": TOOL,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(), "notes": [], "errors": []}
+        "python": platform.python_version(), "machine": machine_facts(), "notes": [],
+        "errors": []}
     doc.update(fields)
     return doc
+
+
+def machine_facts() -> Dict[str, Any]:
+    """This machine as a report states it: the CPU model (/proc/cpuinfo's "model name", else
+    the platform's name), its logical cores, those this process may use, and the host name."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 1
+    return {"cpu": cpu, "logical_cores": os.cpu_count() or 1, "usable_cores": usable,
+            "host": platform.node()}
 
 
 def from_phase_breakdown(breakdown: Mapping[str, Any]) -> Dict[str, Any]:
@@ -133,7 +184,8 @@ def from_phase_breakdown(breakdown: Mapping[str, Any]) -> Dict[str, Any]:
                "iqr": step["iqr"]}
     summary = summarize(step["samples"])
     step_ms.update(min=summary["min_ms"], max=summary["max_ms"], n=summary["n"])
-    phases_ms = {p: {k: breakdown["phases_ms"][p][k] for k in ("mean", "median", "iqr")}
+    phases_ms = {p: {k: breakdown["phases_ms"][p][k] for k in ("mean", "median", "iqr",
+                                                               "samples")}
                  for p in phases_of(breakdown["phases_ms"])}
     return {"step_ms": step_ms, "phases_ms": phases_ms}
 
@@ -212,6 +264,49 @@ def _str_list(doc: Mapping[str, Any], key: str) -> None:
             _fail(f"{key}[{i}]", f"expected a string, got {_type_name(x)} {x!r}")
 
 
+def _samples(doc: Mapping[str, Any], key: str, path: str, n: int) -> None:
+    """doc[key] is a list of n finite numbers (one per measured step)."""
+    if key not in doc:
+        _fail(_join(path, key), "missing")
+    values = doc[key]
+    if not isinstance(values, list) or len(values) != n:
+        got = f"{len(values)} values" if isinstance(values, list) else _type_name(values)
+        _fail(_join(path, key), f"expected {n} numbers (one per measured step), got {got}")
+    for i, x in enumerate(values):
+        if not _is_number(x):
+            _fail(f"{_join(path, key)}[{i}]", f"expected a finite number, got {x!r}")
+
+
+def _check_v3(doc: Mapping[str, Any]) -> None:
+    """The optional keys version 3 added, where present."""
+    if "parameters" in doc:
+        _int(doc, "parameters", "", minimum=0)
+    if "dtype" in doc:
+        _str(doc, "dtype", "")
+    if "machine" in doc:
+        machine = _obj(doc, "machine", "")
+        _str(machine, "cpu", "machine")
+        _int(machine, "logical_cores", "machine", minimum=1)
+        _int(machine, "usable_cores", "machine", minimum=1)
+    if "instrument_kind" in doc and doc["instrument_kind"] not in INSTRUMENT_KINDS:
+        _fail("instrument_kind", f"expected one of {list(INSTRUMENT_KINDS)}, got "
+                                 f"{doc['instrument_kind']!r}")
+    if "interleaved" in doc:
+        inter = _obj(doc, "interleaved", "")
+        _str(inter, "run_id", "interleaved")
+        _str(inter, "variant", "interleaved")
+        rounds = inter.get("step_rounds")
+        if not isinstance(rounds, list) or not all(
+                r is None or (isinstance(r, int) and not isinstance(r, bool) and r >= 0)
+                for r in rounds):
+            _fail("interleaved.step_rounds", f"expected a list of round numbers (int >= 0 or "
+                                             f"null), got {rounds!r}")
+        samples = (doc.get("step_ms") or {}).get("samples")
+        if isinstance(samples, list) and len(rounds) != len(samples):
+            _fail("interleaved.step_rounds", f"expected {len(samples)} rounds (one per "
+                                             f"measured step), got {len(rounds)}")
+
+
 def _check_measured(doc: Mapping[str, Any]) -> None:
     step = _obj(doc, "step_ms", "")
     if not isinstance(step.get("samples"), list):
@@ -235,10 +330,13 @@ def _check_measured(doc: Mapping[str, Any]) -> None:
     both = [p for p in absent if p in phases]
     if both:
         _fail(f"phases_ms.{both[0]}", "present although phases_absent lists it")
+    n_steps = len(step["samples"])
     for p in phases_of(phases):
         entry = _obj(phases, p, "phases_ms")
         for key in ("mean", "median", "iqr"):
             _number(entry, key, f"phases_ms.{p}")
+        if "samples" in entry:
+            _samples(entry, "samples", f"phases_ms.{p}", n_steps)
     total = sum(phases[p]["mean"] for p in phases_of(phases))
     step_mean = step["mean"]
     if abs(total - step_mean) > _PHASE_SUM_TOLERANCE * abs(step_mean) + 1e-12:
@@ -261,6 +359,9 @@ def _check_measured(doc: Mapping[str, Any]) -> None:
         if present:
             for key in _LAYER_SPLIT:   # all four or none: half a split cannot be read
                 _number(layer, key, path)
+        if any(k in layer for k in _LAYER_SAMPLES):
+            for key in _LAYER_SAMPLES:  # both or neither
+                _samples(layer, key, path, n_steps)
 
     inst = _obj(doc, "instrumentation", "")
     _number(inst, "instrumented_step_ms_median", "instrumentation")
@@ -281,8 +382,13 @@ def validate_report(doc: Any) -> None:
     for key in _REQUIRED:
         if key not in doc:
             _fail(key, "missing")
-    if doc["schema_version"] != SCHEMA_VERSION or isinstance(doc["schema_version"], bool):
-        _fail("schema_version", f"expected {SCHEMA_VERSION}, got {doc['schema_version']!r}")
+    version = doc["schema_version"]
+    if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
+        _fail("schema_version", f"expected one of {list(READABLE_SCHEMA_VERSIONS)}, got "
+                                f"{version!r}")
+    newer = [k for k in _V3_KEYS if k in doc]
+    if version < 3 and newer:
+        raise ValueError(f"report: keys {newer} need schema_version 3, got {version}")
     if doc["tool"] != TOOL:
         _fail("tool", f"expected {TOOL!r}, got {doc['tool']!r}")
     for key in ("created", "framework", "framework_version", "python", "model"):
@@ -326,6 +432,7 @@ def validate_report(doc: Any) -> None:
         if not isinstance(ignored, list) or not all(isinstance(x, str) for x in ignored):
             _fail("threads.ignored", f"expected a list of strings, got {ignored!r}")
 
+    _check_v3(doc)
     missing = [key for key in _MEASURED if key not in doc]
     if missing and not doc["errors"]:
         _fail(missing[0], "missing (only a report with errors may lack the measured sections)")
@@ -470,6 +577,57 @@ def _layer_table(report: Mapping[str, Any], top_n: int, title: str) -> Table:
     return table
 
 
+def layer_table_across(reports: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The layers of several reports (e.g. one per framework) side by side: one row per layer
+    name, each report's forward and backward ms per step and the ratio of its forward +
+    backward to the first report's (analysis.diff.layers_across), labelled as render_table
+    labels the reports."""
+    return layers_across(reports, _labels(reports))
+
+
+def _ratio(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def render_layers_across(reports: Sequence[Mapping[str, Any]], console: Optional[Console] = None,
+                         *, top_n: int = 20) -> None:
+    """Print layer_table_across(reports): the top_n layers by the first report's forward +
+    backward time (then the others'), a column per report (forward / backward ms) with the
+    ratio of its forward + backward to the first report's."""
+    console = console or Console()
+    table_doc = layer_table_across(reports)
+    labels, rows = table_doc["labels"], table_doc["rows"]
+    if not rows:
+        console.print(Text("Layers across frameworks: none measured (graph mode has none)",
+                           style="dim"))
+        return
+
+    def total(row, label):
+        f, b = row["forward_ms"][label], row["backward_ms"][label]
+        return None if f is None else f + b
+    ranked = sorted(rows, key=lambda r: [-(total(r, lab) or 0.0) for lab in labels])
+    shown = ranked[:top_n]
+    left_out = len(rows) - len(shown)
+    table = Table(title=Text(f"Layers across frameworks: forward / backward ms per step "
+                             f"(forward + backward over {labels[0]}'s)", style="table.title"),
+                  caption=(f"{left_out} more layer(s) not shown (top {top_n} of {len(rows)})"
+                           if left_out > 0 else None))
+    # Layer names are what users look up: never cut them.
+    table.add_column("layer", no_wrap=True, min_width=max(len(r["name"]) for r in shown))
+    for label in labels:
+        table.add_column(Text(label), justify="right", no_wrap=True)
+    for row in shown:
+        cells = [Text(row["name"])]
+        for i, label in enumerate(labels):
+            f, b = row["forward_ms"][label], row["backward_ms"][label]
+            cell = "-" if f is None else f"{f:.2f} / {b:.2f}"
+            if i and f is not None:
+                cell += f" ({_ratio(row['ratio'][label])})"
+            cells.append(cell)
+        table.add_row(*cells)
+    console.print(table)
+
+
 def _print_absent(console: Console, report: Mapping[str, Any], label: str = "") -> None:
     """The phases this mode has no boundary for, and where their time is."""
     for phase, why in report.get("phases_absent", {}).items():
@@ -496,8 +654,10 @@ def render_table(report_or_reports: Union[Mapping[str, Any], Sequence[Mapping[st
 
     One report: a header line, a table of phases (mean, median, IQR in ms and % of the mean
     step) and a table of the top_n layers by forward + backward time, saying how many were left
-    out. Several: one merged phase table with a column per report, then each report's layer
-    table. Errors are printed; a report without measurements prints only its header and errors.
+    out. Several: one merged phase table with a column per report, then one layer table
+    across them (render_layers_across: a row per layer, each report's forward and backward
+    and the ratio to the first). Errors are printed; a report without measurements prints
+    only its header and errors.
     """
     console = console or Console()
     if isinstance(report_or_reports, Mapping):
@@ -527,7 +687,7 @@ def render_table(report_or_reports: Union[Mapping[str, Any], Sequence[Mapping[st
         console.print(_merged_phase_table(measured))
         for label, report in zip(_labels(measured), measured):
             _print_absent(console, report, label)
-            _print_layers(console, report, top_n, f"Layers, {label} (ms per step)")
+        render_layers_across(measured, console, top_n=top_n)
 
 
 def render_comparison(lines: Sequence[str], console: Optional[Console] = None, *,

@@ -116,7 +116,9 @@ def layer_breakdown(timeline: Timeline) -> List[Dict[str, object]]:
     after them). Each dict has name, layer_type, forward_ms, backward_ms (inclusive: a block
     includes its convs), self_forward_ms, self_backward_ms (inclusive minus the layer ranges
     directly inside, on the same track) and calls (forward calls per step). All are means per
-    measured step, summing the calls within a step.
+    measured step, summing the calls within a step. forward_samples_ms and backward_samples_ms
+    are the inclusive times step by step (in step order, 0 in a step without the layer): what
+    an interval of a layer's time is computed from (profiler.analysis.diff).
 
     When a layer has ranges on a "device:" track, its dict also has host_forward_ms,
     host_backward_ms, device_forward_ms and device_backward_ms, and forward_ms, backward_ms and
@@ -136,13 +138,16 @@ def layer_breakdown(timeline: Timeline) -> List[Dict[str, object]]:
                              f"direction {r.direction!r}; expected 'forward' or 'backward'")
 
     self_ns = _self_ns(timeline)
-    # totals[name][(place, direction, what)] in ns over all measured steps.
+    # totals[name][(place, direction, what)] in ns over all measured steps; per_step the same
+    # inclusive times by step.
     totals: Dict[str, Dict[tuple, int]] = defaultdict(lambda: defaultdict(int))
+    per_step: Dict[str, Dict[tuple, int]] = defaultdict(lambda: defaultdict(int))
     types: Dict[str, Optional[str]] = {}
     for r in layer_ranges:
         place = "device" if _is_device(r.track) else "host"
         t = totals[r.name]
         t[(place, r.direction, "inclusive")] += r.duration_ns
+        per_step[r.name][(place, r.direction, r.step)] += r.duration_ns
         t[(place, r.direction, "self")] += self_ns[id(r)]
         t[(place, r.direction, "calls")] += 1
         if types.get(r.name) is None:
@@ -152,6 +157,8 @@ def layer_breakdown(timeline: Timeline) -> List[Dict[str, object]]:
     first_seen = sorted(layer_ranges,
                         key=lambda r: (r.direction != "forward", nesting_order_key(r)))
     names = list(dict.fromkeys(r.name for r in first_seen))
+
+    order = sorted(step_indices)
 
     def ms(total_ns: int) -> float:
         return total_ns / n_steps / _NS_PER_MS
@@ -170,6 +177,9 @@ def layer_breakdown(timeline: Timeline) -> List[Dict[str, object]]:
             "self_backward_ms": ms(t[(main, "backward", "self")]),
             "calls": (host_calls or t[(main, "forward", "calls")]) / n_steps,
         }
+        for direction in ("forward", "backward"):
+            row[f"{direction}_samples_ms"] = [per_step[name][(main, direction, s)] / _NS_PER_MS
+                                              for s in order]
         if has_device:
             for place in ("host", "device"):
                 for direction in ("forward", "backward"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -142,13 +142,16 @@ def _takes_axis(statistic: Callable) -> bool:
 
 def bootstrap_diff_ci(a: Sequence[Number], b: Sequence[Number], *,
                       statistic: Callable = median, confidence: float = 0.95,
-                      n_resamples: int = 9999, seed: int = 0) -> Tuple[float, float, float]:
+                      n_resamples: int = 9999, seed: int = 0,
+                      paired: Optional[bool] = None) -> Tuple[float, float, float]:
     """Relative difference of b over a, in percent, with a bootstrap confidence interval.
 
     The estimate is (statistic(b) / statistic(a) - 1) * 100; returns (estimate_pct, low_pct,
-    high_pct). When len(a) == len(b) the samples are taken to be paired (a[i] and b[i] measured
-    in the same interleaved round) and round indices are resampled jointly, which cancels drift
-    between rounds; otherwise a and b are resampled independently.
+    high_pct). Paired samples (a[i] and b[i] measured in the same interleaved round) have
+    their round indices resampled jointly, which cancels drift between rounds; unpaired ones
+    (two separate runs, whose i-th steps share nothing) are resampled independently.
+    ``paired``: None (the default) takes samples of equal length to be paired; False
+    resamples them independently whatever their lengths; True requires equal lengths.
 
     Uses scipy.stats.bootstrap with the percentile method: BCa's acceleration comes from a
     jackknife, and the jackknife is not a consistent estimator for the median (our default
@@ -166,6 +169,11 @@ def bootstrap_diff_ci(a: Sequence[Number], b: Sequence[Number], *,
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
         raise ValueError(f"bootstrap_diff_ci: n_resamples must be an int >= 1, got "
                          f"{n_resamples!r}")
+    if paired is None:
+        paired = a_arr.size == b_arr.size
+    elif paired and a_arr.size != b_arr.size:
+        raise ValueError(f"bootstrap_diff_ci: paired=True needs as many samples in a as in b, "
+                         f"got {a_arr.size} and {b_arr.size}")
 
     base = float(statistic(a_arr))
     if base == 0.0 or not math.isfinite(base):
@@ -192,7 +200,7 @@ def bootstrap_diff_ci(a: Sequence[Number], b: Sequence[Number], *,
 
     result = scipy_stats.bootstrap(
         (a_arr, b_arr), rel_diff, n_resamples=n_resamples, vectorized=vectorized,
-        paired=a_arr.size == b_arr.size, confidence_level=confidence, method="percentile",
+        paired=bool(paired), confidence_level=confidence, method="percentile",
         random_state=np.random.default_rng(seed))
     low = float(result.confidence_interval.low)
     high = float(result.confidence_interval.high)
