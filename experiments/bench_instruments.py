@@ -2,6 +2,7 @@
 
     python -m experiments.bench_instruments --framework mxnet
     python -m experiments.bench_instruments --framework torch --rounds 100 --out runs/inst.json
+    python -m experiments.bench_instruments --framework tensorflow --mode graph --instrument trace
 
 One seed workload, four ways of running its step, timed in interleaved rounds (the order
 rotating each round), each round's step paired with the round's plain one:
@@ -13,8 +14,13 @@ rotating each round), each round's step paired with the round's plain one:
   hooks cost when they record nothing);
 - ``instrumented``: the profiler's step as it runs (phases, layer ranges, NVTX).
 
-Prints each variant's median step and its paired overhead against ``plain`` (the median of the
-rounds' ratios with a bootstrap 95% interval, profiler.analysis.stats.paired_ratio_ci).
+``--instrument trace`` times the trace-based instrument instead (``hooks_idle`` is then the
+framework's profiler running with nothing read; reading the trace after a step is outside every
+timing, as in the profiler). ``--mode graph`` times the compiled step.
+
+Prints each variant's median step and its paired overhead against ``plain``: the median of the
+rounds' ratios with its exact interval (profiler.analysis.stats.paired_ratio_interval; its
+coverage and n printed).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Callable, Dict, List, Optional
 
 from experiments.timing import add_threads_argument, apply_threads
 from ops.frameworks import FRAMEWORKS
-from profiler.analysis.stats import interleaved_order, median, paired_ratio_ci
+from profiler.analysis.stats import interleaved_order, median, paired_ratio_interval
 from profiler.console import output_file
 from profiler.report import write_json_atomic
 
@@ -37,6 +43,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--framework", default="torch", choices=FRAMEWORKS)
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--mode", default="eager", choices=("eager", "graph"))
+    parser.add_argument("--instrument", default="hooks", choices=("hooks", "trace"),
+                        help="which instrument's cost to time")
     parser.add_argument("--rounds", type=int, default=60,
                         help="rounds; each runs every variant once")
     parser.add_argument("--warmup", type=int, default=2, help="steps of each variant first")
@@ -66,11 +75,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from profiler.targets import WorkloadTarget
     try:
         target = WorkloadTarget.build(args.framework, model=args.model,
-                                      batch_size=args.batch_size)
-    except ValueError as e:        # a bad --model or --batch-size: one line, not a traceback
+                                      batch_size=args.batch_size, mode=args.mode)
+        target.instrument = args.instrument
+        session = Session(target, steps_needed=(args.warmup + args.rounds) * 4 + 1)
+    except ValueError as e:        # a bad --model, --batch-size, --mode: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
-    session = Session(target, steps_needed=(args.warmup + args.rounds) * 4 + 1)
     steps = variants(session)
     times: Dict[str, List[float]] = {name: [] for name in steps}
     try:
@@ -91,21 +101,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("error: fewer than two complete rounds", file=sys.stderr)
         return 1
     rows = {}
-    print(f"{args.framework} {args.model} batch {args.batch_size}: {rounds} rounds, "
-          f"overhead = median of the rounds' ratios to plain [95% interval]")
+    print(f"{args.framework} {args.model} {args.mode} batch {args.batch_size}, "
+          f"{args.instrument} instrument: {rounds} rounds, overhead = median of the rounds' "
+          f"ratios to plain [exact interval of that median]")
     for name, samples in times.items():
         samples = samples[:rounds]
         row = {"median_ms": median(samples), "samples_ms": samples}
         if name != "plain":
-            est, low, high = paired_ratio_ci(times["plain"][:rounds], samples)
-            row.update(overhead_pct=est, overhead_ci_pct=[low, high])
-            print(f"  {name:13s} {row['median_ms']:9.1f} ms  {est:+6.1f}% [{low:+.1f}, "
-                  f"{high:+.1f}]")
+            try:
+                effect = paired_ratio_interval(times["plain"][:rounds], samples)
+            except ValueError as e:          # too few rounds for an interval
+                print(f"  {name:13s} {row['median_ms']:9.1f} ms  (no interval: {e})")
+                rows[name] = row
+                continue
+            row.update(overhead_pct=effect.estimate, overhead_ci_pct=[effect.low, effect.high],
+                       coverage=effect.confidence, n=effect.n)
+            print(f"  {name:13s} {row['median_ms']:9.1f} ms  {effect.estimate:+6.1f}% "
+                  f"[{effect.low:+.1f}, {effect.high:+.1f}] ({effect.confidence:.1%}, "
+                  f"n = {effect.n})")
         else:
             print(f"  {name:13s} {row['median_ms']:9.1f} ms")
         rows[name] = row
     if args.out is not None:
         write_json_atomic(args.out, {"framework": args.framework, "model": args.model,
+                              "mode": args.mode, "instrument": args.instrument,
                               "batch_size": args.batch_size, "rounds": rounds,
                               "threads": threads, "variants": rows})
         print(f"written: {args.out}", file=sys.stderr)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Union
 
 from profiler import instrument as instruments
+from profiler.analysis.cross_check import cross_check
 from profiler.analysis.flamegraph import folded_stacks, to_speedscope
 from profiler.analysis.nesting import check_nesting
 from profiler.analysis.phases import layer_breakdown, phase_breakdown
@@ -44,6 +45,7 @@ from profiler.timeline import PHASES, Timeline
 
 # phase(name) takes a phase of the report, or "data" for "data_wait".
 PHASE_ALIASES = {"data": "data_wait"}
+INSTRUMENTS = ("hooks", "trace")
 MARKABLE_PHASES = tuple(p for p in PHASES if p != "other") + ("compiled_step",)
 
 # The automatic phase that follows each boundary.
@@ -122,6 +124,10 @@ class RunDescription:
     # whether a step is one compiled call (TensorFlow's graph step: no phase boundary inside).
     mode: str = "eager"
     one_call: bool = False
+    # "hooks" (ranges while the step runs) or "trace" (the framework's own trace, read after
+    # the step: instrument.base); cross_check: both on the same steps, compared in the report.
+    instrument: str = "hooks"
+    cross_check: bool = False
 
 
 # --------------------------------------------------------------------------- phases
@@ -243,7 +249,31 @@ class LayerProfiler:
         self.timeline = Timeline()
         self.recorder = Recorder(self.timeline, sync=sync)
         module = instruments.load(self.framework)
-        self.instrument = module.Instrument(subject, self.recorder)
+        if description.instrument not in INSTRUMENTS:
+            raise ValueError(f"LayerProfiler: instrument: expected one of {INSTRUMENTS}, got "
+                             f"{description.instrument!r}")
+        if description.instrument == "trace":
+            trace = instruments.load_trace(self.framework).TraceInstrument
+            if not trace.layers_in[description.mode]:
+                raise ValueError(f"LayerProfiler: instrument 'trace': {self.framework}'s trace "
+                                 f"does not tell layers apart in {description.mode} mode "
+                                 f"(profiler.instrument.{self.framework}_trace says why); "
+                                 f"use 'hooks'" + (" or --cross-check to compare the two"
+                                                   if description.mode == "eager" else ""))
+            self.instrument = trace(subject, self.recorder, mode=description.mode)
+        else:
+            self.instrument = module.Instrument(subject, self.recorder)
+        # The cross-check: the framework's trace read on the same steps into a timeline of
+        # its own, compared with the hooks' layer times in the report.
+        self.check = None
+        if description.cross_check:
+            if description.instrument != "hooks" or description.mode != "eager":
+                raise ValueError(f"LayerProfiler: cross_check: compares the hook-based "
+                                 f"instrument with the trace on eager steps; got instrument "
+                                 f"{description.instrument!r}, mode {description.mode!r}")
+            self.check_timeline = Timeline()
+            self.check = instruments.load_trace(self.framework).TraceInstrument(
+                subject, Recorder(self.check_timeline), mode="eager")
         self.recorder.device_clock = self.instrument.device_clock()
         self.cursor = _PhaseCursor(self.recorder)
         self.instrument.on_output_grad = self._output_grad
@@ -282,7 +312,7 @@ class LayerProfiler:
         if self._in_step:
             raise RuntimeError("LayerProfiler.step: a step is already open; steps do not "
                                "nest (close the outer `with prof.step():` first)")
-        if how == "instrumented" and self.mode == "graph":
+        if how == "instrumented" and self.mode == "graph" and self.instrument.kind == "hooks":
             how = "phases"        # no layer hook runs inside a compiled graph
         self._in_step, self._marked = True, False
         index = self.steps_done - self.warmup          # < 0: warm-up
@@ -311,6 +341,8 @@ class LayerProfiler:
         rec.enabled = True
         step = len(self.step_ms) if measured else -1
         rec.start_step(step)
+        if self.check is not None and how == "instrumented":
+            self.check.recorder.start_step(step)
         token = rec.begin("step", "step")
         self.cursor.start("other" if self.description.one_call else "forward")
         failed = True
@@ -322,10 +354,12 @@ class LayerProfiler:
             self.target.synchronize()
             self.cursor.stop()
             rec.end(token)
+            ended = rec.now_ns()
             rec.finish_step()
-            self.instrument.collect_step(step)
             self.steps_done += 1
-        self.last_step_ms = (time.perf_counter_ns() - began) / 1e6
+            self.last_step_ms = (time.perf_counter_ns() - began) / 1e6
+            # A trace is read after the step's time was taken: its cost is not the step's.
+            self._collect(step, (token.start_ns, ended), layers=how == "instrumented")
         if measured:
             self.step_ms.append(self.last_step_ms)
         self._log("instrumented" if measured else "warmup", compiled_before)
@@ -396,6 +430,8 @@ class LayerProfiler:
         """Starts a new measurement: a fresh timeline and no measured step (the next step is
         measured step 0); the hooks stay. Returns the new timeline."""
         self.timeline = self.recorder.timeline = Timeline()
+        if self.check is not None:
+            self.check_timeline = self.check.recorder.timeline = Timeline()
         self.step_ms, self.plain_step_ms = [], []
         self.step_log = [e for e in self.step_log if e["kind"] == "warmup"]
         self.steps_done = max(self.steps_done, self.warmup)
@@ -410,8 +446,9 @@ class LayerProfiler:
         d = self.description
         # A seed workload's notes say what its phases are; a user's model gets this sentence.
         whose = "Phases" if d.notes else f"User model {d.model}: phases"
-        # The layer instrument's notes say what its ranges mean; in graph mode it never ran.
-        instrument_notes = list(self.instrument.notes) if self.mode == "eager" else []
+        # The layer instrument's notes say what its ranges mean; in graph mode hooks never ran.
+        ran = self.mode == "eager" or self.instrument.kind == "trace"
+        instrument_notes = list(self.instrument.notes) if ran else []
         notes = instrument_notes + list(d.notes) + [
             f"{whose} from the step's boundaries (mark_output, the backward call, the "
             f"output's gradient, the optimizer step) and phases marked by hand "
@@ -427,14 +464,33 @@ class LayerProfiler:
         errors += [f"phase accounting: {w}" for w in breakdown["warnings"]]
         sections = from_phase_breakdown(breakdown)
         sections["layers"] = from_layer_breakdown(layer_breakdown(self.timeline))
-        if self.mode == "graph":
+        if self.instrument.kind == "trace":
+            # A trace has no calls; a layer's ranges are pieces of its ops' time: count ops.
+            ops = self.instrument.op_counts()
+            for row in sections["layers"]:
+                row["calls"] = ops.get((row["name"], "forward"), 0.0)
+            # In the model's order: a graph may read a late layer's weights first.
+            order = {name: i for i, (name, _) in enumerate(self.target.named_layers())}
+            sections["layers"].sort(key=lambda row: order.get(row["name"], len(order)))
+            accounting = self.instrument.accounting()
+            if accounting is not None:
+                sections["trace"] = accounting
+        if self.mode == "graph" and self.instrument.kind == "hooks":
             notes.append("Graph mode: the framework's compiled step, as its users train. No "
                          "layer hook runs inside a compiled graph, so this report has no "
-                         "per-layer times; the phases are the step's calls that remain.")
+                         "per-layer times (the trace-based instrument has them: --instrument "
+                         "trace); the phases are the step's calls that remain.")
+        elif self.mode == "graph":
+            notes.append("Graph mode: the framework's compiled step, as its users train; the "
+                         "layer times come from the framework's own trace of it.")
+        if self.mode == "graph":
             absent = self._absent_phases()
             sections["phases_absent"] = absent
             for phase in absent:
                 del sections["phases_ms"][phase]
+        if self.check is not None:
+            sections["cross_check"] = cross_check(
+                self.timeline, self.check_timeline, op_counts=self.check.op_counts())
         compilation = self._compilation(notes)
         if compilation is not None:
             sections["compilation"] = compilation
@@ -513,10 +569,24 @@ class LayerProfiler:
     def _hooks(self, *, layers: bool, events: bool) -> None:
         if layers != self._layers_on:
             (self.instrument.install if layers else self.instrument.remove)()
+            if self.check is not None:
+                (self.check.install if layers else self.check.remove)()
             self._layers_on = layers
         if events != self._events_on:
             (self.events.install if events else self.events.remove)()
             self._events_on = events
+
+    def _collect(self, step: int, window, *, layers: bool) -> None:
+        """The trace instruments' ranges of the step just ended; a failure is an error in the
+        report (the step's time and phases stand)."""
+        if not layers:
+            return
+        for instrument in filter(None, [self.instrument, self.check]):
+            try:
+                instrument.collect_step(step, window)
+            except Exception as e:
+                self.errors.append(f"step {step}: the {instrument.kind} instrument could not "
+                                   f"read the step: {type(e).__name__}: {e}")
 
     def _output_grad(self) -> None:
         if self._in_step:

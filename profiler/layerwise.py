@@ -32,6 +32,7 @@ from ops.frameworks import FRAMEWORKS, cpu_name, resolve_device, version_or_unkn
 from ops.impls import CONV_IMPLS, LOSS_IMPLS
 from ops.threads import physical_cores
 from profiler import console, distributed, engine, environment
+from profiler import instrument as instruments
 from profiler.console import non_negative_int, positive_int
 from profiler.report import (build_report, render_comparison, render_table,
                              render_variant_phases, write_json_atomic)
@@ -96,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--overhead-iters", type=non_negative_int, default=None,
                        help="uninstrumented steps timed for the instrumentation overhead "
                             "(default: --iters; 0 skips)")
+    steps.add_argument("--instrument", default="auto", choices=("auto", "hooks", "trace"),
+                       help="hooks: our hooks time each layer while the step runs; trace: the "
+                            "framework's own trace (TensorFlow's XSpace, torch.profiler, "
+                            "MXNet's profiler) is read after each step; auto: trace in graph "
+                            "mode where it times layers (no hook runs inside a compiled "
+                            "graph), else hooks (docs/profiler.md, 'Instruments')")
+    steps.add_argument("--cross-check", action="store_true",
+                       help="eager mode: read the framework's trace on the same steps as the "
+                            "hooks and print how far their layer times agree")
     steps.add_argument("--sync", action="store_true",
                        help="synchronise the device at every range boundary instead of "
                             "reading events once per step")
@@ -177,6 +187,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.xla and (args.mode != "graph" or args.framework != "tensorflow"):
         fail(f"--xla: compiles TensorFlow's graph-mode step; expected --framework tensorflow "
              f"--mode graph, got --framework {args.framework} --mode {args.mode}")
+    if args.cross_check and (args.mode != "eager" or args.instrument == "trace"
+                             or args.framework in ("chainer", "all")):
+        fail(f"--cross-check: compares the hooks with the framework's trace on eager steps "
+             f"of one framework that has a trace (tensorflow, torch, mxnet); got --framework "
+             f"{args.framework} --mode {args.mode} --instrument {args.instrument}")
     if args.framework == "all" and args.compare:
         fail("--compare runs in one framework; pick --framework")
     if args.nsys and (args.framework == "all" or args.compare):
@@ -268,6 +283,9 @@ def run(args) -> dict:
     try:
         with environment.pyspy_recording(out, notes, enabled=args.pyspy):
             targets = _targets(args)
+            chosen = instruments.choose(args.framework, args.mode, args.instrument)
+            for target in targets.values():
+                target.instrument, target.cross_check = chosen, args.cross_check
             if args.compare:
                 result = engine.compare(targets, rounds=args.rounds, warmup=args.warmup,
                                         steps_per_round=args.steps_per_round, sync=args.sync,

@@ -39,6 +39,12 @@ phases_ms             {phase: {mean, median,     one entry for each of the eight
                                                  "compiled_step"); the means add up to
                                                  step_ms.mean ("other" is the remainder);
                                                  samples (v3): per step, as step_ms.samples
+trace                 {...}                      optional (a trace-based report): how much
+                                                 of the step the trace's ops covered, op
+                                                 events per step, what was not attributed
+cross_check           {rows: [...], ...}         optional (--cross-check): the hooks' layer
+                                                 times against the framework's trace of the
+                                                 same steps (profiler.analysis.cross_check)
 phases_absent         {phase: str}               optional: phases this mode has no boundary
                                                  for (e.g. forward inside a one-call compiled
                                                  step), each with why and where its time is
@@ -46,7 +52,10 @@ layers                [{name: str, type: str or  per layer in forward order: inc
                       null, forward_ms,          (minus sub-layers) times and forward calls per
                       backward_ms,               step; the host_/device_ keys appear together,
                       self_forward_ms,           only where a layer was timed on a device, and
-                      self_backward_ms, calls:   then forward_ms etc. are the device numbers
+                      self_backward_ms, calls:   then forward_ms etc. are the device numbers;
+                                                 a trace-based report (instrument_kind
+                                                 "trace") counts the layer's forward op
+                                                 events per step in calls
                       number, host_forward_ms?,
                       host_backward_ms?,
                       device_forward_ms?,        forward_samples_ms, backward_samples_ms (v3,
@@ -107,7 +116,7 @@ from rich.table import Table
 from rich.text import Text
 
 from profiler.analysis.diff import layers_across
-from profiler.analysis.stats import describe_overhead, summarize
+from profiler.analysis.stats import describe_overhead, median, summarize
 from profiler.timeline import OPTIONAL_PHASES, PHASES, phases_of
 
 SCHEMA_VERSION = 3
@@ -123,7 +132,7 @@ _REQUIRED = ("schema_version", "tool", "created", "framework", "framework_versio
              "iters", "warmup", "notes", "errors")
 _MEASURED = ("step_ms", "phases_ms", "layers", "instrumentation")
 _V3_KEYS = ("parameters", "dtype", "machine", "instrument_kind", "interleaved")
-_OPTIONAL = ("threads", "phases_absent", "compilation") + _V3_KEYS
+_OPTIONAL = ("threads", "phases_absent", "compilation", "trace", "cross_check") + _V3_KEYS
 _KEYS = frozenset(_REQUIRED + _MEASURED + _OPTIONAL)
 _LAYER_NUMBERS = ("forward_ms", "backward_ms", "self_forward_ms", "self_backward_ms", "calls")
 _LAYER_SPLIT = ("host_forward_ms", "host_backward_ms", "device_forward_ms",
@@ -561,7 +570,9 @@ def _layer_table(report: Mapping[str, Any], top_n: int, title: str) -> Table:
     # Self times are shown only where some layer contains another (they differ then).
     nested = any(abs(e["self_forward_ms"] - e["forward_ms"]) > 1e-9
                  or abs(e["self_backward_ms"] - e["backward_ms"]) > 1e-9 for e in shown)
-    columns = ["calls", "fwd ms", "bwd ms"] + (["self fwd", "self bwd"] if nested else [])
+    # A trace has ops, not calls: its reports count the layer's forward ops per step there.
+    count = "fwd ops" if report.get("instrument_kind") == "trace" else "calls"
+    columns = [count, "fwd ms", "bwd ms"] + (["self fwd", "self bwd"] if nested else [])
     if split:
         columns += ["host fwd", "host bwd"]
     for name in columns:
@@ -648,6 +659,19 @@ def _print_errors(console: Console, report: Mapping[str, Any]) -> None:
         console.print(Text(f"error: {message}", style="red"))
 
 
+def _print_trace(console: Console, report: Mapping[str, Any]) -> None:
+    """A trace-based report: how much of the step the framework's ops covered."""
+    trace = report.get("trace")
+    if not trace or not trace.get("coverage_of_step"):
+        return
+    coverage = [100 * c for c in trace["coverage_of_step"]]
+    console.print(f"trace: {trace['source']}; its ops kept the step busy "
+                  f"{median(coverage):.1f}% of the time (median of {len(coverage)} steps, "
+                  f"range {min(coverage):.1f}-{max(coverage):.1f}%), the rest is 'other'; "
+                  f"{median(trace['op_events_per_step']):.0f} op events per step",
+                  highlight=False, soft_wrap=True)
+
+
 def render_table(report_or_reports: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]],
                  console: Optional[Console] = None, *, top_n: int = 20) -> None:
     """Print one report (or several, e.g. one per framework) as rich tables.
@@ -678,6 +702,10 @@ def render_table(report_or_reports: Union[Mapping[str, Any], Sequence[Mapping[st
             if "overhead_verdict" in report["instrumentation"]:
                 console.print(describe_overhead(report["instrumentation"]))
             _print_layers(console, report, top_n, "Layers (ms per step)")
+            _print_trace(console, report)
+            if "cross_check" in report:
+                from profiler.analysis.cross_check import render_cross_check
+                render_cross_check(report["cross_check"], console)
         return
 
     for report in reports:

@@ -44,11 +44,13 @@ class UserTarget:
         self.loader = loader
         self.function = function
         self._step = module.training_step(model, loss_fn, optimizer, device, mode)
+        self.instrument, self.cross_check = "hooks", False     # engine.RunDescription's
 
     def profiler(self, *, warmup: int, sync: bool) -> LayerProfiler:
         return LayerProfiler.for_subject(
             self.subject, self.events, warmup=warmup, sync=sync,
-            description=RunDescription(self.name, mode=self.mode))
+            description=RunDescription(self.name, mode=self.mode, instrument=self.instrument,
+                                       cross_check=self.cross_check))
 
     def batches(self, steps_needed: Optional[int] = None) -> Iterator:
         return cycle(self.loader, self.function)
@@ -74,6 +76,7 @@ class WorkloadTarget:
         self.framework = workload.framework
         self.impls = dict(impls or {})
         self.losses: List[float] = []
+        self.instrument, self.cross_check = "hooks", False     # engine.RunDescription's
 
     @classmethod
     def build(cls, framework: str, config=None, **fields) -> "WorkloadTarget":
@@ -94,7 +97,8 @@ class WorkloadTarget:
         if w.config.xla:
             notes.append("XLA: the compiled step was built with jit_compile=True.")
         return RunDescription(w.config.model, w.config.batch_size, impls, w.config.workers,
-                              w.config.seed, notes, mode=w.mode, one_call=self._one_call)
+                              w.config.seed, notes, mode=w.mode, one_call=self._one_call,
+                              instrument=self.instrument, cross_check=self.cross_check)
 
     @property
     def _one_call(self) -> bool:

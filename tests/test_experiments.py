@@ -378,16 +378,17 @@ def test_bench_instruments_times_every_variant_paired_with_plain(tmp_path, capsy
     from experiments import bench_instruments
     out = tmp_path / "inst.json"
     assert bench_instruments.main(["--framework", "torch", "--batch-size", "2", "--rounds",
-                                   "2", "--warmup", "0", "--threads", "1", "--out",
+                                   "6", "--warmup", "0", "--threads", "1", "--out",
                                    str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert doc["rounds"] == 2 and set(doc["variants"]) == {"plain", "phases", "hooks_idle",
+    assert doc["rounds"] == 6 and set(doc["variants"]) == {"plain", "phases", "hooks_idle",
                                                            "instrumented"}
     for name, row in doc["variants"].items():
-        assert len(row["samples_ms"]) == 2 and row["median_ms"] > 0
+        assert len(row["samples_ms"]) == 6 and row["median_ms"] > 0
         if name != "plain":
             low, high = row["overhead_ci_pct"]
             assert math.isfinite(low) and math.isfinite(high) and low <= high
+            assert row["n"] == 6 and row["coverage"] == pytest.approx(0.96875)
     printed = capsys.readouterr().out
     assert "instrumented" in printed and "%" in printed
     with pytest.raises(SystemExit):

@@ -4,6 +4,7 @@ the framework's own trace after the step) reaches the report through the same en
 the hook-based ones."""
 
 import importlib
+import time
 import types
 
 import pytest
@@ -132,8 +133,10 @@ def test_a_trace_instrument_reaches_the_report_through_the_engine(monkeypatch):
     class FromTrace(_Hooks):          # nothing installed: the ranges come after the step
         kind = "trace"
 
-        def collect_step(self, step):
+        def collect_step(self, step, window):
             collected.append(step)
+            assert window[0] < window[1]
+            time.sleep(0.3)           # reading a trace takes time: not the step's
             now = self.recorder.now_ns()
             for k, (name, layer) in enumerate(self.layers):
                 for direction, offset in (("forward", 0), ("backward", 1000)):
@@ -150,6 +153,7 @@ def test_a_trace_instrument_reaches_the_report_through_the_engine(monkeypatch):
     report = engine.profile(target, steps=2, warmup=1, overhead_steps=1)
     assert report["errors"] == []
     assert collected == [-1, 0, 1]          # warm-up, then the measured steps
+    assert max(report["instrumentation"]["instrumented_step_ms"]) < 300
     layers = {row["name"]: row for row in report["layers"]}
     assert sorted(layers) == ["0", "2"]
     assert all(row["forward_ms"] == pytest.approx(5e-6) for row in layers.values())

@@ -7,9 +7,11 @@ A framework's module holds four things:
 
 - ``Instrument`` (a subclass of :class:`InstrumentBase`): produces the ranges of a step, layer
   by layer. Two kinds (``InstrumentBase.kind``): ``"hooks"`` records ranges on the Recorder
-  while the step runs (every instrument today); ``"trace"`` reads them after the step from a
-  trace the framework itself wrote, in ``collect_step``. The engine calls both through the same
-  seam, so every analysis, view and comparison works on either.
+  while the step runs; ``"trace"`` reads them after the step from a trace the framework itself
+  wrote, in ``collect_step`` (``profiler.instrument.<framework>_trace``: ``TraceInstrument``,
+  built with the step's ``mode``; profiler.instrument.attribution turns op events into
+  ranges). The engine calls both through the same seam, so every analysis, view and
+  comparison works on either.
 - ``UserModel``: a user's own model seen as a :class:`Subject` (what an Instrument needs of
   the thing it instruments). A seed workload (profiler.workloads) is a Subject too.
 - ``PhaseEvents``: the framework's own events at a step's phase boundaries (the backward call,
@@ -30,7 +32,8 @@ from __future__ import annotations
 
 import inspect
 from types import ModuleType
-from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import (Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple,
+                    runtime_checkable)
 
 #: The boundary events a step reports (PhaseEvents, or a seed workload's step itself).
 PHASE_EVENTS = ("backward_start", "backward_end", "optimizer_start", "optimizer_end")
@@ -108,8 +111,8 @@ class TrainingStep(Protocol):
 class InstrumentBase:
     """The base of every framework's Instrument. The engine calls, in a step:
     ``install()`` (before an instrumented step; idempotent), ``mark_output(output)``,
-    ``finish_backward()`` (right after the backward call returns), ``collect_step(step)``
-    (after the step, for a "trace" instrument), ``remove()`` (before an uninstrumented step
+    ``finish_backward()`` (right after the backward call returns), ``collect_step(step,
+    window)`` (after the step, outside its timing, for a "trace" instrument), ``remove()`` (before an uninstrumented step
     and at the end; idempotent). ``on_output_grad`` is set by the engine."""
 
     #: "hooks": ranges recorded while the step runs; "trace": read after it (collect_step).
@@ -142,9 +145,21 @@ class InstrumentBase:
         """Called right after the backward call returns: closes layer backward ranges whose
         end no hook could see. Default: every layer's backward end was seen by a hook."""
 
-    def collect_step(self, step: int) -> None:
-        """After step ``step`` (-1: warm-up) has ended: a "trace" instrument records the
-        step's layer ranges from the framework's trace here. Default: nothing to collect."""
+    def collect_step(self, step: int, window: Tuple[int, int]) -> None:
+        """After step ``step`` (-1: warm-up) has ended, outside its timing: a "trace"
+        instrument records the step's layer ranges from the framework's trace here;
+        ``window`` is the step's (start_ns, end_ns) on the recorder's clock. Default: nothing
+        to collect."""
+
+    def op_counts(self) -> Dict[tuple, float]:
+        """A "trace" instrument: the op events per measured step it attributed to each
+        (layer, direction) (the report counts them in place of calls). Default: none."""
+        return {}
+
+    def accounting(self) -> Optional[Dict[str, Any]]:
+        """A "trace" instrument: the report's "trace" section (what the trace covered of the
+        step). Default: None (no section)."""
+        return None
 
     def device_clock(self) -> Optional[object]:
         """A recorder.DeviceClock for the subject's GPU, or None on the CPU."""

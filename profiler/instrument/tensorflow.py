@@ -53,6 +53,7 @@ import keras
 import tensorflow as tf
 
 import ops.tensorflow as ops_tf
+from profiler.workloads.spec import STEP_SCOPES
 
 from .base import InstrumentBase
 
@@ -634,7 +635,8 @@ def training_step(model, loss_fn, optimizer, device=None, mode="eager"):
             out = model(x, training=True)
             if prof is not None:
                 out = prof.mark_output(out)
-            loss = loss_fn(*rest[:1], out, *rest[1:])
+            with tf.name_scope(STEP_SCOPES["loss"]):   # for the trace (graph mode)
+                loss = loss_fn(*rest[:1], out, *rest[1:])
             if getattr(loss, "shape", None) is None or loss.shape.rank != 0:
                 raise ValueError(f"profile_training: loss_fn: expected {_SCALAR_HINT}, "
                                  f"got {type(loss).__name__} of shape "
@@ -642,7 +644,8 @@ def training_step(model, loss_fn, optimizer, device=None, mode="eager"):
             if model.losses:
                 loss = loss + tf.add_n(model.losses)
         grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients(zip(grads, variables))
+        with tf.name_scope(STEP_SCOPES["optimizer"]):
+            optimizer.apply_gradients(zip(grads, variables))
         return loss
 
     # reduce_retracing: a last, smaller batch traces once more, then shapes generalise.

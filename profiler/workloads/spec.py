@@ -178,3 +178,8 @@ def learning_rate(step: int, total_steps: int, initial: float = LEARNING_RATE) -
     75%."""
     drops = sum(step >= int(f * total_steps) for f in LR_DROPS)
     return initial * 0.1 ** drops
+
+# Name scopes a compiled training step puts its loss and its update in (TensorFlow's graph
+# step): the ops' names carry them, so a trace of the step can tell the loss's and the
+# optimizer's ops from the model's (profiler.instrument.tensorflow_trace). They cost nothing.
+STEP_SCOPES = {"loss": "deepprof.loss", "optimizer": "deepprof.optimizer"}

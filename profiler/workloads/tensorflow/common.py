@@ -496,8 +496,12 @@ class TensorFlowWorkload(WorkloadBase):
             def train_step(batch):
                 with tf.device(self.tf_device):
                     with tf.GradientTape() as tape:
-                        loss = self.compute_loss(self.net(batch[0], training=True), batch)
-                    self._apply_update(tape.gradient(loss, self._variables))
+                        out = self.net(batch[0], training=True)
+                        with tf.name_scope(spec.STEP_SCOPES["loss"]):
+                            loss = self.compute_loss(out, batch)
+                    grads = tape.gradient(loss, self._variables)
+                    with tf.name_scope(spec.STEP_SCOPES["optimizer"]):
+                        self._apply_update(grads)
                 return loss
 
             # No autograph: the step has no tensor-dependent Python control flow to convert
