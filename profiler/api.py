@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 from profiler import engine
+from profiler import instrument as instruments
 from profiler.engine import Comparison, LayerFilter, LayerProfiler, Report
 from profiler.targets import UserTarget
 
@@ -47,7 +48,8 @@ def profile_training(model, loader: Iterable, loss_fn: Callable, optimizer, *,
                      framework: str = "torch", steps: int = 8, warmup: int = 2,
                      overhead_steps: Optional[int] = None, device: Optional[str] = None,
                      layers: LayerFilter = None, name: Optional[str] = None,
-                     sync: bool = False, mode: str = "eager",
+                     sync: bool = False, mode: str = "eager", instrument: str = "auto",
+                     cross_check: bool = False,
                      progress: Optional[Callable[[int, int], None]] = None) -> Report:
     """Runs ``warmup + steps`` training steps of ``model`` on batches ``(inputs, targets)``
     from ``loader`` (cycled if it runs out), profiled, and ``overhead_steps`` (default
@@ -55,14 +57,19 @@ def profile_training(model, loader: Iterable, loss_fn: Callable, optimizer, *,
     (stats.overhead_schedule); returns the report. A run that fails half-way returns the
     report of the steps measured so far, its error in ``errors``; one that measured nothing
     raises. ``mode`` "graph": the framework's compiled mode (torch.compile, a hybridized
-    block, one tf.function for the step; Chainer has none): step and phase times, no
-    per-layer times, the compilation in the report's "compilation"."""
+    block, one tf.function for the step; Chainer has none), the compilation in the report's
+    "compilation". ``instrument`` "auto" (default): per-layer times from the framework's own
+    trace in graph mode where it gives them (no hook runs inside a compiled graph), from
+    hooks otherwise; "hooks" or "trace" to choose. ``cross_check``: eager mode, the trace
+    read on the same steps as the hooks, their agreement in the report's "cross_check"."""
     for arg, value, least in (("steps", steps, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"profile_training: {arg}: expected an int >= {least}, got "
                              f"{value!r}")
     target = UserTarget(model, loader, loss_fn, optimizer, framework=framework, device=device,
                         layers=layers, name=name, mode=mode)
+    target.instrument = instruments.choose(framework, mode, instrument)
+    target.cross_check = cross_check
     return engine.profile(target, steps=steps, warmup=warmup, overhead_steps=overhead_steps,
                           sync=sync, progress=progress, function="profile_training")
 
@@ -70,12 +77,13 @@ def profile_training(model, loader: Iterable, loss_fn: Callable, optimizer, *,
 def compare_training(builds: Dict[str, Dict[str, Any]], *, framework: str = "torch",
                      rounds: int = 5, steps_per_round: int = 2, warmup: int = 2,
                      device: Optional[str] = None, layers: LayerFilter = None,
-                     sync: bool = False, mode: str = "eager",
+                     sync: bool = False, mode: str = "eager", instrument: str = "auto",
                      progress: Optional[Callable[[int, int], None]] = None) -> Comparison:
     """Variants of one training setup, profiled in interleaved rounds (profiler.engine.
     compare). ``builds`` maps each variant's name to what profile_training takes for it:
     dict(model=, loader=, loss_fn=, optimizer=[, name=]); the first variant is the baseline.
-    Every step is instrumented; ``Comparison.differences()`` gives the per-phase differences
+    Every step is instrumented (``instrument`` as in profile_training);
+    ``Comparison.differences()`` gives the per-phase differences
     with their intervals. A run that fails half-way keeps what was measured (its error in
     ``errors`` and in that variant's report); one that measured nothing raises.
     """
@@ -91,6 +99,8 @@ def compare_training(builds: Dict[str, Dict[str, Any]], *, framework: str = "tor
                                    layers=layers, name=build.get("name"), mode=mode,
                                    function=f"compare_training: {variant}")
                for variant, build in builds.items()}
+    for target in targets.values():
+        target.instrument = instruments.choose(framework, mode, instrument)
     return engine.compare(targets, rounds=rounds, steps_per_round=steps_per_round,
                           warmup=warmup, sync=sync, progress=progress,
                           function="compare_training")

@@ -32,7 +32,7 @@ from profiler import instrument as instruments
 from profiler.analysis.cross_check import cross_check
 from profiler.analysis.flamegraph import folded_stacks, to_speedscope
 from profiler.analysis.nesting import check_nesting
-from profiler.analysis.phases import layer_breakdown, phase_breakdown
+from profiler.analysis.phases import layer_breakdown, phase_breakdown, region_breakdown
 from profiler.analysis.stats import (OVERHEAD_GOAL_PCT, interleaved_order, median,
                                      overhead_schedule, overhead_summary)
 from profiler.analysis.trace_events import to_chrome_trace
@@ -207,19 +207,25 @@ class LayerProfiler:
     the model's layer names (module paths), or a callable (name, layer) -> bool. name: the
     model's name in the report (default: its class name). batch_size: samples per step
     (default: the first dimension of the output given to mark_output). sync: wait for the
-    device at every range boundary (simple, serialising; CPU: no effect).
+    device at every range boundary (simple, serialising; CPU: no effect). instrument: "hooks",
+    "trace" (the framework's own trace, read after each step) or "auto" (the trace in graph
+    mode where it times layers, else hooks); cross_check: eager mode, the trace read on the
+    same steps as the hooks and compared in the report's "cross_check".
     """
 
     def __init__(self, model, framework: str = "torch", *, warmup: int = 2,
                  layers: LayerFilter = None, name: Optional[str] = None,
-                 batch_size: Optional[int] = None, sync: bool = False, mode: str = "eager"):
+                 batch_size: Optional[int] = None, sync: bool = False, mode: str = "eager",
+                 instrument: str = "auto", cross_check: bool = False):
         if mode not in ("eager", "graph"):
             raise ValueError(f"LayerProfiler: mode: expected 'eager' or 'graph', got {mode!r}")
         module = instruments.load(framework, "LayerProfiler")
         subject = module.UserModel(model, layer_filter(layers))
         self._start(subject, module.PhaseEvents, warmup=warmup, sync=sync,
-                    description=RunDescription(name or type(model).__name__, batch_size,
-                                               mode=mode))
+                    description=RunDescription(
+                        name or type(model).__name__, batch_size, mode=mode,
+                        instrument=instruments.choose(framework, mode, instrument),
+                        cross_check=cross_check))
 
     @classmethod
     def for_subject(cls, subject: Subject, events, *, description: RunDescription,
@@ -254,12 +260,15 @@ class LayerProfiler:
                              f"{description.instrument!r}")
         if description.instrument == "trace":
             trace = instruments.load_trace(self.framework).TraceInstrument
-            if not trace.layers_in[description.mode]:
+            mode = description.mode
+            # A trace that names no layer in this mode may still show the compiled program's
+            # fused regions (torch.compile's kernels); one that shows neither is refused.
+            if not (trace.layers_in[mode] or getattr(trace, "regions_in", {}).get(mode)):
                 raise ValueError(f"LayerProfiler: instrument 'trace': {self.framework}'s trace "
-                                 f"does not tell layers apart in {description.mode} mode "
+                                 f"does not tell layers apart in {mode} mode "
                                  f"(profiler.instrument.{self.framework}_trace says why); "
                                  f"use 'hooks'" + (" or --cross-check to compare the two"
-                                                   if description.mode == "eager" else ""))
+                                                   if mode == "eager" else ""))
             self.instrument = trace(subject, self.recorder, mode=description.mode)
         else:
             self.instrument = module.Instrument(subject, self.recorder)
@@ -314,6 +323,12 @@ class LayerProfiler:
                                "nest (close the outer `with prof.step():` first)")
         if how == "instrumented" and self.mode == "graph" and self.instrument.kind == "hooks":
             how = "phases"        # no layer hook runs inside a compiled graph
+        if how == "instrumented" and self.mode == "graph" and \
+                self.steps_done - self.warmup < -1:
+            # The warm-up steps that compile run untraced (a trace of torch.compile's
+            # compilation took 44 s to read); the last warm-up step is traced, warming the
+            # tracer up before the measured steps.
+            how = "phases"
         self._in_step, self._marked = True, False
         index = self.steps_done - self.warmup          # < 0: warm-up
         measured = index >= 0
@@ -475,6 +490,9 @@ class LayerProfiler:
             accounting = self.instrument.accounting()
             if accounting is not None:
                 sections["trace"] = accounting
+                regions = region_breakdown(self.timeline)
+                if regions:
+                    accounting["regions_ms"] = regions
         if self.mode == "graph" and self.instrument.kind == "hooks":
             notes.append("Graph mode: the framework's compiled step, as its users train. No "
                          "layer hook runs inside a compiled graph, so this report has no "

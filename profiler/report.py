@@ -670,6 +670,17 @@ def _print_trace(console: Console, report: Mapping[str, Any]) -> None:
                   f"range {min(coverage):.1f}-{max(coverage):.1f}%), the rest is 'other'; "
                   f"{median(trace['op_events_per_step']):.0f} op events per step",
                   highlight=False, soft_wrap=True)
+    regions = trace.get("regions_ms") or []
+    if regions:
+        table = Table(title=f"The compiled program's kernels the trace could not give to "
+                            f"one layer (ms per step; {len(regions)}; a fused kernel is never "
+                            f"split between layers)", title_justify="left")
+        table.add_column("region", overflow="fold")
+        table.add_column("ms", justify="right")
+        table.add_column("per step", justify="right")
+        for row in regions[:15]:
+            table.add_row(row["name"], _ms(row["ms"]), f"{row['per_step']:g}")
+        console.print(table)
 
 
 def render_table(report_or_reports: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]],

@@ -230,16 +230,35 @@ def test_profile_training_measures_overhead_and_keeps_a_failed_run():
 
 
 def test_profile_training_in_graph_mode_hybridizes_the_block():
-    """mode="graph": the block runs hybridized (static_alloc, static_shape); no layer hook
-    is installed (the instrument refuses hybridized blocks), the step's calls remain phases,
-    the loss backward is listed as absent (no marker on the output without the instrument)."""
+    """mode="graph", instrument="hooks": the block runs hybridized (static_alloc,
+    static_shape); no layer hook is installed (the instrument refuses hybridized blocks), the
+    step's calls remain phases, the loss backward is listed as absent (no marker on the
+    output without the instrument)."""
+    model = tiny_net()
+    report = profile_training(model, batches(3), gluon.loss.SoftmaxCrossEntropyLoss(),
+                              sgd(model), framework="mxnet", steps=2, warmup=1,
+                              overhead_steps=1, mode="graph", instrument="hooks")
+    validate_report(report.doc)
+    assert model._active and report["mode"] == "graph" and report["errors"] == []
+    assert report["layers"] == [] and set(report["phases_absent"]) == {"loss_backward"}
+    for phase in ("forward", "loss_forward", "backward", "optimizer"):
+        assert report["phases_ms"][phase]["mean"] > 0, phase
+    assert hooks_removed()
+
+
+def test_profile_training_in_graph_mode_times_layers_from_the_trace():
+    """mode="graph" (instrument "auto": MXNet's trace): the hybridized block's layers get
+    forward and backward times from MXNet's operator events mapped to the cached graph's
+    nodes, in every measured step."""
     model = tiny_net()
     report = profile_training(model, batches(3), gluon.loss.SoftmaxCrossEntropyLoss(),
                               sgd(model), framework="mxnet", steps=2, warmup=1,
                               overhead_steps=1, mode="graph")
     validate_report(report.doc)
-    assert model._active and report["mode"] == "graph" and report["errors"] == []
-    assert report["layers"] == [] and set(report["phases_absent"]) == {"loss_backward"}
+    assert model._active and report["errors"] == [] and report["instrument_kind"] == "trace"
+    assert report["trace"]["steps_with_layers"] == [0, 1], report["trace"]
+    assert {row["name"] for row in report["layers"]} == {"conv", "bn", "head.0"}
+    assert all(row["forward_ms"] > 0 and row["backward_ms"] > 0 for row in report["layers"])
     for phase in ("forward", "loss_forward", "backward", "optimizer"):
         assert report["phases_ms"][phase]["mean"] > 0, phase
     assert hooks_removed()

@@ -441,22 +441,43 @@ def test_cli_profiles_a_keras_factory_from_a_file(tmp_path):
     assert all(layer["backward_ms"] > 0 for layer in report["layers"])
 
 
-def test_profile_training_in_graph_mode_times_one_compiled_call():
-    """mode="graph": the step is one tf.function; its time is the compiled_step phase, the
-    phases inside it are listed as absent with the reason, there is no layer table, and the
-    PhaseEvents are put back."""
-    before = optimizer_methods()
+def _graph_report(instrument):
     model = tiny_net()
     x = np.random.default_rng(0).random((4, 8, 8, 3), np.float32)
     y = np.arange(4) % 10
     report = profile_training(model, [(x, y)] * 3,
                               keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                               keras.optimizers.SGD(0.01), framework="tensorflow", steps=2,
-                              warmup=1, overhead_steps=1, mode="graph")
+                              warmup=1, overhead_steps=1, mode="graph", instrument=instrument)
     validate_report(report.doc)
+    return model, report
+
+
+def test_profile_training_in_graph_mode_times_one_compiled_call():
+    """mode="graph", instrument="hooks": the step is one tf.function; its time is the
+    compiled_step phase, the phases inside it are listed as absent with the reason, there is
+    no layer table, and the PhaseEvents are put back."""
+    before = optimizer_methods()
+    _, report = _graph_report("hooks")
     assert report["errors"] == [] and report["mode"] == "graph" and report["layers"] == []
     assert report["phases_ms"]["compiled_step"]["mean"] > 0
     assert set(report["phases_absent"]) == {"forward", "loss_forward", "loss_backward",
                                             "backward", "optimizer"}
     assert all("inside the compiled step" in why for why in report["phases_absent"].values())
+    assert_restored(before)
+
+
+def test_profile_training_in_graph_mode_times_layers_from_the_trace():
+    """mode="graph" (instrument "auto": TensorFlow's trace): every layer of the user's model
+    gets forward and backward times from the compiled step's op scopes, and the phases inside
+    the call (profile_training's step scopes its loss and its update) replace compiled_step."""
+    before = optimizer_methods()
+    model, report = _graph_report("auto")
+    assert report["errors"] == [] and report["instrument_kind"] == "trace"
+    names = [name for name, _ in instrument_tf.UserModel(model, lambda n, l: True).named_layers()]
+    assert [row["name"] for row in report["layers"]] == names
+    assert all(row["forward_ms"] > 0 and row["backward_ms"] > 0 for row in report["layers"])
+    assert "compiled_step" not in report["phases_ms"]
+    for phase in ("forward", "loss_forward", "backward", "optimizer"):
+        assert report["phases_ms"][phase]["mean"] > 0, phase
     assert_restored(before)

@@ -81,8 +81,13 @@ def test_classify_reads_scopes_gradients_loss_and_optimizer():
     assert trace.classify(f"{optimizer}/sgd/Mul_3:Mul", names).phase == "optimizer"
     c = trace.classify("AddN_12:AddN", names)
     assert (c.phase, c.layer) == ("backward", None)
-    c = trace.classify("resnet20_1/stage1.block0_1/stage1.block0.conv1.pad_1/Pad:Pad", names)
+    c = trace.classify("resnet20_1/stage1.block0_1/stage1.block0.conv1.pad_1/Pad:Pad", names,
+                       "resnet20")
     assert (c.phase, c.layer) == ("forward", None)
+    # A user's own step: its optimizer's ops are outside the model's scope, of no phase.
+    assert trace.classify("SGD/Mul_3:Mul", names, "resnet20").phase is None
+    assert trace.classify("gradient_tape/resnet20_1/add/AddN:AddN", names,
+                          "resnet20").phase == "backward"
 
 
 def test_eager_trace_refuses_to_time_layers_and_says_why():

@@ -186,3 +186,19 @@ def layer_breakdown(timeline: Timeline) -> List[Dict[str, object]]:
                     row[f"{place}_{direction}_ms"] = ms(t[(place, direction, "inclusive")])
         rows.append(row)
     return rows
+
+
+def region_breakdown(timeline: Timeline) -> List[Dict[str, object]]:
+    """The fused regions a trace showed (kind "mark" ranges on a "trace:" track: a compiled
+    program's kernels that cover several layers), largest first: name, ms (mean per measured
+    step) and ranges per step."""
+    steps = set(_step_ranges(timeline)) or {0}
+    total: Dict[str, int] = defaultdict(int)
+    count: Dict[str, int] = defaultdict(int)
+    for r in timeline.ranges:
+        if r.kind == "mark" and r.step >= 0 and r.track.startswith("trace:"):
+            total[r.name] += r.duration_ns
+            count[r.name] += 1
+    return [{"name": name, "ms": ns / len(steps) / _NS_PER_MS,
+             "per_step": count[name] / len(steps)}
+            for name, ns in sorted(total.items(), key=lambda item: -item[1])]

@@ -154,9 +154,13 @@ def _profile_start_ns(space: xplane_pb2.XSpace) -> int:
                      "plane): its host times cannot be placed")
 
 
-def classify(name: str, layer_names: Dict[str, str]) -> OpEvent:
+def classify(name: str, layer_names: Dict[str, str],
+             model_name: Optional[str] = None) -> OpEvent:
     """What a graph-mode op event (``<scope>/<op>:<kernel>``) belongs to (module docstring);
-    times are filled in by the caller."""
+    times are filled in by the caller. ``model_name``: the Keras model's name, whose scope
+    holds the forward (and, under gradient_tape/, the backward); an op outside it, a layer
+    and the step's scopes (a user's own step: its loss, its optimizer) belongs to no phase.
+    None: every such op counts to the forward or the backward."""
     op_name = name.rpartition(":")[0]
     scope = op_name.split("/")
     backward = scope[0] == "gradient_tape"
@@ -166,9 +170,39 @@ def classify(name: str, layer_names: Dict[str, str]) -> OpEvent:
         return OpEvent(0, 0, name, "loss_backward" if backward else "loss_forward")
     if not backward and len(scope) == 1 and _GRADIENT_SUM.match(scope[0]):
         return OpEvent(0, 0, name, "backward")
-    layer = attribution.layer_match(scope[:-1], layer_names)
+    layer = _layer_of(scope[:-1], layer_names)
     direction = "backward" if backward else "forward"
-    return OpEvent(0, 0, name, direction, layer, direction if layer else None)
+    top = scope[1] if backward and len(scope) > 1 else scope[0]
+    in_model = model_name is None or attribution.layer_match([top], {model_name: model_name})
+    return OpEvent(0, 0, name, direction if (layer or in_model) else None, layer,
+                   direction if layer else None)
+
+
+def _layer_of(scope: List[str], layer_names: Dict[str, str]) -> Optional[str]:
+    """The deepest layer whose name matches scope components: a seed layer's name is one
+    component ("stage1.block0.conv1"), a user's nested layer a path of them ("head/dense":
+    the components "head_1", "dense_1" in a row, Keras' "_<n>" suffixes allowed)."""
+    paths = {tuple(name.split("/")): name for name in layer_names}
+    longest = max((len(path) for path in paths), default=1)
+    for end in range(len(scope), 0, -1):
+        for length in range(min(longest, end), 0, -1):
+            parts = scope[end - length:end]
+            for path, name in paths.items():
+                if len(path) == length and all(
+                        attribution.layer_match([part], {want: want}) for part, want in
+                        zip(parts, path)):
+                    return name
+    return None
+
+
+def _model_name(subject) -> Optional[str]:
+    """The Keras model's name (a seed workload's ``net``, a UserModel's ``model``)."""
+    import keras
+    for attribute in ("net", "model"):
+        model = getattr(subject, attribute, None)
+        if isinstance(model, keras.Model):
+            return model.name
+    return None
 
 
 class TraceInstrument(InstrumentBase):
@@ -184,6 +218,8 @@ class TraceInstrument(InstrumentBase):
         self.mode = mode
         self.session = XSpaceSession()
         self.layer_names = {name: name for name, _ in self.layers}
+        self.model_name = _model_name(subject)
+        self._classified: Dict[str, OpEvent] = {}
         self.layer_types = {name: type(layer).__name__ for name, layer in self.layers}
         self.last_attribution: Optional[attribution.Attribution] = None
         self.coverage: List[float] = []                # per measured step: busy / step
@@ -238,7 +274,7 @@ class TraceInstrument(InstrumentBase):
                 if window[0] <= start and end <= window[1]:
                     self.recorder.record(name, "mark", start, end, track=TRACK, step=step)
             return
-        ops = [OpEvent(start, end, name, *classify(name, self.layer_names).key)
+        ops = [OpEvent(start, end, name, *self._classify(name).key)
                for start, end, name in events]
         found = attribution.attribute(ops, window)
         self.last_attribution = found
@@ -248,9 +284,11 @@ class TraceInstrument(InstrumentBase):
             self._steps_counted += 1
             for key, n in found.op_counts.items():
                 self._op_counts[key] = self._op_counts.get(key, 0) + n
-        self._replace_compiled_step(step, window)
+        # The trace's phases stand in for the one compiled call where the step marked it; a
+        # loop that marks its own phases (LayerProfiler) keeps them and gets layers only.
+        phases = self._replace_compiled_step(step, window)
         attribution.record_step(self.recorder, step, found, track=TRACK,
-                                layer_types=self.layer_types, phases=True)
+                                layer_types=self.layer_types, phases=phases)
 
     def accounting(self) -> Dict[str, object]:
         """The report's "trace" section: how much of each measured step TensorFlow's ops
@@ -279,11 +317,21 @@ class TraceInstrument(InstrumentBase):
     def _to_perf(self, wall_ns: int) -> int:
         return wall_ns - self._clock_offset_ns
 
-    def _replace_compiled_step(self, step: int, window: Tuple[int, int]) -> None:
-        """The step's compiled_step range (the one call) gives way to the trace's phases."""
+    def _classify(self, name: str) -> OpEvent:
+        """classify(), once per op name (a step repeats the same ops every time)."""
+        found = self._classified.get(name)
+        if found is None:
+            found = self._classified[name] = classify(name, self.layer_names, self.model_name)
+        return found
+
+    def _replace_compiled_step(self, step: int, window: Tuple[int, int]) -> bool:
+        """The step's compiled_step range (the one call) gives way to the trace's phases;
+        False where the step has none."""
         timeline = self.recorder.timeline
-        timeline.ranges = [r for r in timeline.ranges
-                           if not (r.kind == "phase" and r.name == "compiled_step"
-                                   and r.step == step and window[0] <= r.start_ns
-                                   and r.end_ns <= window[1])]
+        kept = [r for r in timeline.ranges
+                if not (r.kind == "phase" and r.name == "compiled_step" and r.step == step
+                        and window[0] <= r.start_ns and r.end_ns <= window[1])]
+        replaced = len(kept) < len(timeline.ranges)
+        timeline.ranges = kept
+        return replaced
 
