@@ -192,6 +192,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         fail(f"--cross-check: compares the hooks with the framework's trace on eager steps "
              f"of one framework that has a trace (tensorflow, torch, mxnet); got --framework "
              f"{args.framework} --mode {args.mode} --instrument {args.instrument}")
+    if args.instrument == "trace" and args.framework in instruments.NO_TRACE:
+        fail(f"--instrument trace: no trace-based instrument for {args.framework}: "
+             f"{instruments.NO_TRACE[args.framework]}")
     if args.framework == "all" and args.compare:
         fail("--compare runs in one framework; pick --framework")
     if args.nsys and (args.framework == "all" or args.compare):

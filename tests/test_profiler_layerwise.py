@@ -218,6 +218,12 @@ def test_cli_compare(tmp_path, capsys):
      "--rounds, --steps-per-round: only with --compare"),
     (["--framework", "all", "--python", "jax=/usr/bin/python3"], "--python: expected"),
     (["--framework", "all", "--python", "torch=/no/such/python"], "not an executable"),
+    (["--cross-check", "--mode", "graph"], "--cross-check: compares the hooks with"),
+    (["--cross-check", "--framework", "chainer"], "--cross-check: compares the hooks with"),
+    (["--cross-check", "--instrument", "trace"], "--cross-check: compares the hooks with"),
+    (["--instrument", "trace", "--framework", "chainer"],
+     "no trace-based instrument for chainer"),
+    (["--instrument", "sometimes"], "invalid choice: 'sometimes'"),
 ])
 def test_cli_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

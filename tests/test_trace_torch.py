@@ -250,3 +250,17 @@ def test_graph_mode_gives_fused_regions_and_no_layer():
     assert marks and {r.track for r in marks} == {TRACK}
     assert sum(r.duration_ns for r in marks) <= step.duration_ns
     assert any("Graph mode" in note and "nn_module_stack" in note for note in trace.notes)
+
+
+def test_cli_cross_check_prints_the_agreement_table(tmp_path, capsys):
+    """--cross-check end to end: the report keeps the table, the CLI prints it."""
+    import json
+    from profiler import layerwise
+    code = layerwise.main(["--framework", "torch", "--cross-check", "--iters", "2",
+                           "--overhead-iters", "0", "--batch-size", "4", "--synthetic-size",
+                           "32", "--threads", "1", "--no-progress", "--out", str(tmp_path)])
+    assert code == 0
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert doc["instrument_kind"] == "hooks" and doc["cross_check"]["rows"]
+    printed = capsys.readouterr().out
+    assert "Cross-check: hooks vs the framework's trace (trace layers by name)" in printed

@@ -89,13 +89,12 @@ _ACCUMULATE = _BACKWARD + "torch::autograd::AccumulateGrad"
 _COMPILED_CALL = "## Call CompiledFxGraph"
 _COMPILED = {"CompiledFunction": "forward", "CompiledFunctionBackward": "backward"}
 
-#: What a traced step costs (ResNet-20, batch 16, 2 CPU cores shared with other jobs).
+#: What a traced step costs: the report's own overhead measures it in every run.
 TRACE_COST_NOTE = (
-    "Trace cost: a ResNet-20 step (batch 16, 2 CPU cores) under this instrument took 1.19 to "
-    "1.22 times an unprofiled one (median ratios of paired, alternating steps, n = 20 to 30, "
-    "four runs); the op events alone cost 1.03 to 1.09 times, with the Python tracer that "
-    "module attribution needs 1.10 to 1.13 times (variants run separately, two runs). "
-    "Reading the trace happens between steps (32 to 43 ms), outside the step.")
+    "Trace cost: the step runs under torch.profiler with its Python tracer (which module "
+    "attribution needs); the instrumentation overhead above is that cost in this run (measured "
+    "here, ResNet-20 batch 16: 1.10 to 1.22 times an unprofiled step, docs/measurements.md). "
+    "Reading the trace happens between steps, outside the step.")
 
 
 class TraceInstrument(InstrumentBase):
