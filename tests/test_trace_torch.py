@@ -258,7 +258,7 @@ def test_cli_cross_check_prints_the_agreement_table(tmp_path, capsys):
     from profiler import layerwise
     code = layerwise.main(["--framework", "torch", "--cross-check", "--iters", "2",
                            "--overhead-iters", "0", "--batch-size", "4", "--synthetic-size",
-                           "32", "--threads", "1", "--no-progress", "--out", str(tmp_path)])
+                           "32", "--no-progress", "--out", str(tmp_path)])
     assert code == 0
     doc = json.loads((tmp_path / "report.json").read_text())
     assert doc["instrument_kind"] == "hooks" and doc["cross_check"]["rows"]

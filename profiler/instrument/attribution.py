@@ -18,6 +18,10 @@ The ranges keep the order the work ran in: each elementary interval becomes cons
 merge. A layer whose ops interleave with another's therefore has several ranges in a step;
 they add up to its time.
 
+:class:`TraceInstrumentBase` holds what the trace instruments share besides: the mode, the
+layers' types, and what each measured step's attribution gave (for the report's "trace"
+section and its per-layer op counts).
+
 This module knows no framework.
 """
 
@@ -28,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from profiler.timeline import PHASES
+
+from .base import InstrumentBase
 
 #: Phases a trace can attribute an op to (the rest of a step is "other").
 TRACE_PHASES = tuple(p for p in PHASES if p not in ("data_wait", "h2d", "other"))
@@ -203,3 +209,55 @@ def layer_match(scope: Sequence[str], names: Dict[str, str]) -> Optional[str]:
         if sep and number.isdigit() and base in names:
             return names[base]
     return None
+
+
+class TraceInstrumentBase(InstrumentBase):
+    """The base of every framework's ``TraceInstrument`` (instrument.base, kind "trace"):
+    checks the mode, keeps the layers' types, and records each step's attribution with
+    :meth:`record` (ranges on the recorder, counters for the report). A subclass says what
+    its trace can attribute (``layers_in``, ``regions_in``) and where it comes from
+    (``source``), and adds its own facts to :meth:`accounting`."""
+
+    kind = "trace"
+    #: Whether the trace times layers in each mode.
+    layers_in = {"eager": False, "graph": False}
+    #: Whether it shows a compiled program's kernels that no layer could take, by name.
+    regions_in = {"eager": False, "graph": False}
+    #: The trace's origin, for the report.
+    source = ""
+
+    def __init__(self, subject, recorder, *, mode: str = "eager"):
+        if mode not in ("eager", "graph"):
+            raise ValueError(f"{type(self).__name__}: mode: expected 'eager' or 'graph', got "
+                             f"{mode!r}")
+        super().__init__(subject, recorder)
+        self.mode = mode
+        self.layer_types = {name: type(layer).__name__ for name, layer in self.layers}
+        self.last_attribution: Optional[Attribution] = None
+        self.coverage: List[float] = []          # per measured step: busy / step
+        self.events_per_step: List[int] = []
+        self._op_counts: Dict[tuple, int] = defaultdict(int)
+
+    def record(self, step: int, found: Attribution, *, track: str, phases: bool) -> None:
+        """Step ``step``'s attribution: its ranges on ``track`` (record_step) and, for a
+        measured step, its coverage, events and op counts."""
+        self.last_attribution = found
+        if step >= 0:
+            self.coverage.append(found.coverage)
+            self.events_per_step.append(found.events)
+            for key, n in found.op_counts.items():
+                self._op_counts[key] += n
+        record_step(self.recorder, step, found, track=track, layer_types=self.layer_types,
+                    phases=phases)
+
+    def op_counts(self) -> Dict[tuple, float]:
+        """Op events per measured step, per (layer, direction) and per ("region", name)."""
+        n = max(len(self.coverage), 1)
+        return {key: count / n for key, count in self._op_counts.items()}
+
+    def accounting(self) -> Dict[str, object]:
+        """The report's "trace" section: the trace's source, how much of each measured step
+        its ops covered (the rest is "other") and its op events per step; subclasses add
+        what they attributed and how."""
+        return {"source": self.source, "coverage_of_step": list(self.coverage),
+                "op_events_per_step": list(self.events_per_step)}

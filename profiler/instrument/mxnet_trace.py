@@ -84,8 +84,7 @@ from mxnet.ndarray import NDArray
 # The hook instrument's module first: importing it turns MXNet's backward bulking off before
 # MXNet runs its first operator (see its docstring); this instrument needs it off too.
 from . import mxnet as _mxnet_hooks  # noqa: F401
-from .attribution import OpEvent, attribute, record_step
-from .base import InstrumentBase
+from .attribution import OpEvent, TraceInstrumentBase, attribute
 from .mxnet_engine import mark, marker_callbacks, new_slot
 
 TRACK = "trace:mxnet"
@@ -429,26 +428,21 @@ def _input_signature(args) -> Tuple[Tuple[tuple, str], ...]:
     return tuple((tuple(a.shape), np.dtype(a.dtype).name) for a in flat)
 
 
-class TraceInstrument(InstrumentBase):
+class TraceInstrument(TraceInstrumentBase):
     """Layer times of a hybridized Gluon network from MXNet's own profiler, read after each
     step (module docstring); phases only for an imperative network or a step whose events do
     not match the graph's plan."""
 
-    kind = "trace"
     # The engine waits for MXNet's engine at each phase boundary, as with the hook instrument:
     # phases are then execution times, and the trace's ops fall inside their phases.
     phase_sync = True
     #: Whether the trace times layers in each mode (eager: no node names, see above).
     layers_in = {"eager": False, "graph": True}
+    source = "mx.profiler (operator events)"
 
     def __init__(self, subject, recorder, *, mode: str = "eager"):
-        if mode not in ("eager", "graph"):
-            raise ValueError(f"TraceInstrument: mode: expected 'eager' or 'graph', got "
-                             f"{mode!r}")
-        super().__init__(subject, recorder)
-        self.mode = mode
+        super().__init__(subject, recorder, mode=mode)
         self.net = subject.net
-        self.layer_types = {name: type(block).__name__ for name, block in self.layers}
         # Gluon prefix -> layer; a prefix two layers share (or none) names neither.
         owners: Dict[str, List[str]] = {}
         for name, block in self.layers:
@@ -464,16 +458,12 @@ class TraceInstrument(InstrumentBase):
         self._plan: Optional[GraphPlan] = None
         self._plan_key: Optional[tuple] = None    # (the CachedOp probed, input signature)
         self._output_marker = marker_callbacks(new_slot(self, "_on_output_grad"))
-        self.last_attribution = None
         self.last_ops: List[TraceOp] = []
         # MXNet's clock (ns) minus perf_counter_ns at the last step, and its error bound.
         self.clock_offset_ns: Optional[int] = None
         self.clock_error_ns: Optional[int] = None
         self.step_problems: Dict[int, str] = {}   # step -> why it got phases only
         self.steps_attributed: List[int] = []     # steps whose layer ops were mapped
-        self.coverage: List[float] = []           # per measured step: busy / step
-        self.events_per_step: List[int] = []
-        self._op_counts: Dict[tuple, int] = {}
         self.notes = self._describe()
 
     @property
@@ -531,29 +521,13 @@ class TraceInstrument(InstrumentBase):
             self.step_problems[step] = problem
         else:
             self.steps_attributed.append(step)
-        a = attribute(events, window)
-        record_step(self.recorder, step, a, track=TRACK, layer_types=self.layer_types,
-                    phases=False)
-        self.last_attribution = a
-        if step >= 0:
-            self.coverage.append(a.coverage)
-            self.events_per_step.append(a.events)
-            for key, n in a.op_counts.items():
-                self._op_counts[key] = self._op_counts.get(key, 0) + n
-
-    def op_counts(self) -> Dict[tuple, float]:
-        """Op events per measured step, per (layer, direction) and per ("region", name)."""
-        n = max(len(self.coverage), 1)
-        return {key: count / n for key, count in self._op_counts.items()}
+        self.record(step, attribute(events, window), track=TRACK, phases=False)
 
     def accounting(self) -> Dict[str, object]:
-        """The report's "trace" section: how much of each measured step MXNet's operator
-        events covered, the events per step, which steps got layers and why others did not,
-        and the clock's error at the last step."""
+        """The report's "trace" section (TraceInstrumentBase's), with which steps got layers
+        and why others did not, and the clock's error at the last step."""
         measured = [s for s in self.steps_attributed if s >= 0]
-        return {"source": "mx.profiler (operator events)",
-                "coverage_of_step": list(self.coverage),
-                "op_events_per_step": list(self.events_per_step),
+        return {**super().accounting(),
                 "attributed": ("layers by the cached graph's node order (probed), where a "
                                "step's events match it exactly" if self.mode == "graph"
                                else "phases only (eager: no node names)"),

@@ -54,8 +54,7 @@ import tensorflow as tf
 from profiler.workloads.spec import STEP_SCOPES
 
 from . import attribution
-from .attribution import OpEvent
-from .base import InstrumentBase
+from .attribution import OpEvent, TraceInstrumentBase
 
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
@@ -205,27 +204,20 @@ def _model_name(subject) -> Optional[str]:
     return None
 
 
-class TraceInstrument(InstrumentBase):
+class TraceInstrument(TraceInstrumentBase):
     """Layer ranges of a TensorFlow/Keras step from TensorFlow's own trace (module
     docstring); the contract is instrument.base's."""
 
-    kind = "trace"
     #: Whether the trace times layers in each mode (eager: op types only, see above).
     layers_in = {"eager": False, "graph": True}
+    source = "TensorFlow profiler, /host:CPU plane (XSpace)"
 
     def __init__(self, subject, recorder, *, mode: str = "eager"):
-        super().__init__(subject, recorder)
-        self.mode = mode
+        super().__init__(subject, recorder, mode=mode)
         self.session = XSpaceSession()
         self.layer_names = {name: name for name, _ in self.layers}
         self.model_name = _model_name(subject)
         self._classified: Dict[str, OpEvent] = {}
-        self.layer_types = {name: type(layer).__name__ for name, layer in self.layers}
-        self.last_attribution: Optional[attribution.Attribution] = None
-        self.coverage: List[float] = []                # per measured step: busy / step
-        self.events_per_step: List[int] = []
-        self._op_counts: Dict[tuple, int] = {}
-        self._steps_counted = 0
         self._clock_offset_ns = 0
         on_gpu = getattr(subject, "device", "cpu") == "cuda"
         if mode == "graph":
@@ -277,32 +269,15 @@ class TraceInstrument(InstrumentBase):
         ops = [OpEvent(start, end, name, *self._classify(name).key)
                for start, end, name in events]
         found = attribution.attribute(ops, window)
-        self.last_attribution = found
-        if step >= 0:
-            self.coverage.append(found.coverage)
-            self.events_per_step.append(found.events)
-            self._steps_counted += 1
-            for key, n in found.op_counts.items():
-                self._op_counts[key] = self._op_counts.get(key, 0) + n
         # The trace's phases stand in for the one compiled call where the step marked it; a
         # loop that marks its own phases (LayerProfiler) keeps them and gets layers only.
         phases = self._replace_compiled_step(step, window)
-        attribution.record_step(self.recorder, step, found, track=TRACK,
-                                layer_types=self.layer_types, phases=phases)
+        self.record(step, found, track=TRACK, phases=phases)
 
     def accounting(self) -> Dict[str, object]:
-        """The report's "trace" section: how much of each measured step TensorFlow's ops
-        covered (the rest is "other"), and the op events per step."""
-        return {"source": "TensorFlow profiler, /host:CPU plane (XSpace)",
-                "coverage_of_step": list(self.coverage),
-                "op_events_per_step": list(self.events_per_step),
+        return {**super().accounting(),
                 "attributed": "layers by name scope, phases by the step's scopes"
                               if self.mode == "graph" else "op types only (eager)"}
-
-    def op_counts(self) -> Dict[tuple, float]:
-        """Op events per measured step, per (layer, direction)."""
-        n = max(self._steps_counted, 1)
-        return {key: count / n for key, count in self._op_counts.items()}
 
     # -- internals ---------------------------------------------------------------------------
     def _calibrate(self) -> None:

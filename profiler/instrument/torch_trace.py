@@ -78,8 +78,7 @@ import torch
 from torch._C._profiler import RecordScope, _EventType
 from torch.autograd import DeviceType
 
-from .attribution import OpEvent, attribute, record_step
-from .base import InstrumentBase
+from .attribution import OpEvent, TraceInstrumentBase, attribute
 
 TRACK = "trace:torch"
 CLOCK_ANCHOR = "deepprof::clock_anchor"
@@ -97,36 +96,27 @@ TRACE_COST_NOTE = (
     "Reading the trace happens between steps, outside the step.")
 
 
-class TraceInstrument(InstrumentBase):
+class TraceInstrument(TraceInstrumentBase):
     """Per-layer forward and backward times of a PyTorch training step, read after the step
     from torch.profiler's trace (module docstring). ``subject``: a seed workload or a
     UserModel (its ``named_layers()`` are the layers); ``mode``: "eager", or "graph" for a
     model run through torch.compile (kernels as fused regions, no layer)."""
 
-    kind = "trace"
     #: Whether the trace times layers in each mode (graph: fused regions only, see above).
     layers_in = {"eager": True, "graph": False}
     #: Whether it shows the compiled program's fused regions (graph mode: Inductor's kernels).
     regions_in = {"eager": False, "graph": True}
+    source = "torch.profiler (CPU op events and the Python tracer's module events)"
 
     def __init__(self, subject, recorder, *, mode: str = "eager"):
-        if mode not in ("eager", "graph"):
-            raise ValueError(f"TraceInstrument: mode: expected 'eager' or 'graph', got "
-                             f"{mode!r}")
-        super().__init__(subject, recorder)
-        self.mode = mode
+        super().__init__(subject, recorder, mode=mode)
         self.on_gpu = subject.device_kind() == "cuda"
         self._layer_of_module = {id(module): name for name, module in self.layers}
-        self.layer_types = {name: type(module).__name__ for name, module in self.layers}
         self._trainable = {name: sum(1 for p in module.parameters(recurse=False)
                                      if p.requires_grad) for name, module in self.layers}
         self._profile = None
-        self.last_attribution = None          # attribution.Attribution of the last step
         self.clock_error_ns: Optional[int] = None   # half the anchors' interval, last step
         self.regions: Dict[str, str] = {}     # graph mode: fused region -> what it covers
-        self.coverage: List[float] = []       # per measured step: share some op was running
-        self.events_per_step: List[int] = []
-        self._op_counts: Dict[tuple, int] = {}
         self.notes = [
             "PyTorch trace (torch.profiler): layer forward = the ops run under the layer's "
             "module call (the Python tracer's nn.Module events, matched by the module's "
@@ -196,30 +186,15 @@ class TraceInstrument(InstrumentBase):
             device_events = result.events() if self.on_gpu else None
             events = self.op_events(tree, offset_ns, device_events)
             del tree, result, profile
-            found = self.last_attribution = attribute(events, window)
-            if step >= 0:
-                self.coverage.append(found.coverage)
-                self.events_per_step.append(found.events)
-                for key, n in found.op_counts.items():
-                    self._op_counts[key] = self._op_counts.get(key, 0) + n
-            record_step(self.recorder, step, found, track=TRACK,
-                        layer_types=self.layer_types, phases=False)
+            self.record(step, attribute(events, window), track=TRACK, phases=False)
         finally:
             self._start()       # the next step is traced, whatever became of this one
 
-    def op_counts(self) -> Dict[tuple, float]:
-        """Op events per measured step, per (layer, direction) and per ("region", name)."""
-        n = max(len(self.coverage), 1)
-        return {key: count / n for key, count in self._op_counts.items()}
-
     def accounting(self) -> Dict[str, object]:
-        """The report's "trace" section: how much of each measured step PyTorch's op events
-        covered (the rest is "other": Python between ops, the engine), the events per step,
-        how they were attributed and the clock's error at the last step."""
-        return {"source": "torch.profiler (CPU op events and the Python tracer's module "
-                          "events)" + (" and CUDA kernels" if self.on_gpu else ""),
-                "coverage_of_step": list(self.coverage),
-                "op_events_per_step": list(self.events_per_step),
+        """The report's "trace" section (TraceInstrumentBase's), with how the events were
+        attributed and the clock's error at the last step."""
+        return {**super().accounting(),
+                "source": self.source + (" and CUDA kernels" if self.on_gpu else ""),
                 "attributed": ("layers by module address (forward) and autograd sequence "
                                "number (backward)" if self.mode == "eager" else
                                "fused regions (Inductor kernels), no layers"),
