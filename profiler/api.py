@@ -68,7 +68,7 @@ def profile_training(model, loader: Iterable, loss_fn: Callable, optimizer, *,
                              f"{value!r}")
     target = UserTarget(model, loader, loss_fn, optimizer, framework=framework, device=device,
                         layers=layers, name=name, mode=mode)
-    target.instrument = instruments.choose(framework, mode, instrument)
+    target.instrument = instruments.choose(framework, mode, instrument, "profile_training")
     target.cross_check = cross_check
     return engine.profile(target, steps=steps, warmup=warmup, overhead_steps=overhead_steps,
                           sync=sync, progress=progress, function="profile_training")
@@ -100,7 +100,8 @@ def compare_training(builds: Dict[str, Dict[str, Any]], *, framework: str = "tor
                                    function=f"compare_training: {variant}")
                for variant, build in builds.items()}
     for target in targets.values():
-        target.instrument = instruments.choose(framework, mode, instrument)
+        target.instrument = instruments.choose(framework, mode, instrument,
+                                               "compare_training")
     return engine.compare(targets, rounds=rounds, steps_per_round=steps_per_round,
                           warmup=warmup, sync=sync, progress=progress,
                           function="compare_training")

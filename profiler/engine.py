@@ -224,7 +224,8 @@ class LayerProfiler:
         self._start(subject, module.PhaseEvents, warmup=warmup, sync=sync,
                     description=RunDescription(
                         name or type(model).__name__, batch_size, mode=mode,
-                        instrument=instruments.choose(framework, mode, instrument),
+                        instrument=instruments.choose(framework, mode, instrument,
+                                                      "LayerProfiler"),
                         cross_check=cross_check))
 
     @classmethod
@@ -263,7 +264,7 @@ class LayerProfiler:
             mode = description.mode
             # A trace that names no layer in this mode may still show the compiled program's
             # fused regions (torch.compile's kernels); one that shows neither is refused.
-            if not (trace.layers_in[mode] or getattr(trace, "regions_in", {}).get(mode)):
+            if not (trace.layers_in[mode] or trace.regions_in[mode]):
                 raise ValueError(f"LayerProfiler: instrument 'trace': {self.framework}'s trace "
                                  f"does not tell layers apart in {mode} mode "
                                  f"(profiler.instrument.{self.framework}_trace says why); "
@@ -281,7 +282,8 @@ class LayerProfiler:
                                  f"instrument with the trace on eager steps; got instrument "
                                  f"{description.instrument!r}, mode {description.mode!r}")
             self.check_timeline = Timeline()
-            self.check = instruments.load_trace(self.framework).TraceInstrument(
+            self.check = instruments.load_trace(
+                self.framework, "LayerProfiler: cross_check").TraceInstrument(
                 subject, Recorder(self.check_timeline), mode="eager")
         self.recorder.device_clock = self.instrument.device_clock()
         self.cursor = _PhaseCursor(self.recorder)
@@ -356,8 +358,6 @@ class LayerProfiler:
         rec.enabled = True
         step = len(self.step_ms) if measured else -1
         rec.start_step(step)
-        if self.check is not None and how == "instrumented":
-            self.check.recorder.start_step(step)
         token = rec.begin("step", "step")
         self.cursor.start("other" if self.description.one_call else "forward")
         failed = True

@@ -264,3 +264,15 @@ def test_cli_cross_check_prints_the_agreement_table(tmp_path, capsys):
     assert doc["instrument_kind"] == "hooks" and doc["cross_check"]["rows"]
     printed = capsys.readouterr().out
     assert "Cross-check: hooks vs the framework's trace (trace layers by name)" in printed
+
+
+def test_bad_instrument_arguments_are_one_clear_error_each():
+    from profiler.engine import LayerProfiler
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="LayerProfiler: instrument: expected 'auto', 'hooks' "
+                                         "or 'trace', got 'bogus'"):
+        LayerProfiler(model, "torch", instrument="bogus")
+    with pytest.raises(ValueError, match="cross_check: compares the hook-based instrument with "
+                                         "the trace on eager steps; got instrument 'hooks', "
+                                         "mode 'graph'"):
+        LayerProfiler(model, "torch", mode="graph", cross_check=True)

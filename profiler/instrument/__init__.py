@@ -41,13 +41,16 @@ def has_trace(framework: str) -> bool:
     return framework not in NO_TRACE
 
 
-def choose(framework: str, mode: str, requested: str = "auto") -> str:
+def choose(framework: str, mode: str, requested: str = "auto",
+           function: str = "profiler.instrument.choose") -> str:
     """The instrument a run uses: ``requested`` ("hooks" or "trace"), or for "auto" the trace
     where it times layers in ``mode`` (no hook runs inside a compiled graph), else hooks."""
     if requested not in ("auto", "hooks", "trace"):
-        raise ValueError(f"instrument: expected 'auto', 'hooks' or 'trace', got {requested!r}")
+        raise ValueError(f"{function}: instrument: expected 'auto', 'hooks' or 'trace', got "
+                         f"{requested!r}")
     if requested != "auto":
         return requested
     if mode != "graph" or not has_trace(framework):
         return "hooks"
-    return "trace" if load_trace(framework).TraceInstrument.layers_in["graph"] else "hooks"
+    return "trace" if load_trace(framework, function).TraceInstrument.layers_in["graph"] \
+        else "hooks"
