@@ -12,6 +12,7 @@ measure (profiler.engine does).
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from pathlib import Path
@@ -76,12 +77,24 @@ def gather_to_rank0(report) -> Optional[List[Dict[str, Any]]]:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("gather_to_rank0: torch.distributed is not initialised; expected a "
                            "process group (torchrun, init_process_group)")
-    rank = dist.get_rank()
+    rank, size = dist.get_rank(), dist.get_world_size()
     mine = {"rank": rank, "host": socket.gethostname(), "report": report.doc,
             "trace": to_chrome_trace(report.timeline, metadata={"rank": rank})}
-    gathered = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
-    return gathered
+    # Through the job's key-value store, not gather_object: gloo's worker thread frees a
+    # gather's tensors after the call returns, and needs the GIL for it; a rank that exits
+    # meanwhile aborts ("terminate called without an active exception", seen on 1 run in ~10
+    # on 2 cores). The store's get blocks until the key is set (the store's timeout applies).
+    global _GATHERS
+    _GATHERS += 1
+    store = dist.distributed_c10d._get_default_store()
+    prefix = f"deepprof/gather{_GATHERS}/"
+    store.set(f"{prefix}{rank}", json.dumps(mine))
+    if rank != 0:
+        return None
+    return [json.loads(store.get(f"{prefix}{r}")) for r in range(size)]
+
+
+_GATHERS = 0   # gathers so far in this process: each uses keys of its own
 
 
 def _phase_names(reports: Sequence[Dict[str, Any]]) -> List[str]:

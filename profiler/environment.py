@@ -50,13 +50,16 @@ def threads_section(threads: int, framework: str, notes: List[str],
     return report
 
 
-def check_output_dir(path: Union[str, os.PathLike], argument: str = "--out") -> Path:
+def check_output_dir(path: Union[str, os.PathLike], argument: str = "--out", *,
+                     shared: bool = False) -> Path:
     """Checks, before a run starts, that ``path`` is a folder this process can create and
     write files in; else one ValueError naming ``argument``, the path and why. It is tried,
     not inferred (os.access says yes to root under /proc): folders made for the try are
-    removed again, so a run refused later leaves nothing behind."""
+    removed again, so a run refused later leaves nothing behind, unless ``shared`` (several
+    processes check the same folder at once, as torchrun's ranks do: one removing it would
+    pull it from under another's try)."""
     out = Path(path)
-    missing = [p for p in (out, *out.parents) if not p.exists()]
+    missing = [] if shared else [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):

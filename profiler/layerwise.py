@@ -350,7 +350,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     args.merged = None
     try:
-        environment.check_output_dir(args.out)
+        environment.check_output_dir(args.out, shared=distributed.world_size() > 1)
     except ValueError as e:
         console.error_line(str(e))
         return 2

@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_two_ranks_over_gloo_write_one_merged_report(tmp_path):
     pytest.importorskip("torch")
+    # --out does not exist yet: both ranks create and try it at once (neither may remove it
+    # under the other, environment.check_output_dir's shared).
+    tmp_path = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "-m", "profiler.layerwise", "--model", "tests/user_models/torch_cnn.py:factory",
