@@ -10,8 +10,11 @@ eager step pays it), so the hook's time is expected above the trace's by
 
 per direction, with ``ops`` the op events the trace saw in the layer. ``per_call`` and
 ``per_op`` are fitted (least squares) over the layers over ``MIN_MS`` in this run, and a layer
-agrees when its gap is within max(0.2 ms, 10% of hook) of that line: the two mechanisms
-then tell the same story up to the same host cost everywhere. A layer whose range missed some
+agrees when its gap is within max(0.2 ms, 10% of hook, 25% of the expected gap) of that line:
+the two mechanisms then tell the same story up to the same host cost everywhere. (The last
+term: the host cost of an op grows a little with its tensors, e.g. their allocation, so layers
+with the same op count differ; TensorFlow's eager batch-norm layers, 25 and 42 ops each, had
+gaps 0.67-0.95 ms backward at batch 16 on one machine and spread wider on a slower one.) A layer whose range missed some
 of its work, or held another layer's, stands out by more than that. What the fit cannot see:
 an error every layer shares alike (it becomes part of per_call) — the fitted per_call and
 per_op are printed, so a reader can judge them (TensorFlow's eager per-op cost is tens of
@@ -40,10 +43,11 @@ from profiler.timeline import Range, Timeline
 
 MIN_MS = 1.0
 REL_TOL = 0.10
+GAP_REL_TOL = 0.25
 ABS_TOL_MS = 0.2
-TOLERANCE = ("|gap - (per_call + ops x per_op)| <= max(0.2 ms, 10% of hook), gap = hook - "
-             "trace, the line fitted per direction over the layers over 1 ms "
-             "(profiler.analysis.cross_check)")
+TOLERANCE = ("|gap - expected| <= max(0.2 ms, 10% of hook, 25% of expected), gap = hook - "
+             "trace, expected = per_call + ops x per_op, the line fitted per direction over "
+             "the layers over 1 ms (profiler.analysis.cross_check)")
 
 
 def fit_host_cost(rows: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
@@ -101,7 +105,8 @@ def cross_check(hooks: Timeline, trace: Timeline,
         for r in rows:
             if r["direction"] == direction:
                 r["expected_gap_ms"] = per_call + per_op * r["ops"]
-                r["tolerance_ms"] = max(ABS_TOL_MS, REL_TOL * r["hook_ms"])
+                r["tolerance_ms"] = max(ABS_TOL_MS, REL_TOL * r["hook_ms"],
+                                        GAP_REL_TOL * abs(r["expected_gap_ms"]))
                 r["agrees"] = abs(r["gap_ms"] - r["expected_gap_ms"]) <= r["tolerance_ms"]
     judged = [r for r in rows if r["judged"]]
     doc = {"mechanism": ("trace layers by name" if by_name else
