@@ -913,14 +913,16 @@ PYBIND11_MODULE(_C, m) {
 
   // CPU kernel settings of this module's copy of the kernels (see kernels.h).
   m.def("cpu_gemm_path", &kernels::cpu_gemm_path,
-        "The GEMM path in use, 'avx2' or 'baseline'; the first call reads OPS_CPU_GEMM and "
+        "The GEMM path in use, 'avx512', 'avx2' or 'baseline'; the first call reads "
+        "OPS_CPU_GEMM and "
         "raises ValueError for a value that is unknown or that this CPU cannot run.");
   m.def("cpu_gemm_paths", &kernels::cpu_gemm_paths, "The GEMM paths this CPU runs, best first.");
   m.def("set_cpu_gemm_path", &kernels::set_cpu_gemm_path, py::arg("name"),
         "Use GEMM path `name` (one of cpu_gemm_paths()) from now on, in this module only.");
   m.def("_resolve_cpu_gemm_path", &kernels::resolve_cpu_gemm_path, py::arg("setting"),
-        py::arg("cpu_runs_avx2"),
-        "What OPS_CPU_GEMM=setting would choose on a CPU with or without AVX2 + FMA (tests).");
+        py::arg("runnable"),
+        "What OPS_CPU_GEMM=setting would choose on a CPU that runs the paths `runnable` (best "
+        "first, ending with 'baseline'; tests).");
   m.def("cpu_threads", &kernels::cpu_threads, "Threads the CPU kernels' parallel regions use.");
   m.def("set_cpu_threads", &kernels::set_cpu_threads, py::arg("n"),
         "Set the CPU kernels' thread count (n >= 1) for every calling thread.");

@@ -3,12 +3,13 @@
 // (GCC vector extensions, so the compiler emits FMA on whatever ISA the caller targets) walks
 // them. Packing makes every inner-loop load contiguous whatever the transposes are.
 //
-// The whole GEMM is compiled twice, by two thin entry points that inline the same template with
-// a register tile sized for their ISA: once for AVX2 + FMA (the vector part of x86-64-v3, ymm)
-// and once for plain x86-64 (SSE2, xmm). Which one runs is an explicit, process-wide choice
-// (OPS_CPU_GEMM, read once at first use; see kernels.h) rather than a loader decision, so tests
-// and benchmarks can force either path and a machine without AVX2 runs a path the tests have run
-// too. Elsewhere (not x86-64, or a compiler without target attributes) only the baseline exists.
+// The whole GEMM is compiled three times, by thin entry points that inline the same template
+// with a register tile sized for their ISA: for AVX-512F (zmm, 32 registers), for AVX2 + FMA
+// (the vector part of x86-64-v3, ymm) and for plain x86-64 (SSE2, xmm). Which one runs is an
+// explicit, process-wide choice (OPS_CPU_GEMM, read once at first use; see kernels.h) rather
+// than a loader decision, so tests and benchmarks can force any path the CPU runs, and a
+// machine without AVX-512 or AVX2 runs a path the tests have run too. Elsewhere (not x86-64, or
+// a compiler without target attributes) only the baseline exists.
 #include "gemm_cpu.h"
 
 #include <algorithm>
@@ -37,16 +38,20 @@ namespace {
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
-// Block sizes and the register tile per scalar type and vector width (32 bytes: AVX2's ymm,
-// 16 bytes: the baseline's SSE2 xmm). Either ISA has 16 vector registers: the MR x NR tile takes
-// 12 of them as accumulators, leaving room for the NR / kLanes B vectors and one broadcast A
-// value. (A 32-byte tile on SSE2 would need 24 registers and spill on every k step.)
-template <typename T, int kVecBytes>
+// Block sizes and the register tile per scalar type, vector width and tile height (64 bytes:
+// AVX-512's zmm, 32: AVX2's ymm, 16: the baseline's SSE2 xmm). AVX2 and SSE2 have 16 vector
+// registers: a 6 x 2-vector tile takes 12 of them as accumulators, leaving room for the 2 B
+// vectors and one broadcast A value (a 32-byte tile on SSE2 would need 24 registers and spill
+// on every k step). AVX-512 has 32: an 8 x 2-vector tile (16 accumulators, twice the FMA
+// pipes' latency x width) whose 8 rows divide the conv's channel counts (16, 32, 64) with no
+// padded rows, where a 12- or 14-row tile would waste a third of the rows at 16 channels.
+template <typename T, int kVecBytes, int kRows = 6>
 struct Tiling {
   typedef T Scalar;
   typedef T Vec __attribute__((vector_size(kVecBytes)));
   static constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
-  static constexpr int MR = 6, NR = 2 * kLanes;  // 6 x 2 vectors: 12 accumulators
+  static constexpr int kAlign = kVecBytes;
+  static constexpr int MR = kRows, NR = 2 * kLanes;  // MR x 2 vectors of accumulators
   // The same panel bytes for float and double: 8 KiB rows of B per NC block.
   static constexpr int64_t KC = 256, MC = 96, NC = 8192 / static_cast<int64_t>(sizeof(T));
 };
@@ -149,7 +154,7 @@ ALWAYS_INLINE void micro_kernel(int64_t kc, const T* __restrict a, const T* __re
     return;
   }
   // Edge tile: spill the register tile and copy the valid part only.
-  alignas(32) T tile[MR][NR];
+  alignas(Tl::kAlign) T tile[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) std::memcpy(&tile[i][j * L], &acc[i][j], sizeof(Vec));
   for (int i = 0; i < rows; ++i)
@@ -200,11 +205,13 @@ ALWAYS_INLINE void gemm_impl(bool trans_a, bool trans_b, int64_t M, int64_t N, i
   }
 }
 
-// ---- the two compilations and the choice between them ---------------------------------------
+// ---- the three compilations and the choice between them -------------------------------------
 
-enum class GemmPath : int { kUnresolved = -1, kBaseline = 0, kAvx2 = 1 };
+enum class GemmPath : int { kUnresolved = -1, kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
-const char* path_name(GemmPath path) { return path == GemmPath::kAvx2 ? "avx2" : "baseline"; }
+const char* path_name(GemmPath path) {
+  return path == GemmPath::kAvx512 ? "avx512" : path == GemmPath::kAvx2 ? "avx2" : "baseline";
+}
 
 bool cpu_runs_avx2() {
 #if OPS_GEMM_HAS_AVX2
@@ -216,35 +223,68 @@ bool cpu_runs_avx2() {
 #endif
 }
 
+bool cpu_runs_avx512() {
+#if OPS_GEMM_HAS_AVX2
+  __builtin_cpu_init();
+  // libgcc sets avx512f only where the OS also saves the zmm and mask registers (XCR0).
+  return cpu_runs_avx2() && __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+// The paths this CPU runs, best first.
+std::vector<std::string> runnable_paths() {
+  if (cpu_runs_avx512()) return {"avx512", "avx2", "baseline"};
+  if (cpu_runs_avx2()) return {"avx2", "baseline"};
+  return {"baseline"};
+}
+
 // The process-wide choice (per copy of this library: ops._C and each framework op library link
 // their own). kUnresolved until the first use reads OPS_CPU_GEMM.
 std::atomic<int> g_active_path{static_cast<int>(GemmPath::kUnresolved)};
 
-// OPS_CPU_GEMM's value -> the path, or std::invalid_argument naming `what` (the variable).
-GemmPath parse_path(const std::string& value, bool avx2_runs, const std::string& what) {
+std::string quoted_list(const std::vector<std::string>& names, const char* last_joint) {
+  std::string out;
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (i > 0) out += i + 1 == names.size() ? last_joint : ", ";
+    out += "'" + names[i] + "'";
+  }
+  return out;
+}
+
+// OPS_CPU_GEMM's value -> the path, given the paths a CPU runs (best first), or
+// std::invalid_argument naming `what` (the variable).
+GemmPath parse_path(const std::string& value, const std::vector<std::string>& runnable,
+                    const std::string& what) {
   // Lenient in what shells produce: surrounding blanks and case do not matter.
   const size_t first = value.find_first_not_of(" \t\n");
   const size_t last = value.find_last_not_of(" \t\n");
   std::string v = first == std::string::npos ? "" : value.substr(first, last - first + 1);
   for (char& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  if (v.empty() || v == "auto") return avx2_runs ? GemmPath::kAvx2 : GemmPath::kBaseline;
-  if (v == "baseline") return GemmPath::kBaseline;
-  if (v == "avx2") {
-    if (avx2_runs) return GemmPath::kAvx2;
-    throw std::invalid_argument(
-        what + ": expected 'auto' or 'baseline' (the only GEMM path this " +
-        (OPS_GEMM_HAS_AVX2 ? "CPU runs: it lacks AVX2 or FMA" : "build has: it is not x86-64") +
-        "), got '" + value + "'");
+  if (v.empty() || v == "auto") v = runnable.front();
+  const bool known = v == "avx512" || v == "avx2" || v == "baseline";
+  if (!known)
+    throw std::invalid_argument(what + ": expected 'auto', 'avx512', 'avx2' or 'baseline', got '" +
+                                value + "'");
+  if (std::find(runnable.begin(), runnable.end(), v) == runnable.end()) {
+    std::vector<std::string> allowed{"auto"};
+    allowed.insert(allowed.end(), runnable.begin(), runnable.end());
+    const char* why = !OPS_GEMM_HAS_AVX2 ? "this build has only the baseline: it is not x86-64"
+                      : v == "avx512"    ? "this CPU lacks AVX-512F (or the OS does not enable it)"
+                                         : "this CPU lacks AVX2 or FMA";
+    throw std::invalid_argument(what + ": expected " + quoted_list(allowed, " or ") +
+                                " (the GEMM paths this CPU runs; " + why + "), got '" + value +
+                                "'");
   }
-  throw std::invalid_argument(what + ": expected 'auto', 'avx2' or 'baseline', got '" + value +
-                              "'");
+  return v == "avx512" ? GemmPath::kAvx512 : v == "avx2" ? GemmPath::kAvx2 : GemmPath::kBaseline;
 }
 
 GemmPath active_path() {
   const int now = g_active_path.load(std::memory_order_acquire);
   if (now != static_cast<int>(GemmPath::kUnresolved)) return static_cast<GemmPath>(now);
   const char* env = std::getenv("OPS_CPU_GEMM");
-  const GemmPath chosen = parse_path(env ? env : "auto", cpu_runs_avx2(), "OPS_CPU_GEMM");
+  const GemmPath chosen = parse_path(env ? env : "auto", runnable_paths(), "OPS_CPU_GEMM");
   int expected = static_cast<int>(GemmPath::kUnresolved);
   // Racing first callers read the same environment; whoever stores first wins either way.
   g_active_path.compare_exchange_strong(expected, static_cast<int>(chosen),
@@ -253,8 +293,21 @@ GemmPath active_path() {
 }
 
 #if OPS_GEMM_HAS_AVX2
+#define OPS_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
 #define OPS_TARGET_AVX2 __attribute__((target("avx2,fma")))
 
+OPS_TARGET_AVX512 void gemm_avx512(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                                   const float* A, int64_t lda, const float* B, int64_t ldb,
+                                   float* C, int64_t ldc, bool accumulate) {
+  gemm_impl<Tiling<float, 64, 8>>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc,
+                                  accumulate);
+}
+OPS_TARGET_AVX512 void gemm_avx512(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                                   const double* A, int64_t lda, const double* B, int64_t ldb,
+                                   double* C, int64_t ldc, bool accumulate) {
+  gemm_impl<Tiling<double, 64, 8>>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc,
+                                   accumulate);
+}
 OPS_TARGET_AVX2 void gemm_avx2(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                                const float* A, int64_t lda, const float* B, int64_t ldb,
                                float* C, int64_t ldc, bool accumulate) {
@@ -266,6 +319,7 @@ OPS_TARGET_AVX2 void gemm_avx2(bool trans_a, bool trans_b, int64_t M, int64_t N,
   gemm_impl<Tiling<double, 32>>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 #undef OPS_TARGET_AVX2
+#undef OPS_TARGET_AVX512
 #endif
 
 void gemm_baseline(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
@@ -283,10 +337,18 @@ template <typename T>
 void gemm_dispatch(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
                    int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
 #if OPS_GEMM_HAS_AVX2
-  if (active_path() == GemmPath::kAvx2) {
-    gemm_avx2(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-    return;
+  switch (active_path()) {
+    case GemmPath::kAvx512:
+      gemm_avx512(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+      return;
+    case GemmPath::kAvx2:
+      gemm_avx2(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+      return;
+    default:
+      break;
   }
+#else
+  active_path();  // resolves (and validates) OPS_CPU_GEMM all the same
 #endif
   gemm_baseline(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
@@ -309,32 +371,32 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const dou
 
 std::string cpu_gemm_path() { return cpu::path_name(cpu::active_path()); }
 
-std::vector<std::string> cpu_gemm_paths() {
-  if (cpu::cpu_runs_avx2()) return {"avx2", "baseline"};
-  return {"baseline"};
-}
+std::vector<std::string> cpu_gemm_paths() { return cpu::runnable_paths(); }
 
 std::vector<std::string> cpu_gemm_paths_built() {
-  if (OPS_GEMM_HAS_AVX2) return {"avx2", "baseline"};
+  if (OPS_GEMM_HAS_AVX2) return {"avx512", "avx2", "baseline"};
   return {"baseline"};
 }
 
 void set_cpu_gemm_path(const std::string& name) {
   // A path by its exact name ("auto" is a setting, not a path), and only one this CPU runs.
   const std::vector<std::string> runnable = cpu_gemm_paths();
-  if (std::find(runnable.begin(), runnable.end(), name) == runnable.end()) {
-    std::string expected;
-    for (const std::string& path : runnable)
-      expected += (expected.empty() ? "'" : ", '") + path + "'";
-    throw std::invalid_argument("set_gemm_path: name: expected one of " + expected +
+  if (std::find(runnable.begin(), runnable.end(), name) == runnable.end())
+    throw std::invalid_argument("set_gemm_path: name: expected one of " +
+                                cpu::quoted_list(runnable, ", ") +
                                 " (the GEMM paths this CPU runs), got '" + name + "'");
-  }
-  const cpu::GemmPath path = name == "avx2" ? cpu::GemmPath::kAvx2 : cpu::GemmPath::kBaseline;
+  const cpu::GemmPath path = name == "avx512" ? cpu::GemmPath::kAvx512
+                             : name == "avx2" ? cpu::GemmPath::kAvx2
+                                              : cpu::GemmPath::kBaseline;
   cpu::g_active_path.store(static_cast<int>(path), std::memory_order_release);
 }
 
-std::string resolve_cpu_gemm_path(const std::string& setting, bool cpu_runs_avx2) {
-  return cpu::path_name(cpu::parse_path(setting, cpu_runs_avx2, "OPS_CPU_GEMM"));
+std::string resolve_cpu_gemm_path(const std::string& setting,
+                                  const std::vector<std::string>& runnable) {
+  if (runnable.empty() || runnable.back() != "baseline")
+    throw std::invalid_argument("resolve_cpu_gemm_path: runnable: expected the paths a CPU "
+                                "runs, best first, ending with 'baseline'");
+  return cpu::path_name(cpu::parse_path(setting, runnable, "OPS_CPU_GEMM"));
 }
 
 }  // namespace kernels

@@ -66,23 +66,26 @@ void conv2d_backward_bias_cpu(const Conv2dShape& s, const T* gy, T* gb);
 // ops._C and each framework op library (torch, TensorFlow, MXNet) link their own copy, so each
 // has its own settings; OPS_CPU_GEMM and OMP_NUM_THREADS reach them all.
 
-// The GEMM compilation the CPU conv kernels run: "avx2" (AVX2 + FMA, x86-64 only) or "baseline"
-// (plain x86-64, or whatever the target is). Chosen at the first call of this or of a CPU conv
-// kernel from the environment variable OPS_CPU_GEMM: "auto" (or unset/empty) = the best path this
-// CPU runs, "avx2", "baseline" (case-insensitive). An unknown value, or "avx2" where the CPU (or
-// the build) cannot run it, throws std::invalid_argument naming OPS_CPU_GEMM, at every call
-// until it is fixed, and no GEMM runs: a wrong setting never executes illegal instructions.
+// The GEMM compilation the CPU conv kernels run: "avx512" (AVX-512F, x86-64 only), "avx2"
+// (AVX2 + FMA, x86-64 only) or "baseline" (plain x86-64, or whatever the target is). Chosen at
+// the first call of this or of a CPU conv kernel from the environment variable OPS_CPU_GEMM:
+// "auto" (or unset/empty) = the best path this CPU runs, or one path by name
+// (case-insensitive). An unknown value, or a path the CPU (or the build) cannot run, throws
+// std::invalid_argument naming OPS_CPU_GEMM, at every call until it is fixed, and no GEMM runs:
+// a wrong setting never executes illegal instructions.
 std::string cpu_gemm_path();
-// The paths this CPU can run, best first ("avx2" only where the CPU and the OS support it).
+// The paths this CPU can run, best first (each only where the CPU and the OS support it).
 std::vector<std::string> cpu_gemm_paths();
 // The paths compiled into this build, best first.
 std::vector<std::string> cpu_gemm_paths_built();
 // Overrides the choice for this copy of the library (tests, benchmarks); throws
 // std::invalid_argument for a name that is not one of cpu_gemm_paths().
 void set_cpu_gemm_path(const std::string& name);
-// What OPS_CPU_GEMM = `setting` would choose on a CPU that does (not) run AVX2 + FMA, without
-// touching the active path; throws as cpu_gemm_path() would. For tests of the refusals.
-std::string resolve_cpu_gemm_path(const std::string& setting, bool cpu_runs_avx2);
+// What OPS_CPU_GEMM = `setting` would choose on a CPU that runs the paths `runnable` (best
+// first, ending with "baseline"), without touching the active path; throws as cpu_gemm_path()
+// would. For tests of the refusals on CPUs other than this one.
+std::string resolve_cpu_gemm_path(const std::string& setting,
+                                  const std::vector<std::string>& runnable);
 
 // The number of threads every OpenMP region of the CPU kernels asks for (the conv's never more
 // than there are images or column blocks to share out). One atomic value for the whole process

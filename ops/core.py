@@ -172,25 +172,28 @@ def conv2d_backward_bias(gy, gb_out, *, stream: Optional[int] = None) -> None:
 
 # ---- CPU kernel settings ------------------------------------------------------------------------
 
-#: Every GEMM path name there is; :func:`gemm_paths` says which of them this CPU runs.
-GEMM_PATHS = ("avx2", "baseline")
+#: Every GEMM path name there is, best first; :func:`gemm_paths` says which of them this CPU runs.
+GEMM_PATHS = ("avx512", "avx2", "baseline")
 
 
 def gemm_path() -> str:
-    """The GEMM path our CPU conv kernels run: "avx2" (AVX2 + FMA) or "baseline" (plain x86-64).
+    """The GEMM path our CPU conv kernels run: "avx512" (AVX-512F), "avx2" (AVX2 + FMA) or
+    "baseline" (plain x86-64).
 
     Chosen once, at the first use of the kernels (``import ops`` does that), from the
     environment variable ``OPS_CPU_GEMM``: "auto" (or unset) picks the best path this CPU runs,
-    "avx2" or "baseline" forces one. An unknown value, or "avx2" on a CPU without AVX2/FMA, is a
-    ValueError naming OPS_CPU_GEMM (raised by ``import ops``). Every front end reads the same
-    variable: ``ops._C`` and the torch / TensorFlow / MXNet operator libraries.
+    "avx512", "avx2" or "baseline" forces one. An unknown value, or a path this CPU cannot run
+    ("avx512" without AVX-512F, "avx2" without AVX2/FMA), is a ValueError naming OPS_CPU_GEMM
+    (raised by ``import ops``). Every front end reads the same variable: ``ops._C`` and the
+    torch / TensorFlow / MXNet operator libraries.
     """
     return _C.cpu_gemm_path()
 
 
 def gemm_paths() -> Tuple[str, ...]:
-    """The GEMM paths this CPU (and this build) can run, best first: ("avx2", "baseline") on an
-    x86-64 CPU with AVX2 and FMA, ("baseline",) elsewhere."""
+    """The GEMM paths this CPU (and this build) can run, best first: ("avx512", "avx2",
+    "baseline") on an x86-64 CPU with AVX-512F, ("avx2", "baseline") with AVX2 and FMA only,
+    ("baseline",) elsewhere."""
     return tuple(_C.cpu_gemm_paths())
 
 

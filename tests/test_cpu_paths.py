@@ -130,24 +130,34 @@ def test_set_gemm_path_refuses_unknown_names(bad):
         core.set_gemm_path(None)
 
 
+CPU_KINDS = {"avx512": ["avx512", "avx2", "baseline"], "avx2": ["avx2", "baseline"],
+             "baseline": ["baseline"]}
+
+
 def test_what_each_setting_chooses():
-    """The decision behind OPS_CPU_GEMM for CPUs with and without AVX2 + FMA, the second one
-    included although this machine may not be one: "avx2" there must be refused, never run."""
+    """The decision behind OPS_CPU_GEMM for CPUs with AVX-512F, with AVX2 + FMA only and with
+    neither, the others included although this machine is only one of them: a path the CPU
+    does not run must be refused, never run."""
     resolve = _C._resolve_cpu_gemm_path
-    for setting in ("auto", "", "  Auto\n"):
-        assert resolve(setting, True) == "avx2"
-        assert resolve(setting, False) == "baseline"
-    for has_avx2 in (True, False):
-        assert resolve("baseline", has_avx2) == "baseline"
-        assert resolve("BASELINE", has_avx2) == "baseline"
-    assert resolve("avx2", True) == "avx2"
-    with pytest.raises(ValueError, match=r"OPS_CPU_GEMM: expected 'auto' or 'baseline' \(the "
-                                         r"only GEMM path .*\), got 'avx2'"):
-        resolve("avx2", False)
-    for has_avx2 in (True, False):
-        with pytest.raises(ValueError, match=r"OPS_CPU_GEMM: expected 'auto', 'avx2' or "
-                                             r"'baseline', got 'avx512'"):
-            resolve("avx512", has_avx2)
+    for best, runnable in CPU_KINDS.items():
+        for setting in ("auto", "", "  Auto\n"):
+            assert resolve(setting, runnable) == best
+        for path in runnable:
+            assert resolve(path, runnable) == path
+            assert resolve(path.upper(), runnable) == path
+        for path in set(core.GEMM_PATHS) - set(runnable):
+            allowed = " or ".join(f"'{p}'" for p in ["auto"] + runnable)
+            allowed = allowed.replace(" or ", ", ", len(runnable) - 1)
+            with pytest.raises(ValueError, match=rf"OPS_CPU_GEMM: expected {allowed} \(the GEMM "
+                                                 rf"paths this CPU runs; this (CPU lacks|build has only) .*\), "
+                                                 rf"got '{path}'"):
+                resolve(path, runnable)
+        for bad in ("avx1024", "sse4", "x86-64-v4"):
+            with pytest.raises(ValueError, match=r"OPS_CPU_GEMM: expected 'auto', 'avx512', "
+                                                 rf"'avx2' or 'baseline', got '{bad}'"):
+                resolve(bad, runnable)
+    with pytest.raises(ValueError, match="runnable: expected the paths a CPU runs"):
+        resolve("auto", ["avx2"])
 
 
 # ---- the environment variable, in fresh processes ----------------------------------------------
@@ -162,7 +172,7 @@ def run_python(code, env_value, **extra_env):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("setting", [None, "auto", "avx2", "baseline", " Baseline "])
+@pytest.mark.parametrize("setting", [None, "auto", "avx512", "avx2", "baseline", " Baseline "])
 def test_env_var_picks_the_path_of_ops_C(setting):
     expected = core.gemm_paths()[0] if setting in (None, "auto") else setting.strip().lower()
     if expected not in core.gemm_paths():
@@ -177,8 +187,8 @@ def test_env_var_picks_the_path_of_ops_C(setting):
     assert result.stdout.split() == [expected]
 
 
-@pytest.mark.parametrize("setting", ["avx512", "yes", "avx2" if "avx2" not in core.gemm_paths()
-                                     else "x86-64-v3"])
+@pytest.mark.parametrize("setting", ["avx1024", "yes"] + [
+    path for path in core.GEMM_PATHS if path not in core.gemm_paths()])
 def test_bad_env_var_is_a_value_error_at_import(setting):
     result = run_python("import ops", setting)
     assert result.returncode != 0
@@ -237,10 +247,10 @@ def test_torch_operators_refuse_a_bad_env_var_without_ops():
             torch.ops.deepprof.conv2d(x, w, None, [1, 1], [0, 0], [1, 1])
         except Exception as error:
             print(type(error).__name__, str(error).splitlines()[0])
-        """, "avx512")
+        """, "sse4")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("ValueError OPS_CPU_GEMM: expected 'auto', 'avx2' or "
-                                    "'baseline', got 'avx512'"), result.stdout
+    assert result.stdout.startswith("ValueError OPS_CPU_GEMM: expected 'auto', 'avx512', "
+                                    "'avx2' or 'baseline', got 'sse4'"), result.stdout
 
 
 @pytest.mark.parametrize("omp_threads", ["1", "3"])
