@@ -3,7 +3,10 @@
 //   forward          y_b[Cout x P]  = w[Cout x K] * col_b[K x P] (+ bias)
 //   backward-data    gcol[K x P]    = w^T[K x Cout] * gy_b[Cout x P], then col2im adds into gx_b
 //   backward-weight  gw[Cout x K]  += gy_b[Cout x P] * col_b^T[P x K], summed over b
-// A 1x1, stride-1, unpadded conv needs no im2col: x_b already is col_b.
+// A 1x1, stride-1, unpadded conv needs no im2col: x_b already is col_b. Otherwise col_b is
+// never written whole: the GEMM packs its panels straight from x_b (zero-padded where the conv
+// pads; Im2colTables), which saves a write and a read of K x P values per image over im2col
+// followed by packing.
 //
 // Threads (OpenMP): with at least as many images as threads, each thread takes whole images
 // (no synchronisation inside a GEMM); with fewer (batch 1 inference), the images run one by one
@@ -91,40 +94,8 @@ void valid_range(int64_t out_len, int64_t in_len, int64_t stride, int64_t start,
   *hi = last;
 }
 
-// col[(c*kh + r)*kw + q][oh*OW + ow] = x[c][oh*sh - ph + r*dh][ow*sw - pw + q*dw], 0 outside.
-template <typename T>
-void im2col(const Conv2dShape& s, const T* x, T* col) {
-  const int64_t P = s.out_plane();
-  for (int64_t c = 0; c < s.in_channels; ++c) {
-    const T* plane = x + c * s.in_plane();
-    for (int64_t r = 0; r < s.kernel_h; ++r) {
-      for (int64_t q = 0; q < s.kernel_w; ++q) {
-        T* row = col + ((c * s.kernel_h + r) * s.kernel_w + q) * P;
-        const int64_t col_start = q * s.dilation_w - s.pad_w;
-        int64_t lo, hi;
-        valid_range(s.out_w, s.in_w, s.stride_w, col_start, &lo, &hi);
-        for (int64_t oh = 0; oh < s.out_h; ++oh) {
-          T* out = row + oh * s.out_w;
-          const int64_t ih = oh * s.stride_h - s.pad_h + r * s.dilation_h;
-          if (ih < 0 || ih >= s.in_h) {
-            std::fill(out, out + s.out_w, T(0));
-            continue;
-          }
-          const T* in = plane + ih * s.in_w + col_start;
-          std::fill(out, out + lo, T(0));
-          if (s.stride_w == 1) {
-            std::memcpy(out + lo, in + lo, sizeof(T) * (hi - lo));
-          } else {
-            for (int64_t ow = lo; ow < hi; ++ow) out[ow] = in[ow * s.stride_w];
-          }
-          std::fill(out + hi, out + s.out_w, T(0));
-        }
-      }
-    }
-  }
-}
-
-// The adjoint of im2col: gx[c][ih][iw] += gcol[...] for every (r, q, oh, ow) that read it.
+// The adjoint of im2col (Im2colTables' col): gx[c][ih][iw] += gcol[...] for every
+// (r, q, oh, ow) that read it.
 // gx must be zeroed by the caller.
 template <typename T>
 void col2im_add(const Conv2dShape& s, const T* col, T* gx) {
@@ -148,6 +119,56 @@ void col2im_add(const Conv2dShape& s, const T* col, T* gx) {
     }
   }
 }
+
+// What the GEMM needs to read an image's im2col matrix without writing it (cpu::Im2colB):
+// the offset tables, once per call, and the image zero-padded where the conv pads (a copy per
+// thread whose border is zeroed once and whose interior each image overwrites; C x Hp x Wp
+// values against im2col's K x P, 1/9 of them for a 3x3 conv).
+//   col[(c*kh + r)*kw + q][oh*OW + ow] = x[c][oh*sh - ph + r*dh][ow*sw - pw + q*dw] (0 outside)
+//                                      = xp[c][oh*sh + r*dh][ow*sw + q*dw]
+template <typename T>
+class Im2colTables {
+ public:
+  explicit Im2colTables(const Conv2dShape& s)
+      : s_(s), hp_(s.in_h + 2 * s.pad_h), wp_(s.in_w + 2 * s.pad_w),
+        padded_(s.pad_h > 0 || s.pad_w > 0) {
+    // The GEMM gathers with 32-bit offsets into one (padded) image.
+    if (s.in_channels * hp_ * wp_ > std::numeric_limits<int32_t>::max())
+      throw std::invalid_argument(
+          "conv2d: x: expected an image (channels x padded height x padded width) of at most "
+          "2**31 - 1 values for the CPU kernels, got " + std::to_string(s.in_channels) + " x " +
+          std::to_string(hp_) + " x " + std::to_string(wp_));
+    for (int64_t c = 0; c < s.in_channels; ++c)
+      for (int64_t r = 0; r < s.kernel_h; ++r)
+        for (int64_t q = 0; q < s.kernel_w; ++q)
+          patch_.push_back(c * hp_ * wp_ + r * s.dilation_h * wp_ + q * s.dilation_w);
+    for (int64_t oh = 0; oh < s.out_h; ++oh)
+      for (int64_t ow = 0; ow < s.out_w; ++ow)
+        position_.push_back(oh * s.stride_h * wp_ + ow * s.stride_w);
+  }
+
+  // Image x_b as the GEMM reads it: itself, or copied into `buffer` with a zero border.
+  const T* image(const T* x_b, std::vector<T>& buffer) const {
+    if (!padded_) return x_b;
+    const size_t size = static_cast<size_t>(s_.in_channels * hp_ * wp_);
+    if (buffer.size() != size) buffer.assign(size, T(0));
+    for (int64_t c = 0; c < s_.in_channels; ++c)
+      for (int64_t h = 0; h < s_.in_h; ++h)
+        std::memcpy(buffer.data() + (c * hp_ + h + s_.pad_h) * wp_ + s_.pad_w,
+                    x_b + (c * s_.in_h + h) * s_.in_w, sizeof(T) * s_.in_w);
+    return buffer.data();
+  }
+
+  cpu::Im2colB<T> matrix(const T* xp, bool transposed, int64_t first_column) const {
+    return {xp, patch_.data(), position_.data(), transposed, first_column};
+  }
+
+ private:
+  const Conv2dShape& s_;
+  int64_t hp_, wp_;
+  bool padded_;
+  std::vector<int64_t> patch_, position_;
+};
 
 // Runs body(begin, end) over [0, n) split into chunks aligned to `align` for up to `threads`
 // threads, or inline when already inside a parallel region or n is small.
@@ -191,21 +212,24 @@ void conv2d_forward_cpu(const Conv2dShape& s, const T* x, const T* w, const T* b
   const bool pointwise = is_pointwise(s);
   const int threads = prepare_call();
 
-  auto one_image = [&](int64_t n, bool split_columns, std::vector<T>& col) {
-    const T* x_b = x + n * s.in_channels * s.in_plane();
+  const Im2colTables<T> tables(s);
+  // y_b[:, j0:j1] = w * col_b[:, j0:j1]; col_b is x_b itself (pointwise) or read from the
+  // (padded) image xp_b as the GEMM packs it.
+  auto columns = [&](const T* xp_b, T* y_b, int64_t j0, int64_t j1) {
+    if (pointwise)
+      cpu::gemm(false, false, Cout, j1 - j0, K, w, K, xp_b + j0, P, y_b + j0, P, false);
+    else
+      cpu::gemm(false, Cout, j1 - j0, K, w, K, tables.matrix(xp_b, false, j0), y_b + j0, P,
+                false);
+  };
+  auto one_image = [&](int64_t n, bool split_columns, std::vector<T>& padded) {
+    const T* xp_b = tables.image(x + n * s.in_channels * s.in_plane(), padded);
     T* y_b = y + n * Cout * P;
-    const T* cols = x_b;
-    if (!pointwise) {
-      col.resize(K * P);
-      im2col(s, x_b, col.data());
-      cols = col.data();
-    }
     if (split_columns) {
-      parallel_columns(P, kColumnAlign, threads, [&](int64_t j0, int64_t j1) {
-        cpu::gemm(false, false, Cout, j1 - j0, K, w, K, cols + j0, P, y_b + j0, P, false);
-      });
+      parallel_columns(P, kColumnAlign, threads,
+                       [&](int64_t j0, int64_t j1) { columns(xp_b, y_b, j0, j1); });
     } else {
-      cpu::gemm(false, false, Cout, P, K, w, K, cols, P, y_b, P, false);
+      columns(xp_b, y_b, 0, P);
     }
     add_bias(s, b, y_b);
   };
@@ -213,13 +237,13 @@ void conv2d_forward_cpu(const Conv2dShape& s, const T* x, const T* w, const T* b
   if (split_by_image(s.batch, threads)) {
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<T> col;
+      std::vector<T> padded;
 #pragma omp for schedule(static)
-      for (int64_t n = 0; n < s.batch; ++n) one_image(n, false, col);
+      for (int64_t n = 0; n < s.batch; ++n) one_image(n, false, padded);
     }
   } else {
-    std::vector<T> col;
-    for (int64_t n = 0; n < s.batch; ++n) one_image(n, true, col);
+    std::vector<T> padded;
+    for (int64_t n = 0; n < s.batch; ++n) one_image(n, true, padded);
   }
 }
 
@@ -271,12 +295,20 @@ void conv2d_backward_weight_cpu(const Conv2dShape& s, const T* x, const T* gy, T
   const bool pointwise = is_pointwise(s);
   const int threads = prepare_call();
 
-  auto columns_of = [&](int64_t n, std::vector<T>& col) -> const T* {
-    const T* x_b = x + n * s.in_channels * s.in_plane();
-    if (pointwise) return x_b;
-    col.resize(K * P);
-    im2col(s, x_b, col.data());
-    return col.data();
+  const Im2colTables<T> tables(s);
+  // gw[:, j0:j1] (+)= gy_b * col_b[j0:j1, :]^T; col_b is x_b itself (pointwise) or read from
+  // the (padded) image xp_b as the GEMM packs it.
+  auto accumulate_image = [&](int64_t n, const T* xp_b, T* gw_out, int64_t j0, int64_t j1,
+                              bool add) {
+    const T* gy_b = gy + n * Cout * P;
+    if (pointwise)
+      cpu::gemm(false, true, Cout, j1 - j0, P, gy_b, P, xp_b + j0 * P, P, gw_out + j0, K, add);
+    else
+      cpu::gemm(false, Cout, j1 - j0, P, gy_b, P, tables.matrix(xp_b, true, j0), gw_out + j0,
+                K, add);
+  };
+  auto image = [&](int64_t n, std::vector<T>& padded) {
+    return tables.image(x + n * s.in_channels * s.in_plane(), padded);
   };
 
   if (split_by_image(s.batch, threads)) {
@@ -289,24 +321,21 @@ void conv2d_backward_weight_cpu(const Conv2dShape& s, const T* x, const T* gy, T
       const int tid = omp_get_thread_num();
       std::vector<T>& mine = partial[tid];
       mine.assign(Cout * K, T(0));
-      std::vector<T> col;
+      std::vector<T> padded;
 #pragma omp for schedule(static)
-      for (int64_t n = 0; n < s.batch; ++n) {
-        const T* cols = columns_of(n, col);
-        cpu::gemm(false, true, Cout, K, P, gy + n * Cout * P, P, cols, P, mine.data(), K, true);
-      }
+      for (int64_t n = 0; n < s.batch; ++n)
+        accumulate_image(n, image(n, padded), mine.data(), 0, K, true);
     }
     std::fill(gw, gw + Cout * K, T(0));
     for (const auto& part : partial)
       if (!part.empty())
         for (int64_t i = 0; i < Cout * K; ++i) gw[i] += part[i];
   } else {
-    std::vector<T> col;
+    std::vector<T> padded;
     for (int64_t n = 0; n < s.batch; ++n) {
-      const T* cols = columns_of(n, col);
-      const T* gy_b = gy + n * Cout * P;
+      const T* xp_b = image(n, padded);
       parallel_columns(K, kColumnAlign, threads, [&](int64_t j0, int64_t j1) {
-        cpu::gemm(false, true, Cout, j1 - j0, P, gy_b, P, cols + j0 * P, P, gw + j0, K, n > 0);
+        accumulate_image(n, xp_b, gw, j0, j1, n > 0);
       });
     }
   }

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -31,6 +32,9 @@
 #define OPS_GEMM_HAS_AVX2 0
 #endif
 #endif
+#if OPS_GEMM_HAS_AVX2
+#include <immintrin.h>  // AVX-512 gathers, used only inside target("avx512f") code
+#endif
 
 namespace kernels {
 namespace cpu {
@@ -38,172 +42,15 @@ namespace {
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
-// Block sizes and the register tile per scalar type, vector width and tile height (64 bytes:
-// AVX-512's zmm, 32: AVX2's ymm, 16: the baseline's SSE2 xmm). AVX2 and SSE2 have 16 vector
-// registers: a 6 x 2-vector tile takes 12 of them as accumulators, leaving room for the 2 B
-// vectors and one broadcast A value (a 32-byte tile on SSE2 would need 24 registers and spill
-// on every k step). AVX-512 has 32: an 8 x 2-vector tile (16 accumulators, twice the FMA
-// pipes' latency x width) whose 8 rows divide the conv's channel counts (16, 32, 64) with no
-// padded rows, where a 12- or 14-row tile would waste a third of the rows at 16 channels.
-template <typename T, int kVecBytes, int kRows = 6>
-struct Tiling {
-  typedef T Scalar;
-  typedef T Vec __attribute__((vector_size(kVecBytes)));
-  static constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
-  static constexpr int kAlign = kVecBytes;
-  static constexpr int MR = kRows, NR = 2 * kLanes;  // MR x 2 vectors of accumulators
-  // The same panel bytes for float and double: 8 KiB rows of B per NC block.
-  static constexpr int64_t KC = 256, MC = 96, NC = 8192 / static_cast<int64_t>(sizeof(T));
+// op(B): a matrix in memory (packed by pack_b) or an im2col matrix (pack_b_im2col).
+template <typename T>
+struct BSource {
+  bool trans_b;
+  const T* B;
+  int64_t ldb;
+  const Im2colB<T>* im2col;  // when set, B and trans_b are unused
 };
 
-// Packs op(A)[m0 : m0+mc, k0 : k0+kc] into MR-row strips laid out [strip][k][MR], zero-padding the
-// last strip so the micro-kernel never branches on the edge. Reads go along memory rows: walking
-// k across MR rows at once would touch MR lines a row-stride apart, and a power-of-two stride
-// (P = 1024 floats in a 32x32 conv) maps them all to one L1 set.
-template <typename Tl, typename T = typename Tl::Scalar>
-ALWAYS_INLINE void pack_a(bool trans_a, const T* A, int64_t lda, int64_t m0, int64_t mc,
-                          int64_t k0, int64_t kc, T* packed) {
-  constexpr int MR = Tl::MR;
-  for (int64_t i0 = 0; i0 < mc; i0 += MR) {
-    const int rows = static_cast<int>(std::min<int64_t>(MR, mc - i0));
-    T* strip = packed + i0 * kc;
-    if (trans_a) {  // op(A)(m, k) = A[k * lda + m]: the MR values of one k are adjacent
-      for (int64_t k = 0; k < kc; ++k) {
-        const T* src = A + (k0 + k) * lda + m0 + i0;
-        for (int i = 0; i < rows; ++i) strip[k * MR + i] = src[i];
-        for (int i = rows; i < MR; ++i) strip[k * MR + i] = 0;
-      }
-    } else {
-      for (int i = 0; i < rows; ++i) {
-        const T* src = A + (m0 + i0 + i) * lda + k0;
-        for (int64_t k = 0; k < kc; ++k) strip[k * MR + i] = src[k];
-      }
-      for (int i = rows; i < MR; ++i)
-        for (int64_t k = 0; k < kc; ++k) strip[k * MR + i] = 0;
-    }
-  }
-}
-
-// Packs op(B)[k0 : k0+kc, n0 : n0+nc] into NR-column strips laid out [strip][k][NR]; like pack_a,
-// it reads along memory rows.
-template <typename Tl, typename T = typename Tl::Scalar>
-ALWAYS_INLINE void pack_b(bool trans_b, const T* B, int64_t ldb, int64_t k0, int64_t kc,
-                          int64_t n0, int64_t nc, T* packed) {
-  constexpr int NR = Tl::NR;
-  for (int64_t j0 = 0; j0 < nc; j0 += NR) {
-    const int cols = static_cast<int>(std::min<int64_t>(NR, nc - j0));
-    T* strip = packed + j0 * kc;
-    if (!trans_b) {  // op(B)(k, n) = B[k * ldb + n]: the NR values of one k are adjacent
-      for (int64_t k = 0; k < kc; ++k) {
-        const T* src = B + (k0 + k) * ldb + n0 + j0;
-        T* dst = strip + k * NR;
-        for (int j = 0; j < cols; ++j) dst[j] = src[j];
-        for (int j = cols; j < NR; ++j) dst[j] = 0;
-      }
-    } else {
-      for (int j = 0; j < cols; ++j) {
-        const T* src = B + (n0 + j0 + j) * ldb + k0;
-        for (int64_t k = 0; k < kc; ++k) strip[k * NR + j] = src[k];
-      }
-      for (int j = cols; j < NR; ++j)
-        for (int64_t k = 0; k < kc; ++k) strip[k * NR + j] = 0;
-    }
-  }
-}
-
-// C[0:rows, 0:cols] (+)= a_strip^T * b_strip over kc, accumulating in an MR x NR register tile.
-template <typename Tl, typename T = typename Tl::Scalar>
-ALWAYS_INLINE void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b,
-                                T* __restrict c, int64_t ldc, int rows, int cols,
-                                bool accumulate) {
-  using Vec = typename Tl::Vec;
-  constexpr int MR = Tl::MR, NR = Tl::NR, L = Tl::kLanes, NV = NR / L;
-  Vec acc[MR][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = Vec{};
-
-  for (int64_t k = 0; k < kc; ++k) {
-    Vec bv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) std::memcpy(&bv[j], b + k * NR + j * L, sizeof(Vec));
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const T ai = a[k * MR + i];
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[i][j] += ai * bv[j];
-    }
-  }
-
-  if (rows == MR && cols == NR) {
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) {
-        T* dst = c + i * ldc + j * L;
-        Vec out = acc[i][j];
-        if (accumulate) {
-          Vec old;
-          std::memcpy(&old, dst, sizeof(Vec));
-          out += old;
-        }
-        std::memcpy(dst, &out, sizeof(Vec));
-      }
-    }
-    return;
-  }
-  // Edge tile: spill the register tile and copy the valid part only.
-  alignas(Tl::kAlign) T tile[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NV; ++j) std::memcpy(&tile[i][j * L], &acc[i][j], sizeof(Vec));
-  for (int i = 0; i < rows; ++i)
-    for (int j = 0; j < cols; ++j)
-      c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i][j] : tile[i][j];
-}
-
-template <typename Tl, typename T = typename Tl::Scalar>
-ALWAYS_INLINE void gemm_impl(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
-                             const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
-                             bool accumulate) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    if (!accumulate)
-      for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, T(0));
-    return;
-  }
-  // Per-thread packing buffers (one pair per tiling), grown once and reused: callers run one
-  // gemm per thread.
-  thread_local std::vector<T> packed_a, packed_b;
-  const int64_t kc_max = std::min<int64_t>(Tl::KC, K);
-  const int64_t mc_max = std::min<int64_t>(Tl::MC, M);
-  const int64_t nc_max = std::min<int64_t>(Tl::NC, N);
-  const int64_t a_size = ((mc_max + Tl::MR - 1) / Tl::MR) * Tl::MR * kc_max;
-  const int64_t b_size = ((nc_max + Tl::NR - 1) / Tl::NR) * Tl::NR * kc_max;
-  if (static_cast<int64_t>(packed_a.size()) < a_size) packed_a.resize(a_size);
-  if (static_cast<int64_t>(packed_b.size()) < b_size) packed_b.resize(b_size);
-
-  for (int64_t n0 = 0; n0 < N; n0 += Tl::NC) {
-    const int64_t nc = std::min<int64_t>(Tl::NC, N - n0);
-    for (int64_t k0 = 0; k0 < K; k0 += Tl::KC) {
-      const int64_t kc = std::min<int64_t>(Tl::KC, K - k0);
-      const bool acc = accumulate || k0 > 0;
-      pack_b<Tl>(trans_b, B, ldb, k0, kc, n0, nc, packed_b.data());
-      for (int64_t m0 = 0; m0 < M; m0 += Tl::MC) {
-        const int64_t mc = std::min<int64_t>(Tl::MC, M - m0);
-        pack_a<Tl>(trans_a, A, lda, m0, mc, k0, kc, packed_a.data());
-        for (int64_t j = 0; j < nc; j += Tl::NR) {
-          const int cols = static_cast<int>(std::min<int64_t>(Tl::NR, nc - j));
-          for (int64_t i = 0; i < mc; i += Tl::MR) {
-            const int rows = static_cast<int>(std::min<int64_t>(Tl::MR, mc - i));
-            micro_kernel<Tl>(kc, packed_a.data() + i * kc, packed_b.data() + j * kc,
-                            C + (m0 + i) * ldc + n0 + j, ldc, rows, cols, acc);
-          }
-        }
-      }
-    }
-  }
-}
 
 // ---- the three compilations and the choice between them -------------------------------------
 
@@ -292,57 +139,56 @@ GemmPath active_path() {
   return static_cast<GemmPath>(g_active_path.load(std::memory_order_acquire));
 }
 
+// The GEMM compiled once per ISA (gemm_cpu_kernels.inc): each copy's gemm_entry is the whole
+// GEMM for that ISA, everything it calls inlined into it.
 #if OPS_GEMM_HAS_AVX2
-#define OPS_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
-#define OPS_TARGET_AVX2 __attribute__((target("avx2,fma")))
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#define OPS_GEMM_VEC_BYTES 64
+#define OPS_GEMM_ROWS 8
+#define OPS_GEMM_AVX512_INTRINSICS 1
+#include "gemm_cpu_kernels.inc"
+#undef OPS_GEMM_AVX512_INTRINSICS
+#undef OPS_GEMM_ROWS
+#undef OPS_GEMM_VEC_BYTES
+#pragma GCC pop_options
+}  // namespace avx512
 
-OPS_TARGET_AVX512 void gemm_avx512(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
-                                   const float* A, int64_t lda, const float* B, int64_t ldb,
-                                   float* C, int64_t ldc, bool accumulate) {
-  gemm_impl<Tiling<float, 64, 8>>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc,
-                                  accumulate);
-}
-OPS_TARGET_AVX512 void gemm_avx512(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
-                                   const double* A, int64_t lda, const double* B, int64_t ldb,
-                                   double* C, int64_t ldc, bool accumulate) {
-  gemm_impl<Tiling<double, 64, 8>>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc,
-                                   accumulate);
-}
-OPS_TARGET_AVX2 void gemm_avx2(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
-                               const float* A, int64_t lda, const float* B, int64_t ldb,
-                               float* C, int64_t ldc, bool accumulate) {
-  gemm_impl<Tiling<float, 32>>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-}
-OPS_TARGET_AVX2 void gemm_avx2(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
-                               const double* A, int64_t lda, const double* B, int64_t ldb,
-                               double* C, int64_t ldc, bool accumulate) {
-  gemm_impl<Tiling<double, 32>>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-}
-#undef OPS_TARGET_AVX2
-#undef OPS_TARGET_AVX512
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define OPS_GEMM_VEC_BYTES 32
+#define OPS_GEMM_ROWS 6
+#define OPS_GEMM_AVX512_INTRINSICS 0
+#include "gemm_cpu_kernels.inc"
+#undef OPS_GEMM_AVX512_INTRINSICS
+#undef OPS_GEMM_ROWS
+#undef OPS_GEMM_VEC_BYTES
+#pragma GCC pop_options
+}  // namespace avx2
 #endif
 
-void gemm_baseline(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
-                   int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                   bool accumulate) {
-  gemm_impl<Tiling<float, 16>>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-}
-void gemm_baseline(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const double* A,
-                   int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc,
-                   bool accumulate) {
-  gemm_impl<Tiling<double, 16>>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-}
+namespace baseline {
+#define OPS_GEMM_VEC_BYTES 16
+#define OPS_GEMM_ROWS 6
+#define OPS_GEMM_AVX512_INTRINSICS 0
+#include "gemm_cpu_kernels.inc"
+#undef OPS_GEMM_AVX512_INTRINSICS
+#undef OPS_GEMM_ROWS
+#undef OPS_GEMM_VEC_BYTES
+}  // namespace baseline
 
 template <typename T>
-void gemm_dispatch(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
-                   int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+void gemm_dispatch(bool trans_a, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+                   const BSource<T>& b, T* C, int64_t ldc, bool accumulate) {
 #if OPS_GEMM_HAS_AVX2
   switch (active_path()) {
     case GemmPath::kAvx512:
-      gemm_avx512(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+      avx512::gemm_entry(trans_a, M, N, K, A, lda, b, C, ldc, accumulate);
       return;
     case GemmPath::kAvx2:
-      gemm_avx2(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+      avx2::gemm_entry(trans_a, M, N, K, A, lda, b, C, ldc, accumulate);
       return;
     default:
       break;
@@ -350,19 +196,28 @@ void gemm_dispatch(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, 
 #else
   active_path();  // resolves (and validates) OPS_CPU_GEMM all the same
 #endif
-  gemm_baseline(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  baseline::gemm_entry(trans_a, M, N, K, A, lda, b, C, ldc, accumulate);
 }
 
 }  // namespace
 
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
           int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  gemm_dispatch<float>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  gemm_dispatch<float>(trans_a, M, N, K, A, lda, {trans_b, B, ldb, nullptr}, C, ldc,
+                       accumulate);
 }
-
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const double* A,
           int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
-  gemm_dispatch<double>(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  gemm_dispatch<double>(trans_a, M, N, K, A, lda, {trans_b, B, ldb, nullptr}, C, ldc,
+                        accumulate);
+}
+void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+          const Im2colB<float>& b, float* C, int64_t ldc, bool accumulate) {
+  gemm_dispatch<float>(trans_a, M, N, K, A, lda, {false, nullptr, 0, &b}, C, ldc, accumulate);
+}
+void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+          const Im2colB<double>& b, double* C, int64_t ldc, bool accumulate) {
+  gemm_dispatch<double>(trans_a, M, N, K, A, lda, {false, nullptr, 0, &b}, C, ldc, accumulate);
 }
 
 }  // namespace cpu

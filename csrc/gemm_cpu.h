@@ -18,5 +18,29 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const flo
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const double* A,
           int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate);
 
+// op(B) = the im2col matrix of one image, never written whole: the GEMM packs its panels
+// straight from the image. With a zero-padded image `xp` (every index below inside it),
+//   col[kk][p] = xp[patch_offset[kk] + position_offset[p]]
+// for patch index kk = (c * kh + r) * kw + q (offset c*Hp*Wp + r*dh*Wp + q*dw) and output
+// position p = oh * OW + ow (offset oh*sh*Wp + ow*sw). op(B) = col (forward: K = patch
+// indices, N = positions) or col^T (`transposed`, backward-weight: K = positions, N = patch
+// indices); op(B)'s column j is col's column (or row) `first_column + j`. Every offset, and
+// the image, below 2**31 (gathered with 32-bit indices).
+template <typename T>
+struct Im2colB {
+  const T* xp;
+  const int64_t* patch_offset;
+  const int64_t* position_offset;
+  bool transposed;
+  int64_t first_column;
+};
+
+// C[M x N] = (accumulate ? C : 0) + op(A)[M x K] * op(B)[K x N], op(B) an im2col matrix;
+// otherwise as gemm() above.
+void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+          const Im2colB<float>& b, float* C, int64_t ldc, bool accumulate);
+void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+          const Im2colB<double>& b, double* C, int64_t ldc, bool accumulate);
+
 }  // namespace cpu
 }  // namespace kernels
