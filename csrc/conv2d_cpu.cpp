@@ -113,7 +113,11 @@ void col2im_add(const Conv2dShape& s, const T* col, T* gx) {
           if (ih < 0 || ih >= s.in_h) continue;
           const T* in = row + oh * s.out_w;
           T* out = plane + ih * s.in_w + col_start;
-          for (int64_t ow = lo; ow < hi; ++ow) out[ow * s.stride_w] += in[ow];
+          if (s.stride_w == 1) {  // contiguous: the compiler vectorises this one
+            for (int64_t ow = lo; ow < hi; ++ow) out[ow] += in[ow];
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) out[ow * s.stride_w] += in[ow];
+          }
         }
       }
     }
@@ -213,14 +217,14 @@ void conv2d_forward_cpu(const Conv2dShape& s, const T* x, const T* w, const T* b
   const int threads = prepare_call();
 
   const Im2colTables<T> tables(s);
+  const cpu::PackedA<T> weights(false, Cout, K, w, K);  // packed once, for every image
   // y_b[:, j0:j1] = w * col_b[:, j0:j1]; col_b is x_b itself (pointwise) or read from the
   // (padded) image xp_b as the GEMM packs it.
   auto columns = [&](const T* xp_b, T* y_b, int64_t j0, int64_t j1) {
     if (pointwise)
-      cpu::gemm(false, false, Cout, j1 - j0, K, w, K, xp_b + j0, P, y_b + j0, P, false);
+      cpu::gemm(weights, j1 - j0, xp_b + j0, P, y_b + j0, P, false);
     else
-      cpu::gemm(false, Cout, j1 - j0, K, w, K, tables.matrix(xp_b, false, j0), y_b + j0, P,
-                false);
+      cpu::gemm(weights, j1 - j0, tables.matrix(xp_b, false, j0), y_b + j0, P, false);
   };
   auto one_image = [&](int64_t n, bool split_columns, std::vector<T>& padded) {
     const T* xp_b = tables.image(x + n * s.in_channels * s.in_plane(), padded);
@@ -253,6 +257,7 @@ void conv2d_backward_data_cpu(const Conv2dShape& s, const T* gy, const T* w, T* 
   const int64_t in_size = s.in_channels * s.in_plane();
   const bool pointwise = is_pointwise(s);
   const int threads = prepare_call();
+  const cpu::PackedA<T> weights_t(true, K, Cout, w, K);  // w^T, packed once for every image
 
   auto one_image = [&](int64_t n, bool split_columns, std::vector<T>& gcol) {
     const T* gy_b = gy + n * Cout * P;
@@ -265,10 +270,10 @@ void conv2d_backward_data_cpu(const Conv2dShape& s, const T* gy, const T* w, T* 
     }
     if (split_columns) {
       parallel_columns(P, kColumnAlign, threads, [&](int64_t j0, int64_t j1) {
-        cpu::gemm(true, false, K, j1 - j0, Cout, w, K, gy_b + j0, P, target + j0, P, false);
+        cpu::gemm(weights_t, j1 - j0, gy_b + j0, P, target + j0, P, false);
       });
     } else {
-      cpu::gemm(true, false, K, P, Cout, w, K, gy_b, P, target, P, false);
+      cpu::gemm(weights_t, P, gy_b, P, target, P, false);
     }
     if (!pointwise) {
       std::fill(gx_b, gx_b + in_size, T(0));

@@ -42,6 +42,15 @@ namespace {
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
+// op(A): a matrix in memory (packed by pack_a per block) or packed already (pack_all_a).
+template <typename T>
+struct ASource {
+  bool trans_a;
+  const T* A;
+  int64_t lda;
+  const T* packed;  // when set, A and trans_a are unused
+};
+
 // op(B): a matrix in memory (packed by pack_b) or an im2col matrix (pack_b_im2col).
 template <typename T>
 struct BSource {
@@ -180,44 +189,86 @@ namespace baseline {
 }  // namespace baseline
 
 template <typename T>
-void gemm_dispatch(bool trans_a, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+void gemm_dispatch(GemmPath path, const ASource<T>& a, int64_t M, int64_t N, int64_t K,
                    const BSource<T>& b, T* C, int64_t ldc, bool accumulate) {
+  switch (path) {
 #if OPS_GEMM_HAS_AVX2
-  switch (active_path()) {
     case GemmPath::kAvx512:
-      avx512::gemm_entry(trans_a, M, N, K, A, lda, b, C, ldc, accumulate);
+      avx512::gemm_entry(a, M, N, K, b, C, ldc, accumulate);
       return;
     case GemmPath::kAvx2:
-      avx2::gemm_entry(trans_a, M, N, K, A, lda, b, C, ldc, accumulate);
+      avx2::gemm_entry(a, M, N, K, b, C, ldc, accumulate);
       return;
-    default:
-      break;
-  }
-#else
-  active_path();  // resolves (and validates) OPS_CPU_GEMM all the same
 #endif
-  baseline::gemm_entry(trans_a, M, N, K, A, lda, b, C, ldc, accumulate);
+    default:
+      baseline::gemm_entry(a, M, N, K, b, C, ldc, accumulate);
+  }
 }
 
 }  // namespace
 
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
           int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  gemm_dispatch<float>(trans_a, M, N, K, A, lda, {trans_b, B, ldb, nullptr}, C, ldc,
-                       accumulate);
+  gemm_dispatch<float>(active_path(), {trans_a, A, lda, nullptr}, M, N, K,
+                       {trans_b, B, ldb, nullptr}, C, ldc, accumulate);
 }
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const double* A,
           int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
-  gemm_dispatch<double>(trans_a, M, N, K, A, lda, {trans_b, B, ldb, nullptr}, C, ldc,
-                        accumulate);
+  gemm_dispatch<double>(active_path(), {trans_a, A, lda, nullptr}, M, N, K,
+                        {trans_b, B, ldb, nullptr}, C, ldc, accumulate);
 }
 void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
           const Im2colB<float>& b, float* C, int64_t ldc, bool accumulate) {
-  gemm_dispatch<float>(trans_a, M, N, K, A, lda, {false, nullptr, 0, &b}, C, ldc, accumulate);
+  gemm_dispatch<float>(active_path(), {trans_a, A, lda, nullptr}, M, N, K,
+                       {false, nullptr, 0, &b}, C, ldc, accumulate);
 }
 void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
           const Im2colB<double>& b, double* C, int64_t ldc, bool accumulate) {
-  gemm_dispatch<double>(trans_a, M, N, K, A, lda, {false, nullptr, 0, &b}, C, ldc, accumulate);
+  gemm_dispatch<double>(active_path(), {trans_a, A, lda, nullptr}, M, N, K,
+                        {false, nullptr, 0, &b}, C, ldc, accumulate);
+}
+
+template <typename T>
+PackedA<T>::PackedA(bool trans_a, int64_t M, int64_t K, const T* A, int64_t lda)
+    : path_(static_cast<int>(active_path())), rows_(M), depth_(K) {
+  switch (static_cast<GemmPath>(path_)) {
+#if OPS_GEMM_HAS_AVX2
+    case GemmPath::kAvx512:
+      avx512::pack_a_entry(trans_a, M, K, A, lda, values_);
+      return;
+    case GemmPath::kAvx2:
+      avx2::pack_a_entry(trans_a, M, K, A, lda, values_);
+      return;
+#endif
+    default:
+      baseline::pack_a_entry(trans_a, M, K, A, lda, values_);
+  }
+}
+template class PackedA<float>;
+template class PackedA<double>;
+
+template <typename T>
+static void gemm_packed(const PackedA<T>& a, int64_t N, const BSource<T>& b, T* C, int64_t ldc,
+                        bool accumulate) {
+  // The path A was packed for (its tile height), whatever the active path is now.
+  gemm_dispatch<T>(static_cast<GemmPath>(a.path()), {false, nullptr, 0, a.data()}, a.rows(), N,
+                   a.depth(), b, C, ldc, accumulate);
+}
+void gemm(const PackedA<float>& a, int64_t N, const float* B, int64_t ldb, float* C,
+          int64_t ldc, bool accumulate) {
+  gemm_packed<float>(a, N, {false, B, ldb, nullptr}, C, ldc, accumulate);
+}
+void gemm(const PackedA<double>& a, int64_t N, const double* B, int64_t ldb, double* C,
+          int64_t ldc, bool accumulate) {
+  gemm_packed<double>(a, N, {false, B, ldb, nullptr}, C, ldc, accumulate);
+}
+void gemm(const PackedA<float>& a, int64_t N, const Im2colB<float>& b, float* C, int64_t ldc,
+          bool accumulate) {
+  gemm_packed<float>(a, N, {false, nullptr, 0, &b}, C, ldc, accumulate);
+}
+void gemm(const PackedA<double>& a, int64_t N, const Im2colB<double>& b, double* C,
+          int64_t ldc, bool accumulate) {
+  gemm_packed<double>(a, N, {false, nullptr, 0, &b}, C, ldc, accumulate);
 }
 
 }  // namespace cpu

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace kernels {
 namespace cpu {
@@ -41,6 +42,35 @@ void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const float* A, int64_t
           const Im2colB<float>& b, float* C, int64_t ldc, bool accumulate);
 void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
           const Im2colB<double>& b, double* C, int64_t ldc, bool accumulate);
+
+// op(A) packed once for several GEMMs with the same A (the conv's weights, the same for every
+// image), for the GEMM path active when it was made (which the GEMMs with it then run).
+// Constructing it resolves the path, so it may throw as gemm() may.
+template <typename T>
+class PackedA {
+ public:
+  PackedA(bool trans_a, int64_t M, int64_t K, const T* A, int64_t lda);
+  const T* data() const { return values_.data(); }
+  int path() const { return path_; }  // the GemmPath it was packed for (gemm_cpu.cpp)
+  int64_t rows() const { return rows_; }
+  int64_t depth() const { return depth_; }
+
+ private:
+  std::vector<T> values_;
+  int path_;
+  int64_t rows_, depth_;
+};
+
+// C[M x N] = (accumulate ? C : 0) + op(A) * op(B), op(A) packed (M x K), op(B) = B (K x N,
+// row-major, not transposed) or an im2col matrix.
+void gemm(const PackedA<float>& a, int64_t N, const float* B, int64_t ldb, float* C,
+          int64_t ldc, bool accumulate);
+void gemm(const PackedA<double>& a, int64_t N, const double* B, int64_t ldb, double* C,
+          int64_t ldc, bool accumulate);
+void gemm(const PackedA<float>& a, int64_t N, const Im2colB<float>& b, float* C, int64_t ldc,
+          bool accumulate);
+void gemm(const PackedA<double>& a, int64_t N, const Im2colB<double>& b, double* C,
+          int64_t ldc, bool accumulate);
 
 }  // namespace cpu
 }  // namespace kernels
