@@ -25,7 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 COLUMN_SPLIT_CASE = (1, 32, 12, 12, 100, (3, 3), 1, 1, 1, True)
 IMAGE_SPLIT_CASE = (4, 24, 9, 9, 20, (3, 3), 1, 1, 1, True)
 POINTWISE_CASE = (4, 16, 16, 16, 16, (1, 1), 1, 0, 1, False)  # the GEMM reads x directly
-CASES = ADAPTER_CONV_CASES + [COLUMN_SPLIT_CASE, IMAGE_SPLIT_CASE, POINTWISE_CASE]
+# ResNet's first stage: P = 1024 > KC (positions in several K panels for backward-weight), rows
+# of 32 positions (16-position transposes), K = 144 = 4.5 strips of 32 (a partial strip).
+RESNET_STAGE1_CASE = (2, 16, 32, 32, 16, (3, 3), 1, 1, 1, False)
+CASES = ADAPTER_CONV_CASES + [COLUMN_SPLIT_CASE, IMAGE_SPLIT_CASE, POINTWISE_CASE,
+                              RESNET_STAGE1_CASE]
 DTYPES = pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 
 
