@@ -82,48 +82,6 @@ bool is_pointwise(const Conv2dShape& s) {
          s.pad_h == 0 && s.pad_w == 0;
 }
 
-// Output columns [lo, hi) whose input column ow*stride - pad + offset lies inside [0, in_w).
-void valid_range(int64_t out_len, int64_t in_len, int64_t stride, int64_t start, int64_t* lo,
-                 int64_t* hi) {
-  // start + o * stride >= 0  and  start + o * stride < in_len
-  int64_t first = start >= 0 ? 0 : (-start + stride - 1) / stride;
-  int64_t last = start >= in_len ? 0 : (in_len - 1 - start) / stride + 1;  // exclusive
-  first = std::min(first, out_len);
-  last = std::max(first, std::min(last, out_len));
-  *lo = first;
-  *hi = last;
-}
-
-// The adjoint of im2col (Im2colTables' col): gx[c][ih][iw] += gcol[...] for every
-// (r, q, oh, ow) that read it.
-// gx must be zeroed by the caller.
-template <typename T>
-void col2im_add(const Conv2dShape& s, const T* col, T* gx) {
-  const int64_t P = s.out_plane();
-  for (int64_t c = 0; c < s.in_channels; ++c) {
-    T* plane = gx + c * s.in_plane();
-    for (int64_t r = 0; r < s.kernel_h; ++r) {
-      for (int64_t q = 0; q < s.kernel_w; ++q) {
-        const T* row = col + ((c * s.kernel_h + r) * s.kernel_w + q) * P;
-        const int64_t col_start = q * s.dilation_w - s.pad_w;
-        int64_t lo, hi;
-        valid_range(s.out_w, s.in_w, s.stride_w, col_start, &lo, &hi);
-        for (int64_t oh = 0; oh < s.out_h; ++oh) {
-          const int64_t ih = oh * s.stride_h - s.pad_h + r * s.dilation_h;
-          if (ih < 0 || ih >= s.in_h) continue;
-          const T* in = row + oh * s.out_w;
-          T* out = plane + ih * s.in_w + col_start;
-          if (s.stride_w == 1) {  // contiguous: the compiler vectorises this one
-            for (int64_t ow = lo; ow < hi; ++ow) out[ow] += in[ow];
-          } else {
-            for (int64_t ow = lo; ow < hi; ++ow) out[ow * s.stride_w] += in[ow];
-          }
-        }
-      }
-    }
-  }
-}
-
 // What the GEMM needs to read an image's im2col matrix without writing it (cpu::Im2colB):
 // the offset tables, once per call, and the image zero-padded where the conv pads (a copy per
 // thread whose border is zeroed once and whose interior each image overwrites; C x Hp x Wp
@@ -161,6 +119,24 @@ class Im2colTables {
         std::memcpy(buffer.data() + (c * hp_ + h + s_.pad_h) * wp_ + s_.pad_w,
                     x_b + (c * s_.in_h + h) * s_.in_w, sizeof(T) * s_.in_w);
     return buffer.data();
+  }
+
+  // The gradient image that col2im adds into: gx_b itself (zeroed), or `buffer` zeroed, whose
+  // interior unpad() then copies to gx_b.
+  T* zeroed_target(T* gx_b, std::vector<T>& buffer) const {
+    if (!padded_) {
+      std::fill(gx_b, gx_b + s_.in_channels * s_.in_plane(), T(0));
+      return gx_b;
+    }
+    buffer.assign(static_cast<size_t>(s_.in_channels * hp_ * wp_), T(0));
+    return buffer.data();
+  }
+  void unpad(const T* gxp, T* gx_b) const {
+    if (!padded_) return;
+    for (int64_t c = 0; c < s_.in_channels; ++c)
+      for (int64_t h = 0; h < s_.in_h; ++h)
+        std::memcpy(gx_b + (c * s_.in_h + h) * s_.in_w,
+                    gxp + (c * hp_ + h + s_.pad_h) * wp_ + s_.pad_w, sizeof(T) * s_.in_w);
   }
 
   cpu::Im2colB<T> matrix(const T* xp, bool transposed, int64_t first_column) const {
@@ -258,8 +234,10 @@ void conv2d_backward_data_cpu(const Conv2dShape& s, const T* gy, const T* w, T* 
   const bool pointwise = is_pointwise(s);
   const int threads = prepare_call();
   const cpu::PackedA<T> weights_t(true, K, Cout, w, K);  // w^T, packed once for every image
+  const Im2colTables<T> tables(s);
 
-  auto one_image = [&](int64_t n, bool split_columns, std::vector<T>& gcol) {
+  auto one_image = [&](int64_t n, bool split_columns, std::vector<T>& gcol,
+                       std::vector<T>& padded) {
     const T* gy_b = gy + n * Cout * P;
     T* gx_b = gx + n * in_size;
     // Pointwise: gx_b is gcol itself, so the GEMM writes it directly.
@@ -276,21 +254,22 @@ void conv2d_backward_data_cpu(const Conv2dShape& s, const T* gy, const T* w, T* 
       cpu::gemm(weights_t, P, gy_b, P, target, P, false);
     }
     if (!pointwise) {
-      std::fill(gx_b, gx_b + in_size, T(0));
-      col2im_add(s, gcol.data(), gx_b);
+      T* gxp = tables.zeroed_target(gx_b, padded);
+      cpu::col2im_add(gcol.data(), K, P, tables.matrix(nullptr, false, 0), gxp);
+      tables.unpad(gxp, gx_b);
     }
   };
 
   if (split_by_image(s.batch, threads)) {
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<T> gcol;
+      std::vector<T> gcol, padded;
 #pragma omp for schedule(static)
-      for (int64_t n = 0; n < s.batch; ++n) one_image(n, false, gcol);
+      for (int64_t n = 0; n < s.batch; ++n) one_image(n, false, gcol, padded);
     }
   } else {
-    std::vector<T> gcol;
-    for (int64_t n = 0; n < s.batch; ++n) one_image(n, true, gcol);
+    std::vector<T> gcol, padded;
+    for (int64_t n = 0; n < s.batch; ++n) one_image(n, true, gcol, padded);
   }
 }
 
