@@ -13,8 +13,11 @@ are compared: a wrong kernel is reported, never timed.
          aten.convolution / aten.convolution_backward with that one output (oneDNN on CPU,
          cuDNN on GPU), called directly so no autograd bookkeeping is timed on either side;
          the ResNet-for-CIFAR layers (stem, 3x3 at 16/32/64 channels, stride-2 and 1x1 shortcut
-         convs) at --batches, and DeepPose's five AlexNet convolutions at batch 32. On the GPU
-         in FP32 with TF32 off for cuDNN (the same precision as ours; issue 13's P2).
+         convs) at --batches, and DeepPose's five AlexNet convolutions at batch 32. On the CPU
+         once per GEMM path of ours that this CPU runs (--gemm-paths: avx512, avx2, baseline;
+         PyTorch's side is the same oneDNN each time), each path summed up per direction in
+         the geometric mean and the worst of its ratios. On the GPU in FP32 with TF32 off for
+         cuDNN (the same precision as ours; issue 13's P2).
   loss   the DeepPose loss forward + backward: our fused kernel (one launch), our forward and
          backward kernels (two launches), PyTorch's masked composite with autograd, and
          F.mse_loss with autograd against our fused kernel without a mask; at batch
@@ -30,6 +33,7 @@ This is a script, not a test: it never fails on speed.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -85,6 +89,7 @@ class Row:
     ratio: float  # median over rounds of ours / torch
     ratio_iqr: float
     extra: dict = field(default_factory=dict)
+    gemm_path: str = ""  # our CPU conv's GEMM path (ops.core.gemm_path) for CPU conv rows
 
 
 class HostAndDeviceTimer(Timer):
@@ -183,6 +188,7 @@ def bench_conv(layer, batch: int, device: str, args, timer: HostAndDeviceTimer) 
         samples = timed_variants(variants, timer, args)
         row = make_row(f"conv {direction}", f"{name} b{batch}", device, samples, timer,
                        variants, "ours", "torch")
+        row.gemm_path = core.gemm_path() if device == "cpu" else ""
         row.extra.update(ours_gflops=flops / row.ours_ms / 1e6,
                          torch_gflops=flops / row.torch_ms / 1e6)
         rows.append(row)
@@ -287,13 +293,14 @@ def copy_bandwidth_gbps(device: str, timer: Timer) -> float:
 # ---- report ------------------------------------------------------------------------------------
 
 def print_header():
-    print(f"{'benchmark':<24} {'case':<22} {'dev':<5} {'ours ms (IQR)':>18} "
+    print(f"{'benchmark':<24} {'case':<22} {'dev':<12} {'ours ms (IQR)':>18} "
           f"{'torch ms (IQR)':>18} {'ours/torch (IQR)':>18}  notes", flush=True)
 
 
 def print_row(row: Row):
     notes = ", ".join(f"{k}={v:.3g}" for k, v in row.extra.items())
-    print(f"{row.group:<24} {row.name:<22} {row.device:<5} "
+    where = f"{row.device} {row.gemm_path}".strip()
+    print(f"{row.group:<24} {row.name:<22} {where:<12} "
           f"{row.ours_ms:>9.3f} ({row.ours_iqr_ms:>6.3f}) "
           f"{row.torch_ms:>9.3f} ({row.torch_iqr_ms:>6.3f}) "
           f"{row.ratio:>9.2f}x ({row.ratio_iqr:>5.2f})  {notes}", flush=True)
@@ -336,6 +343,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
     p.add_argument("--repeat", type=int, default=3,
                    help="calls per timed round (small loss rows use 20x this; default: 3)")
+    p.add_argument("--gemm-paths", nargs="+", default=None, metavar="PATH",
+                   help="our CPU GEMM paths to time the CPU conv rows on, each in turn "
+                        f"(default: every one this CPU runs, here {' '.join(core.gemm_paths())})")
     p.add_argument("--out", type=output_file, default=None,
                    help="also write the rows as JSON to this file")
     add_threads_argument(p)
@@ -351,7 +361,38 @@ def parse_args(argv=None):
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if any(b < 1 for b in args.batches):
         p.error(f"--batches must be >= 1, got {args.batches}")
+    if args.gemm_paths is None:
+        args.gemm_paths = list(core.gemm_paths())
+    refused = [path for path in args.gemm_paths if path not in core.gemm_paths()]
+    if refused:
+        p.error(f"--gemm-paths: expected paths this CPU runs ({', '.join(core.gemm_paths())}), "
+                f"got {', '.join(refused)}")
     return args
+
+
+def geometric_mean(values: List[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def conv_summary(rows: List[Row]) -> List[dict]:
+    """Per device, GEMM path and direction (and over the three directions): how many conv
+    rows, the geometric mean and the median of their ratios, the worst and its case."""
+    out = []
+    keys = sorted({(r.device, r.gemm_path) for r in rows if r.group.startswith("conv ")})
+    for device, path in keys:
+        for direction in CONV_DIRECTIONS + ("all",):
+            chosen = [r for r in rows if r.device == device and r.gemm_path == path
+                      and r.group.startswith("conv ")
+                      and (direction == "all" or r.group == f"conv {direction}")]
+            if not chosen:
+                continue
+            worst = max(chosen, key=lambda r: r.ratio)
+            out.append({"device": device, "gemm_path": path, "direction": direction,
+                        "rows": len(chosen),
+                        "geomean": geometric_mean([r.ratio for r in chosen]),
+                        "median": median([r.ratio for r in chosen]),
+                        "worst": worst.ratio, "worst_case": f"{worst.group} {worst.name}"})
+    return out
 
 
 def main(argv=None) -> int:
@@ -401,23 +442,33 @@ def main(argv=None) -> int:
                     [(layer, b) for b in args.batches for layer in CONV_LAYERS] + \
                     [(layer, DEEPPOSE_BATCH) for layer in DEEPPOSE_CONV_LAYERS
                      if device == "cuda" or args.deeppose_convs]
-                for layer, batch in layers:
-                    for row in bench_conv(layer, batch, device, args, timer):
-                        rows.append(row)
-                        print_row(row)
+                # Our CPU conv on each GEMM path in turn (ops._C's setting, restored after).
+                paths = args.gemm_paths if device == "cpu" else [None]
+                before = core.gemm_path()
+                try:
+                    for path in paths:
+                        if path is not None:
+                            core.set_gemm_path(path)
+                        for layer, batch in layers:
+                            for row in bench_conv(layer, batch, device, args, timer):
+                                rows.append(row)
+                                print_row(row)
+                finally:
+                    core.set_gemm_path(before)
     finally:
         # Whatever was measured is kept, even when a later row fails.
         if args.out:
             payload["rows"] = [asdict(r) for r in rows]
+            payload["conv_summary"] = conv_summary(rows)
             # Every value is JSON already (args as strings); write_json_atomic makes no folders.
             args.out.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(args.out, payload)
             print(f"wrote {args.out}")
-    for direction in CONV_DIRECTIONS:
-        conv = [r.ratio for r in rows if r.group == f"conv {direction}"]
-        if conv:
-            print(f"conv {direction}, ours/torch over {len(conv)} rows: median "
-                  f"{median(conv):.2f}x, worst {max(conv):.2f}x")
+    for line in conv_summary(rows):
+        where = f"{line['device']} {line['gemm_path']}".strip()
+        print(f"{where} conv {line['direction']}: ours/torch over {line['rows']} rows: "
+              f"geomean {line['geomean']:.2f}x, median {line['median']:.2f}x, worst "
+              f"{line['worst']:.2f}x ({line['worst_case']})")
     return 0
 
 

@@ -190,16 +190,31 @@ def test_bench_kernels_writes_its_rows_into_a_new_folder(tmp_path):
     medians, IQRs and ratio, and no temporary file left behind."""
     pytest.importorskip("torch")
     from experiments import bench_kernels
+    from ops import core
+    before = core.gemm_path()
     out = tmp_path / "new" / "bench.json"
     assert bench_kernels.main(["--device", "cpu", "--only", "conv", "--batches", "1",
                                "--rounds", "2", "--warmup", "0", "--repeat", "1",
                                "--threads", "1", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert len(doc["rows"]) == 3 * (1 + len(bench_kernels.CONV_LAYERS))  # 3 directions each
+    paths = core.gemm_paths()
+    per_path = 3 * (1 + len(bench_kernels.CONV_LAYERS))  # 3 directions each
+    assert len(doc["rows"]) == len(paths) * per_path      # every GEMM path this CPU runs
+    assert [r["gemm_path"] for r in doc["rows"]] == [p for p in paths for _ in range(per_path)]
     for row in doc["rows"]:
         assert row["ours_ms"] > 0 and row["torch_ms"] > 0 and row["ratio"] > 0
         assert row["ours_iqr_ms"] >= 0 and row["torch_iqr_ms"] >= 0 and row["ratio_iqr"] >= 0
+    # The summary per path and direction: the geometric mean and the worst of its rows' ratios.
+    for line in doc["conv_summary"]:
+        ratios = [r["ratio"] for r in doc["rows"] if r["gemm_path"] == line["gemm_path"]
+                  and (line["direction"] == "all" or r["group"] == f"conv {line['direction']}")]
+        assert line["rows"] == len(ratios)
+        assert line["worst"] == max(ratios)
+        assert line["geomean"] == pytest.approx(math.exp(sum(map(math.log, ratios)) / len(ratios)))
+    assert {(line["gemm_path"], line["direction"]) for line in doc["conv_summary"]} == {
+        (p, d) for p in paths for d in bench_kernels.CONV_DIRECTIONS + ("all",)}
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]
+    assert core.gemm_path() == before   # the path in use is restored
 
 
 def test_bench_impls_reports_stats_medians_iqrs_and_per_round_ratios(tmp_path):
