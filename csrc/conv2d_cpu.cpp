@@ -240,22 +240,27 @@ void conv2d_backward_data_cpu(const Conv2dShape& s, const T* gy, const T* w, T* 
                        std::vector<T>& padded) {
     const T* gy_b = gy + n * Cout * P;
     T* gx_b = gx + n * in_size;
-    // Pointwise: gx_b is gcol itself, so the GEMM writes it directly.
+    // Pointwise: gx_b is gcol itself, so the GEMM writes it directly. Else gcol's rows are
+    // ld apart: P, one cache line more where P rows would be a multiple of 4 KiB apart (the
+    // micro-kernel's 8 row stores then all fall in one L1 set: 16 channels at 32 x 32 ran
+    // 30% slower).
     T* target = gx_b;
+    int64_t ld = P;
     if (!pointwise) {
-      gcol.resize(K * P);
+      if ((P * sizeof(T)) % 4096 == 0) ld += 64 / sizeof(T);
+      gcol.resize(K * ld);
       target = gcol.data();
     }
     if (split_columns) {
       parallel_columns(P, kColumnAlign, threads, [&](int64_t j0, int64_t j1) {
-        cpu::gemm(weights_t, j1 - j0, gy_b + j0, P, target + j0, P, false);
+        cpu::gemm(weights_t, j1 - j0, gy_b + j0, P, target + j0, ld, false);
       });
     } else {
-      cpu::gemm(weights_t, P, gy_b, P, target, P, false);
+      cpu::gemm(weights_t, P, gy_b, P, target, ld, false);
     }
     if (!pointwise) {
       T* gxp = tables.zeroed_target(gx_b, padded);
-      cpu::col2im_add(gcol.data(), K, P, tables.matrix(nullptr, false, 0), gxp);
+      cpu::col2im_add(gcol.data(), K, P, ld, tables.matrix(nullptr, false, 0), gxp);
       tables.unpad(gxp, gx_b);
     }
   };

@@ -233,28 +233,31 @@ void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const double* A, int64_
 }
 
 template <typename T>
-static void col2im_dispatch(const T* gcol, int64_t K, int64_t P, const Im2colB<T>& layout,
+static void col2im_dispatch(const T* gcol, int64_t K, int64_t P, int64_t ld,
+                            const Im2colB<T>& layout,
                             T* gxp) {
   switch (active_path()) {
 #if OPS_GEMM_HAS_AVX2
     case GemmPath::kAvx512:
-      avx512::col2im_entry(gcol, K, P, layout, gxp);
+      avx512::col2im_entry(gcol, K, P, ld, layout, gxp);
       return;
     case GemmPath::kAvx2:
-      avx2::col2im_entry(gcol, K, P, layout, gxp);
+      avx2::col2im_entry(gcol, K, P, ld, layout, gxp);
       return;
 #endif
     default:
-      baseline::col2im_entry(gcol, K, P, layout, gxp);
+      baseline::col2im_entry(gcol, K, P, ld, layout, gxp);
   }
 }
-void col2im_add(const float* gcol, int64_t K, int64_t P, const Im2colB<float>& layout,
+void col2im_add(const float* gcol, int64_t K, int64_t P, int64_t ld,
+                const Im2colB<float>& layout,
                 float* gxp) {
-  col2im_dispatch(gcol, K, P, layout, gxp);
+  col2im_dispatch(gcol, K, P, ld, layout, gxp);
 }
-void col2im_add(const double* gcol, int64_t K, int64_t P, const Im2colB<double>& layout,
+void col2im_add(const double* gcol, int64_t K, int64_t P, int64_t ld,
+                const Im2colB<double>& layout,
                 double* gxp) {
-  col2im_dispatch(gcol, K, P, layout, gxp);
+  col2im_dispatch(gcol, K, P, ld, layout, gxp);
 }
 
 template <typename T>

@@ -44,11 +44,13 @@ void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const double* A, int64_
           const Im2colB<double>& b, double* C, int64_t ldc, bool accumulate);
 
 // The adjoint of an im2col matrix (col2im): gxp[patch_offset[kk] + position_offset[p]] +=
-// gcol[kk * P + p] for kk < K, p < P, with `layout`'s offset tables (its xp, transposed and
+// gcol[kk * ld + p] for kk < K, p < P, with `layout`'s offset tables (its xp, transposed and
 // first_column unused), vectorised for the active GEMM path's ISA.
-void col2im_add(const float* gcol, int64_t K, int64_t P, const Im2colB<float>& layout,
+void col2im_add(const float* gcol, int64_t K, int64_t P, int64_t ld,
+                const Im2colB<float>& layout,
                 float* gxp);
-void col2im_add(const double* gcol, int64_t K, int64_t P, const Im2colB<double>& layout,
+void col2im_add(const double* gcol, int64_t K, int64_t P, int64_t ld,
+                const Im2colB<double>& layout,
                 double* gxp);
 
 // op(A) packed once for several GEMMs with the same A (the conv's weights, the same for every
