@@ -83,60 +83,68 @@ bool is_pointwise(const Conv2dShape& s) {
 }
 
 // What the GEMM needs to read an image's im2col matrix without writing it (cpu::Im2colB):
-// the offset tables, once per call, and the image zero-padded where the conv pads (a copy per
-// thread whose border is zeroed once and whose interior each image overwrites; C x Hp x Wp
-// values against im2col's K x P, 1/9 of them for a 3x3 conv).
+// the offset tables, once per call, and the image as xp: zero-padded where the conv pads, and
+// with each padded row split into its sw column phases (column w at phase w % sw, index
+// w / sw) where the conv strides and reads most of the image, so that a strided conv's output
+// row reads consecutive values too. A copy per thread
+// whose border is zeroed once and whose interior each image overwrites: C x Hp x Wp values
+// against im2col's K x P, 1/9 of them for a 3x3 conv; none at all for an unpadded stride-1
+// conv, which reads x as it is.
 //   col[(c*kh + r)*kw + q][oh*OW + ow] = x[c][oh*sh - ph + r*dh][ow*sw - pw + q*dw] (0 outside)
-//                                      = xp[c][oh*sh + r*dh][ow*sw + q*dw]
+//                                      = xp[c][oh*sh + r*dh][phase (q*dw) % sw][ow + (q*dw) / sw]
 template <typename T>
 class Im2colTables {
  public:
   explicit Im2colTables(const Conv2dShape& s)
-      : s_(s), hp_(s.in_h + 2 * s.pad_h), wp_(s.in_w + 2 * s.pad_w),
-        padded_(s.pad_h > 0 || s.pad_w > 0) {
-    // The GEMM gathers with 32-bit offsets into one (padded) image.
-    if (s.in_channels * hp_ * wp_ > std::numeric_limits<int32_t>::max())
+      : s_(s), hp_(s.in_h + 2 * s.pad_h),
+        // Split only where im2col reads more values than the image has (a 3x3/2 conv, not a
+        // 1x1/2 one, which reads a quarter of it: there, gathering them costs less than a copy).
+        phases_(s.stride_w > 1 && s.kernel_h * s.kernel_w * s.out_plane() >= s.in_plane()
+                    ? s.stride_w : 1),
+        phase_len_((s.in_w + 2 * s.pad_w + phases_ - 1) / phases_),
+        row_len_(phase_len_ * phases_),
+        copied_(s.pad_h > 0 || s.pad_w > 0 || phases_ > 1) {
+    // The GEMM gathers with 32-bit offsets into one image.
+    if (s.in_channels * hp_ * row_len_ > std::numeric_limits<int32_t>::max())
       throw std::invalid_argument(
           "conv2d: x: expected an image (channels x padded height x padded width) of at most "
           "2**31 - 1 values for the CPU kernels, got " + std::to_string(s.in_channels) + " x " +
-          std::to_string(hp_) + " x " + std::to_string(wp_));
+          std::to_string(hp_) + " x " + std::to_string(row_len_));
     for (int64_t c = 0; c < s.in_channels; ++c)
       for (int64_t r = 0; r < s.kernel_h; ++r)
         for (int64_t q = 0; q < s.kernel_w; ++q)
-          patch_.push_back(c * hp_ * wp_ + r * s.dilation_h * wp_ + q * s.dilation_w);
+          patch_.push_back(c * hp_ * row_len_ + r * s.dilation_h * row_len_ +
+                           column(q * s.dilation_w));
     for (int64_t oh = 0; oh < s.out_h; ++oh)
       for (int64_t ow = 0; ow < s.out_w; ++ow)
-        position_.push_back(oh * s.stride_h * wp_ + ow * s.stride_w);
+        position_.push_back(oh * s.stride_h * row_len_ + ow * (s.stride_w / phases_));
   }
 
-  // Image x_b as the GEMM reads it: itself, or copied into `buffer` with a zero border.
+  // Image x_b as the GEMM reads it: itself, or copied into `buffer` (see above).
   const T* image(const T* x_b, std::vector<T>& buffer) const {
-    if (!padded_) return x_b;
-    const size_t size = static_cast<size_t>(s_.in_channels * hp_ * wp_);
-    if (buffer.size() != size) buffer.assign(size, T(0));
+    if (!copied_) return x_b;
+    if (buffer.size() != size()) buffer.assign(size(), T(0));
     for (int64_t c = 0; c < s_.in_channels; ++c)
       for (int64_t h = 0; h < s_.in_h; ++h)
-        std::memcpy(buffer.data() + (c * hp_ + h + s_.pad_h) * wp_ + s_.pad_w,
-                    x_b + (c * s_.in_h + h) * s_.in_w, sizeof(T) * s_.in_w);
+        copy_row(x_b + (c * s_.in_h + h) * s_.in_w, buffer.data() + interior_row(c, h), false);
     return buffer.data();
   }
 
   // The gradient image that col2im adds into: gx_b itself (zeroed), or `buffer` zeroed, whose
   // interior unpad() then copies to gx_b.
   T* zeroed_target(T* gx_b, std::vector<T>& buffer) const {
-    if (!padded_) {
+    if (!copied_) {
       std::fill(gx_b, gx_b + s_.in_channels * s_.in_plane(), T(0));
       return gx_b;
     }
-    buffer.assign(static_cast<size_t>(s_.in_channels * hp_ * wp_), T(0));
+    buffer.assign(size(), T(0));
     return buffer.data();
   }
-  void unpad(const T* gxp, T* gx_b) const {
-    if (!padded_) return;
+  void unpad(T* gxp, T* gx_b) const {
+    if (!copied_) return;
     for (int64_t c = 0; c < s_.in_channels; ++c)
       for (int64_t h = 0; h < s_.in_h; ++h)
-        std::memcpy(gx_b + (c * s_.in_h + h) * s_.in_w,
-                    gxp + (c * hp_ + h + s_.pad_h) * wp_ + s_.pad_w, sizeof(T) * s_.in_w);
+        copy_row(gx_b + (c * s_.in_h + h) * s_.in_w, gxp + interior_row(c, h), true);
   }
 
   cpu::Im2colB<T> matrix(const T* xp, bool transposed, int64_t first_column) const {
@@ -144,9 +152,36 @@ class Im2colTables {
   }
 
  private:
+  size_t size() const { return static_cast<size_t>(s_.in_channels * hp_ * row_len_); }
+  // Where padded column w lies in its row.
+  int64_t column(int64_t w) const { return (w % phases_) * phase_len_ + w / phases_; }
+  // Where input row (c, h)'s padded row begins.
+  int64_t interior_row(int64_t c, int64_t h) const {
+    return (c * hp_ + h + s_.pad_h) * row_len_;
+  }
+  // Input row `row` into (or, back, out of) its padded, phase-split place `split`.
+  void copy_row(T* row, T* split, bool back) const {
+    if (phases_ == 1) {
+      back ? std::memcpy(row, split + s_.pad_w, sizeof(T) * s_.in_w)
+           : std::memcpy(split + s_.pad_w, row, sizeof(T) * s_.in_w);
+      return;
+    }
+    // Phase by phase: padded column phase + i * sw is input column phase + i * sw - pw.
+    for (int64_t phase = 0; phase < phases_; ++phase) {
+      T* part = split + phase * phase_len_;
+      for (int64_t i = 0, w = phase - s_.pad_w; i < phase_len_; ++i, w += phases_) {
+        if (w < 0 || w >= s_.in_w) continue;
+        back ? row[w] = part[i] : part[i] = row[w];
+      }
+    }
+  }
+  void copy_row(const T* row, T* split, bool back) const {
+    copy_row(const_cast<T*>(row), split, back);  // back == false: row is only read
+  }
+
   const Conv2dShape& s_;
-  int64_t hp_, wp_;
-  bool padded_;
+  int64_t hp_, phases_, phase_len_, row_len_;
+  bool copied_;
   std::vector<int64_t> patch_, position_;
 };
 

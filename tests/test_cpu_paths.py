@@ -28,8 +28,10 @@ POINTWISE_CASE = (4, 16, 16, 16, 16, (1, 1), 1, 0, 1, False)  # the GEMM reads x
 # ResNet's first stage: P = 1024 > KC (positions in several K panels for backward-weight), rows
 # of 32 positions (16-position transposes), K = 144 = 4.5 strips of 32 (a partial strip).
 RESNET_STAGE1_CASE = (2, 16, 32, 32, 16, (3, 3), 1, 1, 1, False)
+# ResNet's downsampling 3x3/2: the image's rows split into 2 column phases (consecutive reads).
+RESNET_DOWNSAMPLE_CASE = (2, 16, 32, 32, 32, (3, 3), 2, 1, 1, True)
 CASES = ADAPTER_CONV_CASES + [COLUMN_SPLIT_CASE, IMAGE_SPLIT_CASE, POINTWISE_CASE,
-                              RESNET_STAGE1_CASE]
+                              RESNET_STAGE1_CASE, RESNET_DOWNSAMPLE_CASE]
 DTYPES = pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 
 
