@@ -82,6 +82,17 @@ bool is_pointwise(const Conv2dShape& s) {
          s.pad_h == 0 && s.pad_w == 0;
 }
 
+// Buffers each thread keeps between calls, one per use: a fresh buffer of 100+ KiB per call
+// is a fresh mmap whose page faults cost up to a quarter of a small conv (64 channels at 8x8
+// on 2 cores). Contents are never relied on between calls: every user sizes and fills (or
+// zeroes) its buffer first. (A framework's worker thread that calls us keeps its own.)
+enum class Kept { kWeights, kFlipped, kImage, kGcol, kGradImage, kPartial };
+template <typename T, Kept kUse>
+std::vector<T>& kept() {
+  thread_local std::vector<T> buffer;
+  return buffer;
+}
+
 // What the GEMM needs to read an image's im2col matrix without writing it (cpu::Im2colB):
 // the offset tables, once per call, and the image as xp: zero-padded where the conv pads, and
 // with each padded row split into its sw column phases (column w at phase w % sw, index
@@ -120,10 +131,16 @@ class Im2colTables {
         position_.push_back(oh * s.stride_h * row_len_ + ow * (s.stride_w / phases_));
   }
 
-  // Image x_b as the GEMM reads it: itself, or copied into `buffer` (see above).
+  // A buffer for image(): sized and zeroed, once per call and thread (its border stays zero
+  // while image() rewrites the interior for every image).
+  std::vector<T>& image_buffer() const {
+    std::vector<T>& buffer = kept<T, Kept::kImage>();
+    if (copied_) buffer.assign(size(), T(0));
+    return buffer;
+  }
+  // Image x_b as the GEMM reads it: itself, or copied into image_buffer()'s `buffer`.
   const T* image(const T* x_b, std::vector<T>& buffer) const {
     if (!copied_) return x_b;
-    if (buffer.size() != size()) buffer.assign(size(), T(0));
     for (int64_t c = 0; c < s_.in_channels; ++c)
       for (int64_t h = 0; h < s_.in_h; ++h)
         copy_row(x_b + (c * s_.in_h + h) * s_.in_w, buffer.data() + interior_row(c, h), false);
@@ -132,11 +149,12 @@ class Im2colTables {
 
   // The gradient image that col2im adds into: gx_b itself (zeroed), or `buffer` zeroed, whose
   // interior unpad() then copies to gx_b.
-  T* zeroed_target(T* gx_b, std::vector<T>& buffer) const {
+  T* zeroed_target(T* gx_b) const {
     if (!copied_) {
       std::fill(gx_b, gx_b + s_.in_channels * s_.in_plane(), T(0));
       return gx_b;
     }
+    std::vector<T>& buffer = kept<T, Kept::kGradImage>();
     buffer.assign(size(), T(0));
     return buffer.data();
   }
@@ -228,7 +246,8 @@ void conv2d_forward_cpu(const Conv2dShape& s, const T* x, const T* w, const T* b
   const int threads = prepare_call();
 
   const Im2colTables<T> tables(s);
-  const cpu::PackedA<T> weights(false, Cout, K, w, K);  // packed once, for every image
+  // packed once, for every image
+  const cpu::PackedA<T> weights(false, Cout, K, w, K, kept<T, Kept::kWeights>());
   // y_b[:, j0:j1] = w * col_b[:, j0:j1]; col_b is x_b itself (pointwise) or read from the
   // (padded) image xp_b as the GEMM packs it.
   auto columns = [&](const T* xp_b, T* y_b, int64_t j0, int64_t j1) {
@@ -252,27 +271,64 @@ void conv2d_forward_cpu(const Conv2dShape& s, const T* x, const T* w, const T* b
   if (split_by_image(s.batch, threads)) {
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<T> padded;
+      std::vector<T>& padded = tables.image_buffer();
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < s.batch; ++n) one_image(n, false, padded);
     }
   } else {
-    std::vector<T> padded;
+    std::vector<T>& padded = tables.image_buffer();
     for (int64_t n = 0; n < s.batch; ++n) one_image(n, true, padded);
   }
 }
 
+// A stride-1 conv's backward-data is itself a stride-1 conv: of gy, padded by
+// dilation * (kernel - 1) - pad, with w's channel axes swapped and its taps flipped:
+//   gx[ci][h][w] = sum over co, r, q of gy[co][h + ph - r*dh][w + pw - q*dw] * w[co][ci][r][q].
+// So it runs on the forward path (no gcol, no col2im). The shape of that conv, where it exists
+// (padding <= dilation * (kernel - 1), which any "same" or "valid" conv meets).
+bool backward_data_as_forward(const Conv2dShape& s, Conv2dShape* t) {
+  const int64_t ph = s.dilation_h * (s.kernel_h - 1) - s.pad_h;
+  const int64_t pw = s.dilation_w * (s.kernel_w - 1) - s.pad_w;
+  if (s.stride_h != 1 || s.stride_w != 1 || ph < 0 || pw < 0) return false;
+  *t = s;
+  t->in_channels = s.out_channels;
+  t->in_h = s.out_h;
+  t->in_w = s.out_w;
+  t->out_channels = s.in_channels;
+  t->out_h = s.in_h;
+  t->out_w = s.in_w;
+  t->pad_h = ph;
+  t->pad_w = pw;
+  return true;
+}
+
 template <typename T>
 void conv2d_backward_data_cpu(const Conv2dShape& s, const T* gy, const T* w, T* gx) {
+  Conv2dShape t;
+  // (Not where gx has fewer channels than a register tile has rows, e.g. a stem's 3: the
+  // forward GEMM's tiles would then be mostly padding.)
+  if (!is_pointwise(s) && s.in_channels >= 8 && backward_data_as_forward(s, &t)) {
+    prepare_call();  // a bad OPS_CPU_GEMM throws before anything is allocated
+    const int64_t taps = s.kernel_h * s.kernel_w;
+    std::vector<T>& flipped = kept<T, Kept::kFlipped>();  // [ci][co][taps reversed]
+    flipped.clear();
+    for (int64_t ci = 0; ci < s.in_channels; ++ci)
+      for (int64_t co = 0; co < s.out_channels; ++co) {
+        const T* taps_of = w + (co * s.in_channels + ci) * taps;
+        for (int64_t tap = taps - 1; tap >= 0; --tap) flipped.push_back(taps_of[tap]);
+      }
+    conv2d_forward_cpu(t, gy, flipped.data(), static_cast<const T*>(nullptr), gx);
+    return;
+  }
   const int64_t K = s.patch_size(), P = s.out_plane(), Cout = s.out_channels;
   const int64_t in_size = s.in_channels * s.in_plane();
   const bool pointwise = is_pointwise(s);
   const int threads = prepare_call();
-  const cpu::PackedA<T> weights_t(true, K, Cout, w, K);  // w^T, packed once for every image
+  // w^T, packed once for every image
+  const cpu::PackedA<T> weights_t(true, K, Cout, w, K, kept<T, Kept::kWeights>());
   const Im2colTables<T> tables(s);
 
-  auto one_image = [&](int64_t n, bool split_columns, std::vector<T>& gcol,
-                       std::vector<T>& padded) {
+  auto one_image = [&](int64_t n, bool split_columns, std::vector<T>& gcol) {
     const T* gy_b = gy + n * Cout * P;
     T* gx_b = gx + n * in_size;
     // Pointwise: gx_b is gcol itself, so the GEMM writes it directly. Else gcol's rows are
@@ -294,7 +350,7 @@ void conv2d_backward_data_cpu(const Conv2dShape& s, const T* gy, const T* w, T* 
       cpu::gemm(weights_t, P, gy_b, P, target, ld, false);
     }
     if (!pointwise) {
-      T* gxp = tables.zeroed_target(gx_b, padded);
+      T* gxp = tables.zeroed_target(gx_b);
       cpu::col2im_add(gcol.data(), K, P, ld, tables.matrix(nullptr, false, 0), gxp);
       tables.unpad(gxp, gx_b);
     }
@@ -303,13 +359,11 @@ void conv2d_backward_data_cpu(const Conv2dShape& s, const T* gy, const T* w, T* 
   if (split_by_image(s.batch, threads)) {
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<T> gcol, padded;
 #pragma omp for schedule(static)
-      for (int64_t n = 0; n < s.batch; ++n) one_image(n, false, gcol, padded);
+      for (int64_t n = 0; n < s.batch; ++n) one_image(n, false, kept<T, Kept::kGcol>());
     }
   } else {
-    std::vector<T> gcol, padded;
-    for (int64_t n = 0; n < s.batch; ++n) one_image(n, true, gcol, padded);
+    for (int64_t n = 0; n < s.batch; ++n) one_image(n, true, kept<T, Kept::kGcol>());
   }
 }
 
@@ -339,23 +393,23 @@ void conv2d_backward_weight_cpu(const Conv2dShape& s, const T* x, const T* gy, T
     // Each thread sums its images into a private gw; the partial sums are added in thread order
     // afterwards, so the result does not depend on scheduling. (The team may be smaller than
     // asked for, never larger: unused partials stay empty.)
-    std::vector<std::vector<T>> partial(threads);
+    std::vector<const T*> partial(threads, nullptr);
 #pragma omp parallel num_threads(threads)
     {
-      const int tid = omp_get_thread_num();
-      std::vector<T>& mine = partial[tid];
+      std::vector<T>& mine = kept<T, Kept::kPartial>();
       mine.assign(Cout * K, T(0));
-      std::vector<T> padded;
+      partial[omp_get_thread_num()] = mine.data();
+      std::vector<T>& padded = tables.image_buffer();
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < s.batch; ++n)
         accumulate_image(n, image(n, padded), mine.data(), 0, K, true);
     }
     std::fill(gw, gw + Cout * K, T(0));
-    for (const auto& part : partial)
-      if (!part.empty())
+    for (const T* part : partial)
+      if (part)
         for (int64_t i = 0; i < Cout * K; ++i) gw[i] += part[i];
   } else {
-    std::vector<T> padded;
+    std::vector<T>& padded = tables.image_buffer();
     for (int64_t n = 0; n < s.batch; ++n) {
       const T* xp_b = image(n, padded);
       parallel_columns(K, kColumnAlign, threads, [&](int64_t j0, int64_t j1) {

@@ -261,8 +261,9 @@ void col2im_add(const double* gcol, int64_t K, int64_t P, int64_t ld,
 }
 
 template <typename T>
-PackedA<T>::PackedA(bool trans_a, int64_t M, int64_t K, const T* A, int64_t lda)
-    : path_(static_cast<int>(active_path())), rows_(M), depth_(K) {
+PackedA<T>::PackedA(bool trans_a, int64_t M, int64_t K, const T* A, int64_t lda,
+                    std::vector<T>& storage)
+    : values_(storage), path_(static_cast<int>(active_path())), rows_(M), depth_(K) {
   switch (static_cast<GemmPath>(path_)) {
 #if OPS_GEMM_HAS_AVX2
     case GemmPath::kAvx512:

@@ -56,17 +56,19 @@ void col2im_add(const double* gcol, int64_t K, int64_t P, int64_t ld,
 // op(A) packed once for several GEMMs with the same A (the conv's weights, the same for every
 // image), for the GEMM path active when it was made (which the GEMMs with it then run).
 // Constructing it resolves the path, so it may throw as gemm() may.
+// The packed values live in `storage` (the caller's, reused between calls), which must outlive
+// it and not be touched meanwhile.
 template <typename T>
 class PackedA {
  public:
-  PackedA(bool trans_a, int64_t M, int64_t K, const T* A, int64_t lda);
+  PackedA(bool trans_a, int64_t M, int64_t K, const T* A, int64_t lda, std::vector<T>& storage);
   const T* data() const { return values_.data(); }
   int path() const { return path_; }  // the GemmPath it was packed for (gemm_cpu.cpp)
   int64_t rows() const { return rows_; }
   int64_t depth() const { return depth_; }
 
  private:
-  std::vector<T> values_;
+  std::vector<T>& values_;
   int path_;
   int64_t rows_, depth_;
 };
