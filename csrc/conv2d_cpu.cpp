@@ -374,13 +374,21 @@ void conv2d_backward_weight_cpu(const Conv2dShape& s, const T* x, const T* gy, T
   const int threads = prepare_call();
 
   const Im2colTables<T> tables(s);
+  // Over many positions per image, dot products along them (cpu::im2col_dot: nothing packed;
+  // each tile's lane sums at its end cost about 32 steps of it); over few, the GEMM with col^T
+  // packed by transposes. Measured on 2 AVX-512 cores, b32: 16 channels at 32x32 (P = 1024)
+  // 370 against 270 GFLOPS, 32 at 16x16 (P = 256) 280 against 355.
+  const bool dot = P >= 512;
   // gw[:, j0:j1] (+)= gy_b * col_b[j0:j1, :]^T; col_b is x_b itself (pointwise) or read from
-  // the (padded) image xp_b as the GEMM packs it.
+  // the (padded) image xp_b.
   auto accumulate_image = [&](int64_t n, const T* xp_b, T* gw_out, int64_t j0, int64_t j1,
                               bool add) {
     const T* gy_b = gy + n * Cout * P;
     if (pointwise)
       cpu::gemm(false, true, Cout, j1 - j0, P, gy_b, P, xp_b + j0 * P, P, gw_out + j0, K, add);
+    else if (dot)
+      cpu::im2col_dot(Cout, j1 - j0, P, gy_b, P, tables.matrix(xp_b, true, j0), gw_out + j0, K,
+                      add);
     else
       cpu::gemm(false, Cout, j1 - j0, P, gy_b, P, tables.matrix(xp_b, true, j0), gw_out + j0,
                 K, add);

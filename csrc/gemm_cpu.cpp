@@ -261,6 +261,31 @@ void col2im_add(const double* gcol, int64_t K, int64_t P, int64_t ld,
 }
 
 template <typename T>
+static void im2col_dot_dispatch(int64_t M, int64_t N, int64_t P, const T* G, int64_t ldg,
+                                const Im2colB<T>& b, T* C, int64_t ldc, bool accumulate) {
+  switch (active_path()) {
+#if OPS_GEMM_HAS_AVX2
+    case GemmPath::kAvx512:
+      avx512::im2col_dot_entry(M, N, P, G, ldg, b, C, ldc, accumulate);
+      return;
+    case GemmPath::kAvx2:
+      avx2::im2col_dot_entry(M, N, P, G, ldg, b, C, ldc, accumulate);
+      return;
+#endif
+    default:
+      baseline::im2col_dot_entry(M, N, P, G, ldg, b, C, ldc, accumulate);
+  }
+}
+void im2col_dot(int64_t M, int64_t N, int64_t P, const float* G, int64_t ldg,
+                const Im2colB<float>& b, float* C, int64_t ldc, bool accumulate) {
+  im2col_dot_dispatch(M, N, P, G, ldg, b, C, ldc, accumulate);
+}
+void im2col_dot(int64_t M, int64_t N, int64_t P, const double* G, int64_t ldg,
+                const Im2colB<double>& b, double* C, int64_t ldc, bool accumulate) {
+  im2col_dot_dispatch(M, N, P, G, ldg, b, C, ldc, accumulate);
+}
+
+template <typename T>
 PackedA<T>::PackedA(bool trans_a, int64_t M, int64_t K, const T* A, int64_t lda,
                     std::vector<T>& storage)
     : values_(storage), path_(static_cast<int>(active_path())), rows_(M), depth_(K) {

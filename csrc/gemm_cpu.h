@@ -43,6 +43,14 @@ void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const float* A, int64_t
 void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
           const Im2colB<double>& b, double* C, int64_t ldc, bool accumulate);
 
+// C[M x N] = (accumulate ? C : 0) + G[M x P] * col^T, col's rows first_column .. + N of the
+// im2col matrix `b` (its `transposed` unused): backward-weight's gy * col^T as dot products
+// along the positions, nothing packed.
+void im2col_dot(int64_t M, int64_t N, int64_t P, const float* G, int64_t ldg,
+                const Im2colB<float>& b, float* C, int64_t ldc, bool accumulate);
+void im2col_dot(int64_t M, int64_t N, int64_t P, const double* G, int64_t ldg,
+                const Im2colB<double>& b, double* C, int64_t ldc, bool accumulate);
+
 // The adjoint of an im2col matrix (col2im): gxp[patch_offset[kk] + position_offset[p]] +=
 // gcol[kk * ld + p] for kk < K, p < P, with `layout`'s offset tables (its xp, transposed and
 // first_column unused), vectorised for the active GEMM path's ISA.

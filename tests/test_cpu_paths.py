@@ -30,8 +30,11 @@ POINTWISE_CASE = (4, 16, 16, 16, 16, (1, 1), 1, 0, 1, False)  # the GEMM reads x
 RESNET_STAGE1_CASE = (2, 16, 32, 32, 16, (3, 3), 1, 1, 1, False)
 # ResNet's downsampling 3x3/2: the image's rows split into 2 column phases (consecutive reads).
 RESNET_DOWNSAMPLE_CASE = (2, 16, 32, 32, 32, (3, 3), 2, 1, 1, True)
+# P = 529 >= 512 positions in rows of 23: backward-weight's dot products, with steps that cross
+# a row (added value by value) and a tail; batch 1 splits its K = 144 columns across threads.
+ODD_ROWS_CASE = (1, 16, 23, 23, 8, (3, 3), 1, 1, 1, True)
 CASES = ADAPTER_CONV_CASES + [COLUMN_SPLIT_CASE, IMAGE_SPLIT_CASE, POINTWISE_CASE,
-                              RESNET_STAGE1_CASE, RESNET_DOWNSAMPLE_CASE]
+                              RESNET_STAGE1_CASE, RESNET_DOWNSAMPLE_CASE, ODD_ROWS_CASE]
 DTYPES = pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 
 
