@@ -11,7 +11,9 @@ are compared: a wrong kernel is reported, never timed.
 
   conv   forward, backward-data and backward-weight, each on its own row, against
          aten.convolution / aten.convolution_backward with that one output (oneDNN on CPU,
-         cuDNN on GPU), called directly so no autograd bookkeeping is timed on either side;
+         cuDNN on GPU), called directly so no autograd bookkeeping is timed on either side
+         (ONEDNN_MAX_CPU_ISA=AVX2 with --gemm-paths avx2 stands both sides in for an AVX2
+         CPU: oneDNN then uses AVX2 too);
          the ResNet-for-CIFAR layers (stem, 3x3 at 16/32/64 channels, stride-2 and 1x1 shortcut
          convs) at --batches, and DeepPose's five AlexNet convolutions at batch 32. On the CPU
          once per GEMM path of ours that this CPU runs (--gemm-paths: avx512, avx2, baseline;
@@ -306,12 +308,26 @@ def print_row(row: Row):
           f"{row.ratio:>9.2f}x ({row.ratio_iqr:>5.2f})  {notes}", flush=True)
 
 
+def cpu_vector_flags() -> List[str]:
+    """The CPU's AVX2 / FMA / AVX-512 flags from /proc/cpuinfo (empty where it is absent)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(f for f in flags if f in ("avx2", "fma") or f.startswith("avx512"))
+
+
 def environment(devices) -> dict:
     env = {"python": sys.version.split()[0], "torch": torch.__version__,
            "platform": platform.platform(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(),
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-           "ops_build": ops.build_info(), "devices": devices}
+           "ops_build": ops.build_info(), "devices": devices,
+           "cpu_flags": cpu_vector_flags(),
+           # oneDNN's ceiling on its ISA (e.g. AVX2 to stand in for an AVX2 CPU); unset: all
+           "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
     if "cuda" in devices:
         env["gpu"] = torch.cuda.get_device_name()
         env["cudnn"] = {"version": torch.backends.cudnn.version(),
@@ -418,6 +434,9 @@ def main(argv=None) -> int:
     env["threads"] = threads["torch"]
     print(f"ops build: {env['ops_build']}; torch {env['torch']} with {env['torch_threads']} "
           f"threads; {env['cpu_count']} CPUs" + (f"; GPU {env['gpu']}" if 'gpu' in env else ""))
+    print(f"CPU flags: {' '.join(env['cpu_flags']) or 'none read'}; our GEMM paths timed: "
+          f"{' '.join(args.gemm_paths)}; oneDNN's ISA ceiling (ONEDNN_MAX_CPU_ISA): "
+          f"{env['onednn_max_cpu_isa'] or 'none (its best)'}")
     print(f"{args.rounds} interleaved rounds x {args.repeat} calls after {args.warmup} warm-up "
           f"rounds; medians with interquartile range", flush=True)
     rows: List[Row] = []
