@@ -33,7 +33,7 @@
 #endif
 #endif
 #if OPS_GEMM_HAS_AVX2
-#include <immintrin.h>  // AVX-512 gathers, used only inside target("avx512f") code
+#include <immintrin.h>  // AVX-512 and AVX2 intrinsics, used only under their targets
 #endif
 
 namespace kernels {
@@ -160,7 +160,9 @@ namespace avx512 {
 #define OPS_GEMM_VEC_BYTES 64
 #define OPS_GEMM_ROWS 8
 #define OPS_GEMM_AVX512_INTRINSICS 1
+#define OPS_GEMM_AVX2_INTRINSICS 0
 #include "gemm_cpu_kernels.inc"
+#undef OPS_GEMM_AVX2_INTRINSICS
 #undef OPS_GEMM_AVX512_INTRINSICS
 #undef OPS_GEMM_ROWS
 #undef OPS_GEMM_VEC_BYTES
@@ -174,7 +176,9 @@ namespace avx2 {
 #define OPS_GEMM_VEC_BYTES 32
 #define OPS_GEMM_ROWS 6
 #define OPS_GEMM_AVX512_INTRINSICS 0
+#define OPS_GEMM_AVX2_INTRINSICS 1
 #include "gemm_cpu_kernels.inc"
+#undef OPS_GEMM_AVX2_INTRINSICS
 #undef OPS_GEMM_AVX512_INTRINSICS
 #undef OPS_GEMM_ROWS
 #undef OPS_GEMM_VEC_BYTES
@@ -186,7 +190,9 @@ namespace baseline {
 #define OPS_GEMM_VEC_BYTES 16
 #define OPS_GEMM_ROWS 6
 #define OPS_GEMM_AVX512_INTRINSICS 0
+#define OPS_GEMM_AVX2_INTRINSICS 0
 #include "gemm_cpu_kernels.inc"
+#undef OPS_GEMM_AVX2_INTRINSICS
 #undef OPS_GEMM_AVX512_INTRINSICS
 #undef OPS_GEMM_ROWS
 #undef OPS_GEMM_VEC_BYTES
@@ -283,6 +289,11 @@ void im2col_dot(int64_t M, int64_t N, int64_t P, const float* G, int64_t ldg,
 void im2col_dot(int64_t M, int64_t N, int64_t P, const double* G, int64_t ldg,
                 const Im2colB<double>& b, double* C, int64_t ldc, bool accumulate) {
   im2col_dot_dispatch(M, N, P, G, ldg, b, C, ldc, accumulate);
+}
+
+bool im2col_dot_pays(int64_t P) {
+  // Each tile's lane sums at its end cost about 32 steps of 16 positions.
+  return active_path() == GemmPath::kAvx512 && P >= 32 * 16;
 }
 
 template <typename T>
