@@ -184,15 +184,51 @@ class Im2colTables {
            : std::memcpy(split + s_.pad_w, row, sizeof(T) * s_.in_w);
       return;
     }
-    // Phase by phase: padded column phase + i * sw is input column phase + i * sw - pw.
+    if (phases_ == 2 && !back) {
+      split_in_two(row, split);
+      return;
+    }
+    // Phase by phase: padded column phase + i * sw is input column w = phase - pw + i * sw,
+    // inside the row for i in [first, last).
     for (int64_t phase = 0; phase < phases_; ++phase) {
       T* part = split + phase * phase_len_;
-      for (int64_t i = 0, w = phase - s_.pad_w; i < phase_len_; ++i, w += phases_) {
-        if (w < 0 || w >= s_.in_w) continue;
-        back ? row[w] = part[i] : part[i] = row[w];
+      const int64_t start = phase - s_.pad_w;  // w at i = 0
+      const int64_t first = start >= 0 ? 0 : (-start + phases_ - 1) / phases_;
+      const int64_t last = std::min(phase_len_, (s_.in_w - 1 - start) / phases_ + 1);
+      const T* from = back ? part : row + start;
+      if (back) {
+        for (int64_t i = first; i < last; ++i) row[start + i * phases_] = part[i];
+      } else {
+        for (int64_t i = first; i < last; ++i) part[i] = from[i * phases_];
       }
     }
   }
+  // copy_row for 2 phases (a stride-2 conv), into the split row: 16 bytes of even and of odd
+  // input columns at a time, deinterleaved in registers, then the rest one by one. Input
+  // column w goes to padded column w + pw: phase (w + pw) % 2, index (w + pw) / 2.
+  void split_in_two(const T* row, T* split) const {
+    typedef T V __attribute__((vector_size(16)));
+    constexpr int n = 16 / sizeof(T);  // lanes: 4 floats, 2 doubles
+    T* to_phase[2] = {split, split + phase_len_};
+    int64_t w = 0;
+    for (; w + 2 * n <= s_.in_w; w += 2 * n) {
+      V a, b, even, odd;
+      std::memcpy(&a, row + w, sizeof(V));
+      std::memcpy(&b, row + w + n, sizeof(V));
+      if constexpr (n == 4) {
+        even = __builtin_shufflevector(a, b, 0, 2, 4, 6);
+        odd = __builtin_shufflevector(a, b, 1, 3, 5, 7);
+      } else {
+        even = __builtin_shufflevector(a, b, 0, 2);
+        odd = __builtin_shufflevector(a, b, 1, 3);
+      }
+      const int64_t at = w + s_.pad_w;  // padded column of `even`'s first value
+      std::memcpy(to_phase[at % 2] + at / 2, &even, sizeof(V));
+      std::memcpy(to_phase[(at + 1) % 2] + (at + 1) / 2, &odd, sizeof(V));
+    }
+    for (; w < s_.in_w; ++w) to_phase[(w + s_.pad_w) % 2][(w + s_.pad_w) / 2] = row[w];
+  }
+
   void copy_row(const T* row, T* split, bool back) const {
     copy_row(const_cast<T*>(row), split, back);  // back == false: row is only read
   }
