@@ -412,7 +412,7 @@ void conv2d_backward_weight_cpu(const Conv2dShape& s, const T* x, const T* gy, T
   const Im2colTables<T> tables(s);
   // Over many positions per image, dot products along them (cpu::im2col_dot: nothing packed);
   // else the GEMM with col^T packed by transposes (cpu::im2col_dot_pays says which).
-  const bool dot = cpu::im2col_dot_pays(P);
+  const bool dot = cpu::im2col_dot_pays(P, K);
   // gw[:, j0:j1] (+)= gy_b * col_b[j0:j1, :]^T; col_b is x_b itself (pointwise) or read from
   // the (padded) image xp_b.
   auto accumulate_image = [&](int64_t n, const T* xp_b, T* gw_out, int64_t j0, int64_t j1,

@@ -291,9 +291,11 @@ void im2col_dot(int64_t M, int64_t N, int64_t P, const double* G, int64_t ldg,
   im2col_dot_dispatch(M, N, P, G, ldg, b, C, ldc, accumulate);
 }
 
-bool im2col_dot_pays(int64_t P) {
-  // Each tile's lane sums at its end cost about 32 steps of 16 positions.
-  return active_path() == GemmPath::kAvx512 && P >= 32 * 16;
+bool im2col_dot_pays(int64_t P, int64_t N) {
+  // Below 512 positions each tile's lane sums at its end weigh too much (about 32 steps).
+  if (P < 512) return false;
+  const GemmPath path = active_path();
+  return path == GemmPath::kAvx512 || (path == GemmPath::kAvx2 && N <= 32);
 }
 
 template <typename T>

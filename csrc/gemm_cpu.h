@@ -51,11 +51,12 @@ void im2col_dot(int64_t M, int64_t N, int64_t P, const float* G, int64_t ldg,
 void im2col_dot(int64_t M, int64_t N, int64_t P, const double* G, int64_t ldg,
                 const Im2colB<double>& b, double* C, int64_t ldc, bool accumulate);
 
-// Whether im2col_dot beats the GEMM with col^T packed, over P positions on the active path
-// (measured on 2 cores, b32: AVX-512 at 16 channels x 32x32, P = 1024: 370 against 270 GFLOPS,
-// at 32 x 16x16, P = 256: 280 against 355; AVX2's 2 x 4 tile is load-bound: 146 against 161
-// at 16 channels x 32x32, so never there).
-bool im2col_dot_pays(int64_t P);
+// Whether im2col_dot beats the GEMM with col^T packed, for P positions and N patch rows on the
+// active path. Measured on 2 cores, b32: AVX-512 at 16 channels x 32x32 (P = 1024) 370 against
+// 270 GFLOPS, at 32 x 16x16 (P = 256) 280 against 355; AVX2's 2 x 4 tile is load-bound: at 16
+// channels x 32x32 146 against 161, but at a stem's 27 patch rows (two 16-wide strips, one
+// mostly padding) 134 against 107.
+bool im2col_dot_pays(int64_t P, int64_t N);
 
 // The adjoint of an im2col matrix (col2im): gxp[patch_offset[kk] + position_offset[p]] +=
 // gcol[kk * ld + p] for kk < K, p < P, with `layout`'s offset tables (its xp, transposed and
