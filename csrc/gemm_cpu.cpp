@@ -198,21 +198,27 @@ namespace baseline {
 #undef OPS_GEMM_VEC_BYTES
 }  // namespace baseline
 
-template <typename T>
-void gemm_dispatch(GemmPath path, const ASource<T>& a, int64_t M, int64_t N, int64_t K,
-                   const BSource<T>& b, T* C, int64_t ldc, bool accumulate) {
+// Calls call(isa) with the entry points (Isa) of `path`'s compilation.
+template <typename Call>
+void on_path(GemmPath path, Call call) {
   switch (path) {
 #if OPS_GEMM_HAS_AVX2
     case GemmPath::kAvx512:
-      avx512::gemm_entry(a, M, N, K, b, C, ldc, accumulate);
+      call(avx512::Isa{});
       return;
     case GemmPath::kAvx2:
-      avx2::gemm_entry(a, M, N, K, b, C, ldc, accumulate);
+      call(avx2::Isa{});
       return;
 #endif
     default:
-      baseline::gemm_entry(a, M, N, K, b, C, ldc, accumulate);
+      call(baseline::Isa{});
   }
+}
+
+template <typename T>
+void gemm_dispatch(GemmPath path, const ASource<T>& a, int64_t M, int64_t N, int64_t K,
+                   const BSource<T>& b, T* C, int64_t ldc, bool accumulate) {
+  on_path(path, [&](auto isa) { isa.gemm(a, M, N, K, b, C, ldc, accumulate); });
 }
 
 }  // namespace
@@ -238,57 +244,22 @@ void gemm(bool trans_a, int64_t M, int64_t N, int64_t K, const double* A, int64_
                         {false, nullptr, 0, &b}, C, ldc, accumulate);
 }
 
-template <typename T>
-static void col2im_dispatch(const T* gcol, int64_t K, int64_t P, int64_t ld,
-                            const Im2colB<T>& layout,
-                            T* gxp) {
-  switch (active_path()) {
-#if OPS_GEMM_HAS_AVX2
-    case GemmPath::kAvx512:
-      avx512::col2im_entry(gcol, K, P, ld, layout, gxp);
-      return;
-    case GemmPath::kAvx2:
-      avx2::col2im_entry(gcol, K, P, ld, layout, gxp);
-      return;
-#endif
-    default:
-      baseline::col2im_entry(gcol, K, P, ld, layout, gxp);
-  }
-}
 void col2im_add(const float* gcol, int64_t K, int64_t P, int64_t ld,
-                const Im2colB<float>& layout,
-                float* gxp) {
-  col2im_dispatch(gcol, K, P, ld, layout, gxp);
+                const Im2colB<float>& layout, float* gxp) {
+  on_path(active_path(), [&](auto isa) { isa.col2im(gcol, K, P, ld, layout, gxp); });
 }
 void col2im_add(const double* gcol, int64_t K, int64_t P, int64_t ld,
-                const Im2colB<double>& layout,
-                double* gxp) {
-  col2im_dispatch(gcol, K, P, ld, layout, gxp);
+                const Im2colB<double>& layout, double* gxp) {
+  on_path(active_path(), [&](auto isa) { isa.col2im(gcol, K, P, ld, layout, gxp); });
 }
 
-template <typename T>
-static void im2col_dot_dispatch(int64_t M, int64_t N, int64_t P, const T* G, int64_t ldg,
-                                const Im2colB<T>& b, T* C, int64_t ldc, bool accumulate) {
-  switch (active_path()) {
-#if OPS_GEMM_HAS_AVX2
-    case GemmPath::kAvx512:
-      avx512::im2col_dot_entry(M, N, P, G, ldg, b, C, ldc, accumulate);
-      return;
-    case GemmPath::kAvx2:
-      avx2::im2col_dot_entry(M, N, P, G, ldg, b, C, ldc, accumulate);
-      return;
-#endif
-    default:
-      baseline::im2col_dot_entry(M, N, P, G, ldg, b, C, ldc, accumulate);
-  }
-}
 void im2col_dot(int64_t M, int64_t N, int64_t P, const float* G, int64_t ldg,
                 const Im2colB<float>& b, float* C, int64_t ldc, bool accumulate) {
-  im2col_dot_dispatch(M, N, P, G, ldg, b, C, ldc, accumulate);
+  on_path(active_path(), [&](auto isa) { isa.im2col_dot(M, N, P, G, ldg, b, C, ldc, accumulate); });
 }
 void im2col_dot(int64_t M, int64_t N, int64_t P, const double* G, int64_t ldg,
                 const Im2colB<double>& b, double* C, int64_t ldc, bool accumulate) {
-  im2col_dot_dispatch(M, N, P, G, ldg, b, C, ldc, accumulate);
+  on_path(active_path(), [&](auto isa) { isa.im2col_dot(M, N, P, G, ldg, b, C, ldc, accumulate); });
 }
 
 bool im2col_dot_pays(int64_t P, int64_t N) {
@@ -302,18 +273,8 @@ template <typename T>
 PackedA<T>::PackedA(bool trans_a, int64_t M, int64_t K, const T* A, int64_t lda,
                     std::vector<T>& storage)
     : values_(storage), path_(static_cast<int>(active_path())), rows_(M), depth_(K) {
-  switch (static_cast<GemmPath>(path_)) {
-#if OPS_GEMM_HAS_AVX2
-    case GemmPath::kAvx512:
-      avx512::pack_a_entry(trans_a, M, K, A, lda, values_);
-      return;
-    case GemmPath::kAvx2:
-      avx2::pack_a_entry(trans_a, M, K, A, lda, values_);
-      return;
-#endif
-    default:
-      baseline::pack_a_entry(trans_a, M, K, A, lda, values_);
-  }
+  on_path(static_cast<GemmPath>(path_),
+          [&](auto isa) { isa.pack_a(trans_a, M, K, A, lda, values_); });
 }
 template class PackedA<float>;
 template class PackedA<double>;

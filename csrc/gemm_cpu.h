@@ -62,11 +62,9 @@ bool im2col_dot_pays(int64_t P, int64_t N);
 // gcol[kk * ld + p] for kk < K, p < P, with `layout`'s offset tables (its xp, transposed and
 // first_column unused), vectorised for the active GEMM path's ISA.
 void col2im_add(const float* gcol, int64_t K, int64_t P, int64_t ld,
-                const Im2colB<float>& layout,
-                float* gxp);
+                const Im2colB<float>& layout, float* gxp);
 void col2im_add(const double* gcol, int64_t K, int64_t P, int64_t ld,
-                const Im2colB<double>& layout,
-                double* gxp);
+                const Im2colB<double>& layout, double* gxp);
 
 // op(A) packed once for several GEMMs with the same A (the conv's weights, the same for every
 // image), for the GEMM path active when it was made (which the GEMMs with it then run).
