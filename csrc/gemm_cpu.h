@@ -2,6 +2,12 @@
 // the point). Row-major; callers choose the parallel split (see conv2d_cpu.cpp).
 #pragma once
 
+// The CPU kernels shuffle GCC vector-extension vectors with __builtin_shufflevector (halves
+// joined in the micro-kernel's hot loop; a copy through memory there ran 4x slower).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 12
+#error "deepprof's CPU kernels need GCC 12 or newer, or Clang (for __builtin_shufflevector)"
+#endif
+
 #include <cstdint>
 #include <vector>
 
