@@ -143,7 +143,7 @@ class Im2colTables {
     if (!copied_) return x_b;
     for (int64_t c = 0; c < s_.in_channels; ++c)
       for (int64_t h = 0; h < s_.in_h; ++h)
-        copy_row(x_b + (c * s_.in_h + h) * s_.in_w, buffer.data() + interior_row(c, h), false);
+        to_split(x_b + (c * s_.in_h + h) * s_.in_w, buffer.data() + interior_row(c, h));
     return buffer.data();
   }
 
@@ -162,7 +162,7 @@ class Im2colTables {
     if (!copied_) return;
     for (int64_t c = 0; c < s_.in_channels; ++c)
       for (int64_t h = 0; h < s_.in_h; ++h)
-        copy_row(gx_b + (c * s_.in_h + h) * s_.in_w, gxp + interior_row(c, h), true);
+        from_split(gxp + interior_row(c, h), gx_b + (c * s_.in_h + h) * s_.in_w);
   }
 
   cpu::Im2colB<T> matrix(const T* xp, bool transposed, int64_t first_column) const {
@@ -177,33 +177,41 @@ class Im2colTables {
   int64_t interior_row(int64_t c, int64_t h) const {
     return (c * hp_ + h + s_.pad_h) * row_len_;
   }
-  // Input row `row` into (or, back, out of) its padded, phase-split place `split`.
-  void copy_row(T* row, T* split, bool back) const {
-    if (phases_ == 1) {
-      back ? std::memcpy(row, split + s_.pad_w, sizeof(T) * s_.in_w)
-           : std::memcpy(split + s_.pad_w, row, sizeof(T) * s_.in_w);
-      return;
-    }
-    if (phases_ == 2 && !back) {
-      split_in_two(row, split);
-      return;
-    }
-    // Phase by phase: padded column phase + i * sw is input column w = phase - pw + i * sw,
-    // inside the row for i in [first, last).
+  // Padded column phase + i * phases is input column w = phase - pw + i * phases, inside the
+  // row for i in [first, last): calls each(part, first, last, start) with part that phase's
+  // values in the split row and start its w at i = 0.
+  template <typename Each>
+  void each_phase(T* split, Each each) const {
     for (int64_t phase = 0; phase < phases_; ++phase) {
-      T* part = split + phase * phase_len_;
-      const int64_t start = phase - s_.pad_w;  // w at i = 0
+      const int64_t start = phase - s_.pad_w;
       const int64_t first = start >= 0 ? 0 : (-start + phases_ - 1) / phases_;
       const int64_t last = std::min(phase_len_, (s_.in_w - 1 - start) / phases_ + 1);
-      const T* from = back ? part : row + start;
-      if (back) {
-        for (int64_t i = first; i < last; ++i) row[start + i * phases_] = part[i];
-      } else {
-        for (int64_t i = first; i < last; ++i) part[i] = from[i * phases_];
-      }
+      each(split + phase * phase_len_, first, last, start);
     }
   }
-  // copy_row for 2 phases (a stride-2 conv), into the split row: 16 bytes of even and of odd
+  // Input row `row` into its padded, phase-split place `split`.
+  void to_split(const T* row, T* split) const {
+    if (phases_ == 1) {
+      std::memcpy(split + s_.pad_w, row, sizeof(T) * s_.in_w);
+    } else if (phases_ == 2) {
+      split_in_two(row, split);
+    } else {
+      each_phase(split, [&](T* part, int64_t first, int64_t last, int64_t start) {
+        for (int64_t i = first; i < last; ++i) part[i] = row[start + i * phases_];
+      });
+    }
+  }
+  // The inverse: the split row's interior back into input row `row`.
+  void from_split(T* split, T* row) const {
+    if (phases_ == 1) {
+      std::memcpy(row, split + s_.pad_w, sizeof(T) * s_.in_w);
+      return;
+    }
+    each_phase(split, [&](T* part, int64_t first, int64_t last, int64_t start) {
+      for (int64_t i = first; i < last; ++i) row[start + i * phases_] = part[i];
+    });
+  }
+  // to_split for 2 phases (a stride-2 conv): 16 bytes of even and of odd
   // input columns at a time, deinterleaved in registers, then the rest one by one. Input
   // column w goes to padded column w + pw: phase (w + pw) % 2, index (w + pw) / 2.
   void split_in_two(const T* row, T* split) const {
@@ -227,10 +235,6 @@ class Im2colTables {
       std::memcpy(to_phase[(at + 1) % 2] + (at + 1) / 2, &odd, sizeof(V));
     }
     for (; w < s_.in_w; ++w) to_phase[(w + s_.pad_w) % 2][(w + s_.pad_w) / 2] = row[w];
-  }
-
-  void copy_row(const T* row, T* split, bool back) const {
-    copy_row(const_cast<T*>(row), split, back);  // back == false: row is only read
   }
 
   const Conv2dShape& s_;

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import ops
+from experiments.study import machine_info
 from experiments.timing import Timer, add_threads_argument, apply_threads, interleaved, summarize
 from ops import core
 from profiler.analysis.stats import median
@@ -308,24 +309,13 @@ def print_row(row: Row):
           f"{row.ratio:>9.2f}x ({row.ratio_iqr:>5.2f})  {notes}", flush=True)
 
 
-def cpu_vector_flags() -> List[str]:
-    """The CPU's AVX2 / FMA / AVX-512 flags from /proc/cpuinfo (empty where it is absent)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return sorted(f for f in flags if f in ("avx2", "fma") or f.startswith("avx512"))
-
-
 def environment(devices) -> dict:
     env = {"python": sys.version.split()[0], "torch": torch.__version__,
            "platform": platform.platform(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(),
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
            "ops_build": ops.build_info(), "devices": devices,
-           "cpu_flags": cpu_vector_flags(),
+           "machine": machine_info(),  # the CPU model and its AVX2/FMA/AVX-512 flags
            # oneDNN's ceiling on its ISA (e.g. AVX2 to stand in for an AVX2 CPU); unset: all
            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
     if "cuda" in devices:
@@ -434,7 +424,9 @@ def main(argv=None) -> int:
     env["threads"] = threads["torch"]
     print(f"ops build: {env['ops_build']}; torch {env['torch']} with {env['torch_threads']} "
           f"threads; {env['cpu_count']} CPUs" + (f"; GPU {env['gpu']}" if 'gpu' in env else ""))
-    print(f"CPU flags: {' '.join(env['cpu_flags']) or 'none read'}; our GEMM paths timed: "
+    m = env["machine"]
+    flags = (["avx2"] if m["avx2"] else []) + (["fma"] if m["fma"] else []) + m["avx512"]
+    print(f"CPU: {m['cpu_model']}; flags {' '.join(flags) or 'none read'}; our GEMM paths timed: "
           f"{' '.join(args.gemm_paths)}; oneDNN's ISA ceiling (ONEDNN_MAX_CPU_ISA): "
           f"{env['onednn_max_cpu_isa'] or 'none (its best)'}")
     print(f"{args.rounds} interleaved rounds x {args.repeat} calls after {args.warmup} warm-up "
