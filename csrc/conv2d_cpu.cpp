@@ -185,7 +185,9 @@ class Im2colTables {
     for (int64_t phase = 0; phase < phases_; ++phase) {
       const int64_t start = phase - s_.pad_w;
       const int64_t first = start >= 0 ? 0 : (-start + phases_ - 1) / phases_;
-      const int64_t last = std::min(phase_len_, (s_.in_w - 1 - start) / phases_ + 1);
+      // (No column at all where the phase starts past the row: a 1-column image, stride 2.)
+      const int64_t last =
+          start > s_.in_w - 1 ? 0 : std::min(phase_len_, (s_.in_w - 1 - start) / phases_ + 1);
       each(split + phase * phase_len_, first, last, start);
     }
   }

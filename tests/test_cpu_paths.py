@@ -90,6 +90,48 @@ def test_conv2d_matches_reference_for_thread_counts(restore_threads, threads, ca
     check_against_reference(case, dtype, seed=1)
 
 
+# Widths narrower than the stride: with the image split into column phases (a strided conv that
+# reads most of the image), some phases hold no input column at all. A draw of test_conv2d's
+# hypothesis sweep found the first: gx's last row was written one value past its end.
+NARROW_CASES = [
+    (1, 2, 5, 1, 3, (3, 1), 2, 0, 1, False),  # width 1, stride 2: phase 1 empty
+    (2, 2, 4, 1, 3, (3, 3), 3, 1, 1, True),  # width 1, stride 3, padded: phase 2 empty
+    (3, 1, 1, 1, 2, (1, 1), 2, 0, 1, False),  # one pixel, stride 2
+    (2, 3, 7, 2, 2, (2, 2), (1, 4), 0, 1, True),  # width 2, stride 4
+    (2, 3, 9, 33, 5, (3, 3), 2, 1, 1, True),  # the 2-phase split's vector loop and its tail
+]
+GUARD = 64  # values of sentinel before and after every output
+SENTINEL = 12345.0
+
+
+def guarded(shape, dtype):
+    """(an output array of `shape`, the buffer around it, guarded by SENTINEL on both sides)."""
+    size = int(np.prod(shape))
+    buffer = np.full(size + 2 * GUARD, SENTINEL, dtype)
+    return buffer[GUARD:GUARD + size].reshape(shape), buffer
+
+
+@DTYPES
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("case", CASES + NARROW_CASES, ids=conv_case_id)
+def test_conv2d_writes_only_its_outputs(gemm_path, restore_threads, threads, case, dtype):
+    """Every direction on every path writes inside its output and nowhere around it (a write
+    past an output corrupts the heap: the process then aborts later, elsewhere), and right."""
+    core.set_cpu_threads(threads)
+    x, w, b, gy, params = conv_case_inputs(case, dtype, seed=2)
+    params = pairs(params)
+    y, y_buffer = guarded(gy.shape, dtype)
+    gx, gx_buffer = guarded(x.shape, dtype)
+    gw, gw_buffer = guarded(w.shape, dtype)
+    core.conv2d_forward(x, w, b, y, **params)
+    core.conv2d_backward_data(gy, w, gx, **params)
+    core.conv2d_backward_weight(x, gy, gw, **params)
+    for name, buffer in (("y", y_buffer), ("gx", gx_buffer), ("gw", gw_buffer)):
+        assert np.all(buffer[:GUARD] == SENTINEL), f"{name}: written before its start"
+        assert np.all(buffer[-GUARD:] == SENTINEL), f"{name}: written past its end"
+    assert_conv2d_matches_reference((y, gx, gw, None), x, w, b, gy, params)
+
+
 def test_thread_count_is_process_wide(restore_threads):
     """Set on the main thread, seen by (and used for) kernels called from another thread, as a
     framework's worker thread would call them; OpenMP's own setting is per thread."""
