@@ -47,6 +47,16 @@ export ONEDNN_FLIP := import os; os.environ.pop("TF_ENABLE_ONEDNN_OPTS", None); 
 	from tensorflow.python.util import _pywrap_util_port as port; \
 	print(0 if port.IsMklEnabled() else 1)
 
+# Runs a pytest command line; where it fails, also prints the id of the last test it started
+# (tests/conftest.py writes it): after a native crash that is the test that crashed, which the
+# fatal-error dump above may not show where only the output's tail is kept.
+LAST_TEST := $(CURDIR)/$(VENV)/.last-test
+define PYTEST_NAMING_A_CRASH
+rm -f $(LAST_TEST); DEEPPROF_LAST_TEST=$(LAST_TEST) $(1) || { status=$$?; \
+  echo "pytest exited with status $$status; the last test it started: $$(cat $(LAST_TEST) 2>/dev/null || echo none)"; \
+  exit $$status; }
+endef
+
 .PHONY: run test test-onednn-flipped test-numpy2 bench profile-all experiments setup freeze clean nsys gpu-check
 
 ## run: the main job on its built-in default (the layer-wise profiler: PyTorch, ResNet-20)
@@ -56,7 +66,7 @@ run: setup
 ## test: the whole test suite (GPU tests skip with a reason where there is no GPU), then the
 ## TensorFlow and MXNet tests with oneDNN set the other way, then the NumPy 2 run
 test: setup
-	$(PY) -m pytest -q
+	$(call PYTEST_NAMING_A_CRASH,$(PY) -m pytest -q)
 	$(MAKE) --no-print-directory test-onednn-flipped
 	$(MAKE) --no-print-directory test-numpy2
 
@@ -67,17 +77,18 @@ test-onednn-flipped: setup
 	$(PY) -c "$$ONEDNN_FLIP" 2>/dev/null | tail -n 1 > .venv/.onednn-flip
 	flip=$$(cat .venv/.onednn-flip); \
 	echo "TF_ENABLE_ONEDNN_OPTS=$$flip MXNET_MKLDNN_ENABLED=0"; \
-	TF_ENABLE_ONEDNN_OPTS=$$flip MXNET_MKLDNN_ENABLED=0 $(PY) -m pytest -q $(ONEDNN_TESTS)
+	$(call PYTEST_NAMING_A_CRASH,TF_ENABLE_ONEDNN_OPTS=$$flip MXNET_MKLDNN_ENABLED=0 \
+	  $(PY) -m pytest -q $(ONEDNN_TESTS))
 	# A process of its own: after the files above, the workloads' models (DeepPose's 47M
 	# parameters per framework and test) grew one process past this machine's 24 GiB.
-	TF_ENABLE_ONEDNN_OPTS=$$(cat .venv/.onednn-flip) MXNET_MKLDNN_ENABLED=0 $(PY) -m pytest -q \
-	  $(ONEDNN_SHARED_TESTS) -k "$(ONEDNN_SHARED_FILTER)"
+	$(call PYTEST_NAMING_A_CRASH,TF_ENABLE_ONEDNN_OPTS=$$(cat .venv/.onednn-flip) \
+	  MXNET_MKLDNN_ENABLED=0 $(PY) -m pytest -q $(ONEDNN_SHARED_TESTS) \
+	  -k "$(ONEDNN_SHARED_FILTER)")
 
 ## test-numpy2: the framework-free and PyTorch tests under NumPy 2, in .venv-numpy2
 test-numpy2: setup $(NUMPY2_STAMP)
-	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} DEEPPROF_PYTEST_HARD_EXIT=1 \
-	  $(NUMPY2_PY) -m pytest -q $(NUMPY2_TESTS) \
-	  $(NUMPY2_DESELECT)
+	$(call PYTEST_NAMING_A_CRASH,PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
+	  DEEPPROF_PYTEST_HARD_EXIT=1 $(NUMPY2_PY) -m pytest -q $(NUMPY2_TESTS) $(NUMPY2_DESELECT))
 
 ## bench: the kernel benchmark with more rounds, written to runs/bench_kernels.json
 bench: setup

@@ -30,3 +30,14 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit_status)
+
+
+# A crash (a native abort or segfault) ends pytest before its summary, and CI keeps only the
+# output's tail, where the fatal-error dump's test frames may be cut off. With
+# DEEPPROF_LAST_TEST=FILE (the Makefile's test targets set it), each test's id is written there
+# as it starts, and the Makefile prints it when pytest fails.
+def pytest_runtest_logstart(nodeid, location):
+    path = os.environ.get("DEEPPROF_LAST_TEST")
+    if path:
+        with open(path, "w") as out:
+            out.write(nodeid + "\n")
